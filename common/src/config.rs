@@ -1,0 +1,170 @@
+//! The optimizer's configuration (spec §1.1), stored with every φ file.
+
+use std::fmt;
+use std::str::FromStr;
+
+use crate::Error;
+
+/// How a coordinate's gradient is turned into the LSTM's input (spec §1.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Preprocess {
+    /// One input feature: the gradient itself.
+    Identity,
+    /// Two input features: scaled log-magnitude and sign, or -1 and a scaled gradient.
+    LogSign,
+}
+
+impl Preprocess {
+    /// Number of LSTM input features this preprocessing produces.
+    pub fn features(self) -> usize {
+        match self {
+            Preprocess::Identity => 1,
+            Preprocess::LogSign => 2,
+        }
+    }
+
+    /// The spec's default `out_scale` for this preprocessing.
+    pub fn default_out_scale(self) -> f64 {
+        match self {
+            Preprocess::Identity => 1.0,
+            Preprocess::LogSign => 0.1,
+        }
+    }
+
+    /// The name used in files and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Preprocess::Identity => "identity",
+            Preprocess::LogSign => "log_sign",
+        }
+    }
+}
+
+impl fmt::Display for Preprocess {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Preprocess {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self, Error> {
+        match s {
+            "identity" => Ok(Preprocess::Identity),
+            "log_sign" => Ok(Preprocess::LogSign),
+            other => Err(Error::Config(format!(
+                "unknown preprocess {other:?}: expected \"identity\" or \"log_sign\""
+            ))),
+        }
+    }
+}
+
+/// Every field that shapes φ or its arithmetic (spec §1.1).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct OptimizerConfig {
+    /// Gradient preprocessing.
+    pub preprocess: Preprocess,
+    /// log_sign's constant (the paper's p); ignored by `identity` but stored.
+    pub k: f64,
+    /// LSTM hidden size H.
+    pub hidden: usize,
+    /// Number of stacked LSTM layers.
+    pub layers: usize,
+    /// Factor on the network's output.
+    pub out_scale: f64,
+}
+
+impl Default for OptimizerConfig {
+    fn default() -> Self {
+        Self::new(Preprocess::LogSign)
+    }
+}
+
+impl OptimizerConfig {
+    /// The spec's defaults for the given preprocessing (H = 20, 2 layers, k = 10).
+    pub fn new(preprocess: Preprocess) -> Self {
+        Self {
+            preprocess,
+            k: 10.0,
+            hidden: 20,
+            layers: 2,
+            out_scale: preprocess.default_out_scale(),
+        }
+    }
+
+    /// Refuses sizes and constants that cannot define an optimizer.
+    pub fn validate(&self) -> Result<(), Error> {
+        if self.hidden == 0 {
+            return Err(Error::Config("hidden must be at least 1".into()));
+        }
+        if self.layers == 0 {
+            return Err(Error::Config("layers must be at least 1".into()));
+        }
+        if !(self.k.is_finite() && self.k > 0.0) {
+            return Err(Error::Config(format!(
+                "k must be a positive finite number, got {}",
+                self.k
+            )));
+        }
+        if !self.out_scale.is_finite() {
+            return Err(Error::Config(format!(
+                "out_scale must be finite, got {}",
+                self.out_scale
+            )));
+        }
+        Ok(())
+    }
+
+    /// Input size of LSTM layer `l` (I_l of spec §1.3).
+    pub fn input_size(&self, layer: usize) -> usize {
+        if layer == 0 {
+            self.preprocess.features()
+        } else {
+            self.hidden
+        }
+    }
+
+    /// Names and shapes of φ's tensors, in the spec §4.1 order.
+    pub fn tensor_layout(&self) -> Vec<(String, Vec<usize>)> {
+        let h4 = 4 * self.hidden;
+        let mut out = Vec::with_capacity(3 * self.layers + 2);
+        for l in 0..self.layers {
+            out.push((format!("lstm.{l}.w_x"), vec![self.input_size(l), h4]));
+            out.push((format!("lstm.{l}.w_h"), vec![self.hidden, h4]));
+            out.push((format!("lstm.{l}.b"), vec![h4]));
+        }
+        out.push(("out.w".into(), vec![self.hidden, 1]));
+        out.push(("out.b".into(), vec![1]));
+        out
+    }
+
+    /// Total number of scalars in φ.
+    pub fn num_params(&self) -> usize {
+        self.tensor_layout()
+            .iter()
+            .map(|(_, s)| s.iter().product::<usize>())
+            .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paper_sizes_match_the_spec_counts() {
+        // Spec §4.1: 5,141 numbers with log_sign, 5,061 with identity.
+        assert_eq!(OptimizerConfig::new(Preprocess::LogSign).num_params(), 5141);
+        assert_eq!(
+            OptimizerConfig::new(Preprocess::Identity).num_params(),
+            5061
+        );
+    }
+
+    #[test]
+    fn unknown_preprocess_is_refused_by_name() {
+        let err = "logsign".parse::<Preprocess>().unwrap_err().to_string();
+        assert!(err.contains("logsign") && err.contains("log_sign"), "{err}");
+    }
+}

@@ -1,0 +1,44 @@
+//! The computation every part of l2l stands on: the learned LSTM optimizer m_φ
+//! (`../shared/spec/learned-optimizer.md`, format `l2l-lstm/1`), its problems, the
+//! truncated unroll with its meta-loss and meta-gradient, and the files of the spec.
+//!
+//! Pure computation: no sockets, no threads of its own. Written once on burn, so the
+//! same code runs on the CPU backend (`Device::flex()`, `.autodiff()` for gradients)
+//! and on any other burn device.
+//!
+//! ```no_run
+//! use burn::tensor::{DType, Device};
+//! use l2l_common::{Lstm, LstmState, OptimizerConfig, Phi, Quadratic, unroll};
+//!
+//! let phi = Phi::init(OptimizerConfig::default(), 1)?;
+//! let problem = Quadratic::from_seed(2, 128, 10)?;
+//! let dev = Device::flex().autodiff();
+//! let carry = unroll::Carry {
+//!     theta: problem.theta0(&dev, DType::F32),
+//!     state: LstmState::zeros(&phi.config, problem.num_coords(), &dev, DType::F32),
+//! };
+//! let lstm = Lstm::new(&phi, &dev, DType::F32);
+//! let out = unroll::meta_grad(&lstm, &problem.on(&dev, DType::F32), carry, 0, 20)?;
+//! println!("meta-loss {}", out.meta_loss);
+//! # Ok::<(), l2l_common::Error>(())
+//! ```
+#![warn(missing_docs)]
+
+pub mod checkpoint;
+pub mod config;
+pub mod error;
+pub mod lstm;
+pub mod phi;
+pub mod preprocess;
+pub mod problems;
+pub mod rng;
+pub mod tensor;
+pub mod unroll;
+
+pub use burn;
+pub use checkpoint::MetaGradFile;
+pub use config::{OptimizerConfig, Preprocess};
+pub use error::Error;
+pub use lstm::{Lstm, LstmState};
+pub use phi::Phi;
+pub use problems::{Problem, Quadratic};

@@ -1,0 +1,160 @@
+//! The truncated unroll, its meta-loss and its meta-gradient (spec §2).
+
+use burn::tensor::Tensor;
+
+use crate::lstm::{Lstm, LstmState};
+use crate::problems::Problem;
+use crate::tensor::to_f64;
+use crate::{Error, Phi};
+
+/// Where an optimizee trajectory stands between truncations: θ_t and the LSTM state.
+#[derive(Debug, Clone)]
+pub struct Carry {
+    /// θ_t, `[N, 1]`.
+    pub theta: Tensor<2>,
+    /// The LSTM's h and c.
+    pub state: LstmState,
+}
+
+impl Carry {
+    /// The same values cut from any autodiff graph, as at a truncation boundary.
+    pub fn detach(self) -> Self {
+        Self {
+            theta: self.theta.detach(),
+            state: self.state.detach(),
+        }
+    }
+}
+
+/// One truncation run forward: the per-step losses and where it ended.
+#[derive(Debug, Clone)]
+pub struct Unrolled {
+    /// f_t(θ_t) for t = s+1 ..= s+T, a `[T]` tensor (on the autodiff graph if φ is).
+    pub losses: Tensor<1>,
+    /// θ_{s+T} and the state after T steps, still attached to the graph.
+    pub carry: Carry,
+}
+
+/// Runs T optimizer steps from `carry` at step `start` (spec §2).
+///
+/// Every g_t is a constant ([`Problem::grad`]), so only first derivatives flow
+/// back through θ and the LSTM state. On a device without autodiff this is the
+/// forward-only evaluation path.
+pub fn unroll(
+    lstm: &Lstm,
+    problem: &dyn Problem,
+    carry: Carry,
+    start: usize,
+    steps: usize,
+) -> Unrolled {
+    let Carry {
+        mut theta,
+        mut state,
+    } = carry;
+    let mut losses = Vec::with_capacity(steps);
+    for t in start..start + steps {
+        let g = problem.grad(theta.clone(), t);
+        let (u, next) = lstm.step(g, state);
+        state = next;
+        theta = theta + u;
+        losses.push(problem.loss(theta.clone(), t + 1));
+    }
+    Unrolled {
+        losses: Tensor::cat(losses, 0),
+        carry: Carry { theta, state },
+    }
+}
+
+/// A truncation's meta-gradient ∂L/∂φ, its meta-loss L, and where it ended.
+#[derive(Debug, Clone)]
+pub struct MetaGrad {
+    /// ∂L/∂φ in spec order and shapes.
+    pub grad: Phi,
+    /// L = (1/T) Σ f_t(θ_t), t = s+1 ..= s+T.
+    pub meta_loss: f64,
+    /// f_t(θ_t) of every step, for progress and evaluation.
+    pub losses: Vec<f64>,
+    /// θ and state after the truncation, detached for the next one.
+    pub carry: Carry,
+}
+
+/// Unrolls T steps and backpropagates once through the whole truncation.
+///
+/// `lstm` and `carry` must live on an autodiff device (`Device::flex().autodiff()`).
+pub fn meta_grad(
+    lstm: &Lstm,
+    problem: &dyn Problem,
+    carry: Carry,
+    start: usize,
+    steps: usize,
+) -> Result<MetaGrad, Error> {
+    let raw = meta_grad_tensors(lstm, problem, carry, start, steps)?;
+    let grad = raw
+        .grad
+        .iter()
+        .map(crate::tensor::to_f32)
+        .collect::<Result<Vec<_>, _>>()?;
+    let losses = to_f64(&raw.losses)?;
+    let grad = Phi::from_tensors(lstm.config, grad).map_err(|e| match e {
+        Error::NonFinite(what) => Error::NonFinite(format!(
+            "the meta-gradient diverged ({what}); the optimizee blew up under this φ"
+        )),
+        other => other,
+    })?;
+    Ok(MetaGrad {
+        grad,
+        meta_loss: losses.iter().sum::<f64>() / steps as f64,
+        losses,
+        carry: raw.carry,
+    })
+}
+
+/// [`meta_grad`]'s result before it leaves the device, in the unroll's precision.
+#[derive(Debug, Clone)]
+pub struct RawMetaGrad {
+    /// ∂L/∂φ per parameter tensor, shaped as in [`Lstm::params`].
+    pub grad: Vec<Tensor<2>>,
+    /// f_t(θ_t) of every step, `[T]`.
+    pub losses: Tensor<1>,
+    /// θ and state after the truncation, detached.
+    pub carry: Carry,
+}
+
+/// The meta-gradient as device tensors; see [`meta_grad`].
+pub fn meta_grad_tensors(
+    lstm: &Lstm,
+    problem: &dyn Problem,
+    carry: Carry,
+    start: usize,
+    steps: usize,
+) -> Result<RawMetaGrad, Error> {
+    if steps == 0 {
+        return Err(Error::Config("a truncation needs at least one step".into()));
+    }
+    if !lstm.out_b.is_autodiff() {
+        return Err(Error::Config(
+            "meta_grad needs φ on an autodiff device (e.g. Device::flex().autodiff())".into(),
+        ));
+    }
+    let lstm = lstm.clone().map_params(Tensor::require_grad);
+    let carry = Carry {
+        theta: carry.theta.autodiff(),
+        state: carry.state,
+    };
+    let run = unroll(&lstm, problem, carry, start, steps);
+    let grads = run.losses.clone().mean().backward();
+    let grad = lstm
+        .params()
+        .into_iter()
+        // A parameter the loss does not reach has a zero gradient.
+        .map(|p| p.grad(&grads).unwrap_or_else(|| p.zeros_like().inner()))
+        .collect();
+    Ok(RawMetaGrad {
+        grad,
+        losses: run.losses.inner(),
+        carry: run.carry.detach(),
+    })
+}
+
+#[cfg(test)]
+mod tests;
