@@ -28,9 +28,9 @@ pub struct TensorFile {
 impl TensorFile {
     /// Reads `path`, refusing anything but float32 tensors.
     pub fn read(path: &Path) -> Result<Self, Error> {
-        let bytes = std::fs::read(path).map_err(|source| Error::Io {
+        let bytes = std::fs::read(path).map_err(|error| Error::Io {
             path: path.into(),
-            source,
+            error,
         })?;
         Self::parse(path, &bytes)
     }
@@ -165,9 +165,9 @@ pub fn encode(
 
 /// Writes `bytes` to `path` atomically: a sibling temporary file, fsync, rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Error> {
-    let io = |source| Error::Io {
+    let io = |error| Error::Io {
         path: path.into(),
-        source,
+        error,
     };
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,

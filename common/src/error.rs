@@ -9,12 +9,12 @@ pub enum Error {
     #[error("invalid configuration: {0}")]
     Config(String),
     /// A file could not be read or written.
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Io {
         /// The file.
         path: PathBuf,
-        /// What the operating system said.
-        source: std::io::Error,
+        /// What the operating system said (in the message, so not also a `source`).
+        error: std::io::Error,
     },
     /// A file's content does not follow the spec's format.
     #[error("{path}: {reason}")]

@@ -1,1 +1,69 @@
-fn main() {}
+//! `l2l-worker`: runs the learned optimizer on this machine.
+//!
+//! Offline commands: `init-phi` makes a fresh φ, `gen-problem` a quadratic problem file,
+//! `meta-grad` one truncation's meta-gradient, `bench` times the unroll.
+
+mod bench;
+mod offline;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use l2l_common::Preprocess;
+
+/// Unrolls the l2l learned LSTM optimizer (Andrychowicz et al. 2016) and computes its
+/// meta-gradients. Files follow the `l2l-lstm/1` spec (safetensors).
+#[derive(Debug, Parser)]
+#[command(name = "l2l-worker", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Gradient preprocessing of the LSTM's input (spec §1.2).
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum PreprocessArg {
+    /// One feature: the gradient itself (the paper's choice for quadratics).
+    Identity,
+    #[value(name = "log_sign")]
+    /// Two features: ln|g|/k and sign(g), or -1 and e^k·g for tiny gradients.
+    LogSign,
+}
+
+impl From<PreprocessArg> for Preprocess {
+    fn from(p: PreprocessArg) -> Self {
+        match p {
+            PreprocessArg::Identity => Preprocess::Identity,
+            PreprocessArg::LogSign => Preprocess::LogSign,
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Writes a freshly initialised optimizer φ (spec §1.6) to a file.
+    InitPhi(offline::InitPhi),
+    /// Writes a random problem instance (spec §4.2) to a file.
+    GenProblem(offline::GenProblem),
+    /// Computes one truncation's meta-gradient from zero LSTM state and θ = theta0.
+    MetaGrad(offline::MetaGradArgs),
+    /// Times the meta-gradient and the forward-only unroll; prints medians and peak memory.
+    Bench(bench::Bench),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::InitPhi(a) => offline::init_phi(a),
+        Command::GenProblem(a) => offline::gen_problem(a),
+        Command::MetaGrad(a) => offline::meta_grad(a),
+        Command::Bench(a) => bench::run(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,264 @@
+//! `l2l-worker`'s offline commands as a user runs them: real processes, real files.
+
+use std::path::Path;
+
+use l2l_common::{MetaGradFile, Phi, Preprocess, Quadratic};
+use l2l_tests::{text, worker};
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("temp paths are UTF-8")
+}
+
+#[test]
+fn init_gen_meta_grad_pipeline() {
+    let dir = tempfile::tempdir().unwrap();
+    let (phi, prob, grad) = (
+        dir.path().join("phi"),
+        dir.path().join("prob"),
+        dir.path().join("grad"),
+    );
+    let out = worker(&[
+        "init-phi",
+        "--preprocess",
+        "identity",
+        "--hidden",
+        "8",
+        "--seed",
+        "3",
+        "--out",
+        s(&phi),
+    ]);
+    assert!(out.status.success(), "{:?}", text(&out));
+    let loaded = Phi::load(&phi).unwrap();
+    assert_eq!(loaded.config.preprocess, Preprocess::Identity);
+    assert_eq!(
+        loaded.config.out_scale, 1.0,
+        "identity's default out_scale is 1.0"
+    );
+    assert_eq!(loaded.config.hidden, 8);
+
+    let out = worker(&[
+        "gen-problem",
+        "quadratic",
+        "--batch",
+        "4",
+        "--seed",
+        "9",
+        "--out",
+        s(&prob),
+    ]);
+    assert!(out.status.success(), "{:?}", text(&out));
+    assert_eq!(
+        Quadratic::load(&prob).unwrap(),
+        Quadratic::from_seed(9, 4, 10).unwrap()
+    );
+
+    let out = worker(&[
+        "meta-grad",
+        "--phi",
+        s(&phi),
+        "--problem",
+        s(&prob),
+        "--steps",
+        "5",
+        "--out",
+        s(&grad),
+    ]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    let file = MetaGradFile::load(&grad).unwrap();
+    assert_eq!(file.steps, 5);
+    assert_eq!(file.grad.config, loaded.config);
+    // The printed meta-loss is the one in the file.
+    let printed: f64 = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("meta_loss "))
+        .expect("meta-grad prints the meta-loss")
+        .parse()
+        .unwrap();
+    assert!((printed - file.meta_loss).abs() <= 1e-8 * file.meta_loss.abs());
+}
+
+#[test]
+fn log_sign_defaults_follow_the_spec() {
+    let dir = tempfile::tempdir().unwrap();
+    let phi = dir.path().join("phi");
+    let out = worker(&[
+        "init-phi",
+        "--preprocess",
+        "log_sign",
+        "--seed",
+        "1",
+        "--out",
+        s(&phi),
+    ]);
+    assert!(out.status.success(), "{:?}", text(&out));
+    let c = Phi::load(&phi).unwrap().config;
+    assert_eq!((c.hidden, c.layers, c.k, c.out_scale), (20, 2, 10.0, 0.1));
+    assert_eq!(c.num_params(), 5141);
+}
+
+/// Runs a command that must fail cleanly: non-zero exit, no panic, a message with `want`.
+fn refused(args: &[&str], want: &[&str]) {
+    let out = worker(args);
+    let (_, stderr) = text(&out);
+    assert_eq!(
+        out.status.code(),
+        Some(if stderr.contains("For more information") {
+            2
+        } else {
+            1
+        }),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    for w in want {
+        assert!(stderr.contains(w), "expected {w:?} in: {stderr}");
+    }
+}
+
+#[test]
+fn bad_input_is_refused_with_a_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let (phi, prob, grad) = (
+        dir.path().join("phi"),
+        dir.path().join("prob"),
+        dir.path().join("grad"),
+    );
+    assert!(
+        worker(&[
+            "init-phi",
+            "--preprocess",
+            "log_sign",
+            "--seed",
+            "1",
+            "--out",
+            s(&phi)
+        ])
+        .status
+        .success()
+    );
+    assert!(
+        worker(&[
+            "gen-problem",
+            "quadratic",
+            "--batch",
+            "2",
+            "--seed",
+            "1",
+            "--out",
+            s(&prob)
+        ])
+        .status
+        .success()
+    );
+
+    refused(
+        &[
+            "meta-grad",
+            "--phi",
+            "/nonexistent/phi",
+            "--problem",
+            s(&prob),
+            "--steps",
+            "3",
+            "--out",
+            s(&grad),
+        ],
+        &["--phi", "/nonexistent/phi", "No such file"],
+    );
+    refused(
+        &[
+            "meta-grad",
+            "--phi",
+            s(&phi),
+            "--problem",
+            s(&prob),
+            "--steps",
+            "0",
+            "--out",
+            s(&grad),
+        ],
+        &["--steps", "0"],
+    );
+    refused(
+        &[
+            "init-phi",
+            "--preprocess",
+            "sign",
+            "--seed",
+            "1",
+            "--out",
+            s(&phi),
+        ],
+        &["sign", "log_sign", "identity"],
+    );
+    // A problem file where φ is expected, and the reverse.
+    refused(
+        &[
+            "meta-grad",
+            "--phi",
+            s(&prob),
+            "--problem",
+            s(&prob),
+            "--steps",
+            "3",
+            "--out",
+            s(&grad),
+        ],
+        &["metadata field \"format\" is missing"],
+    );
+    refused(
+        &[
+            "meta-grad",
+            "--phi",
+            s(&phi),
+            "--problem",
+            s(&phi),
+            "--steps",
+            "3",
+            "--out",
+            s(&grad),
+        ],
+        &["--problem", "\"problem\" is missing"],
+    );
+    // A φ file with a NaN written into its first tensor's data.
+    let mut bytes = std::fs::read(&phi).unwrap();
+    let header = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    bytes[8 + header..8 + header + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+    let nan_phi = dir.path().join("nan_phi");
+    std::fs::write(&nan_phi, bytes).unwrap();
+    refused(
+        &[
+            "meta-grad",
+            "--phi",
+            s(&nan_phi),
+            "--problem",
+            s(&prob),
+            "--steps",
+            "3",
+            "--out",
+            s(&grad),
+        ],
+        &["non-finite"],
+    );
+    // An output path in a directory that does not exist.
+    refused(
+        &[
+            "meta-grad",
+            "--phi",
+            s(&phi),
+            "--problem",
+            s(&prob),
+            "--steps",
+            "3",
+            "--out",
+            "/nonexistent/dir/grad",
+        ],
+        &["/nonexistent/dir/grad"],
+    );
+    assert!(
+        !grad.exists(),
+        "no output is written when the command fails"
+    );
+}

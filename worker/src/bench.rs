@@ -1,0 +1,167 @@
+//! `bench`: times the meta-gradient and the forward-only unroll on quadratics.
+
+use std::time::Instant;
+
+use anyhow::{Result, bail};
+use clap::Args;
+use l2l_common::burn::tensor::{DType, Device};
+use l2l_common::unroll::{Carry, meta_grad, unroll};
+use l2l_common::{Lstm, LstmState, OptimizerConfig, Phi, Preprocess, Quadratic};
+use serde_json::json;
+
+use crate::PreprocessArg;
+
+/// Arguments of `bench`.
+#[derive(Debug, Args)]
+pub struct Bench {
+    /// Coordinate counts N to time (quadratics of N/10 functions in 10 dimensions).
+    #[arg(long, value_delimiter = ',', default_values_t = [1280usize, 16000])]
+    n: Vec<usize>,
+    /// T, optimizer steps per truncation.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    steps: u32,
+    /// Preprocessing modes to time [default: both].
+    #[arg(long, value_enum, value_delimiter = ',')]
+    preprocess: Vec<PreprocessArg>,
+    /// Timed repetitions per measurement (the median is reported).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    runs: u32,
+    /// Untimed repetitions first.
+    #[arg(long, default_value_t = 2)]
+    warmup: u32,
+    /// One JSON object per measurement on stdout instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// What one measurement timed.
+#[derive(Debug, Clone, Copy)]
+enum What {
+    MetaGrad,
+    Forward,
+}
+
+impl What {
+    fn name(self) -> &'static str {
+        match self {
+            What::MetaGrad => "meta_grad",
+            What::Forward => "forward",
+        }
+    }
+}
+
+/// `bench`: prints one line (or JSON object) per (preprocess, N, what).
+pub fn run(a: Bench) -> Result<()> {
+    if let Some(bad) = a.n.iter().find(|n| **n == 0 || **n % 10 != 0) {
+        bail!("--n {bad}: each N must be a positive multiple of 10 (quadratics of dimension 10)");
+    }
+    let modes: Vec<Preprocess> = if a.preprocess.is_empty() {
+        vec![Preprocess::LogSign, Preprocess::Identity]
+    } else {
+        a.preprocess.iter().map(|p| (*p).into()).collect()
+    };
+    let steps = a.steps as usize;
+    if !a.json {
+        println!(
+            "l2l-worker bench: backend flex (CPU), float32, T = {steps}, {} runs after {} warm-up",
+            a.runs, a.warmup
+        );
+        println!(
+            "{:<9} {:>8} {:<10} {:>10} {:>10} {:>10} {:>12}",
+            "preproc", "N", "what", "median_ms", "min_ms", "max_ms", "peak_rss_mb"
+        );
+    }
+    for &preprocess in &modes {
+        let phi = Phi::init(OptimizerConfig::new(preprocess), 1)?;
+        for &n in &a.n {
+            let quad = Quadratic::from_seed(2, n / 10, 10)?;
+            for what in [What::MetaGrad, What::Forward] {
+                let (times, peak) = measure(&phi, &quad, steps, what, a.warmup, a.runs)?;
+                let median = times[times.len() / 2];
+                if a.json {
+                    let row = json!({
+                        "what": what.name(), "n": n, "steps": steps,
+                        "preprocess": preprocess.name(), "backend": "flex",
+                        "median_ms": median, "min_ms": times[0],
+                        "max_ms": times[times.len() - 1], "runs": times.len(),
+                        "peak_rss_mb": peak,
+                    });
+                    println!("{row}");
+                } else {
+                    println!(
+                        "{:<9} {:>8} {:<10} {:>10.2} {:>10.2} {:>10.2} {:>12.1}",
+                        preprocess.name(),
+                        n,
+                        what.name(),
+                        median,
+                        times[0],
+                        times[times.len() - 1],
+                        peak
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Sorted times in ms of `runs` repetitions, and the peak RSS in MB while they ran.
+fn measure(
+    phi: &Phi,
+    quad: &Quadratic,
+    steps: usize,
+    what: What,
+    warmup: u32,
+    runs: u32,
+) -> Result<(Vec<f64>, f64)> {
+    let dtype = DType::F32;
+    let dev = match what {
+        What::MetaGrad => Device::flex().autodiff(),
+        What::Forward => Device::flex(),
+    };
+    let lstm = Lstm::new(phi, &dev, dtype);
+    let problem = quad.on(&dev, dtype);
+    let once = || -> Result<f64> {
+        let carry = Carry {
+            theta: quad.theta0(&dev, dtype),
+            state: LstmState::zeros(&phi.config, quad.num_coords(), &dev, dtype),
+        };
+        let start = Instant::now();
+        match what {
+            What::MetaGrad => {
+                meta_grad(&lstm, &problem, carry, 0, steps)?;
+            }
+            What::Forward => {
+                let run = unroll(&lstm, &problem, carry, 0, steps);
+                // Reading the losses back waits for the computation to finish.
+                l2l_common::tensor::to_f64(&run.losses)?;
+            }
+        }
+        Ok(start.elapsed().as_secs_f64() * 1e3)
+    };
+    reset_peak_rss();
+    for _ in 0..warmup {
+        once()?;
+    }
+    let mut times = (0..runs).map(|_| once()).collect::<Result<Vec<_>>>()?;
+    times.sort_by(f64::total_cmp);
+    Ok((times, peak_rss_mb()))
+}
+
+/// Resets the kernel's high-water mark of this process's RSS (Linux; a no-op elsewhere).
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// Peak resident set size since the last reset, in MB (VmHWM; NaN where unavailable).
+fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
