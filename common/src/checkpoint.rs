@@ -175,6 +175,13 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Error> {
     };
     let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(io)?;
     tmp.write_all(bytes).map_err(io)?;
+    // Readable by others like any file the user writes (temporary files start as 0600).
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let perms = std::fs::Permissions::from_mode(0o644);
+        tmp.as_file().set_permissions(perms).map_err(io)?;
+    }
     tmp.as_file().sync_all().map_err(io)?;
     tmp.persist(path).map_err(|e| io(e.error))?;
     // Make the rename itself durable; not every filesystem lets a directory be synced.
@@ -185,7 +192,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Error> {
 }
 
 /// The metadata every `l2l-lstm/1` file carries: format and the configuration.
-fn config_metadata(config: &OptimizerConfig) -> HashMap<String, String> {
+pub fn config_metadata(config: &OptimizerConfig) -> HashMap<String, String> {
     HashMap::from([
         ("format".into(), FORMAT.into()),
         ("preprocess".into(), config.preprocess.name().into()),
@@ -196,8 +203,8 @@ fn config_metadata(config: &OptimizerConfig) -> HashMap<String, String> {
     ])
 }
 
-/// Reads format and configuration from a file's metadata.
-fn config_from(file: &TensorFile) -> Result<OptimizerConfig, Error> {
+/// Reads format and configuration from a file's metadata, refusing unknown formats.
+pub fn config_from(file: &TensorFile) -> Result<OptimizerConfig, Error> {
     let format = file.meta("format")?;
     if format != FORMAT {
         return Err(Error::format(
@@ -219,8 +226,8 @@ fn config_from(file: &TensorFile) -> Result<OptimizerConfig, Error> {
     Ok(config)
 }
 
-/// Reads φ's tensors from `file` by the layout `config` implies.
-fn phi_from(file: &mut TensorFile, config: OptimizerConfig) -> Result<Phi, Error> {
+/// Takes φ's tensors from `file` by the layout `config` implies; refuses extra tensors.
+pub fn phi_from(file: &mut TensorFile, config: OptimizerConfig) -> Result<Phi, Error> {
     let tensors = config
         .tensor_layout()
         .iter()
@@ -230,7 +237,8 @@ fn phi_from(file: &mut TensorFile, config: OptimizerConfig) -> Result<Phi, Error
     Phi::from_tensors(config, tensors)
 }
 
-fn encode_phi(phi: &Phi, mut metadata: HashMap<String, String>) -> Result<Vec<u8>, Error> {
+/// Encodes φ (or a gradient) as an `l2l-lstm/1` file with `metadata` added.
+pub fn encode_phi(phi: &Phi, mut metadata: HashMap<String, String>) -> Result<Vec<u8>, Error> {
     metadata.extend(config_metadata(&phi.config));
     let layout = phi.config.tensor_layout();
     let named: Vec<NamedTensor<'_>> = layout

@@ -24,9 +24,11 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod baselines;
 pub mod checkpoint;
 pub mod config;
 pub mod error;
+pub mod eval;
 pub mod lstm;
 pub mod phi;
 pub mod preprocess;

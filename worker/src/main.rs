@@ -5,6 +5,7 @@
 
 mod bench;
 mod offline;
+mod run_command;
 
 use std::process::ExitCode;
 
@@ -49,6 +50,9 @@ enum Command {
     MetaGrad(offline::MetaGradArgs),
     /// Times the meta-gradient and the forward-only unroll; prints medians and peak memory.
     Bench(bench::Bench),
+    /// Joins a coordinator and computes meta-gradients until its run is finished or
+    /// SIGTERM/SIGINT arrives; reconnects by itself when the coordinator restarts.
+    Run(run_command::RunArgs),
 }
 
 fn main() -> ExitCode {
@@ -58,6 +62,7 @@ fn main() -> ExitCode {
         Command::GenProblem(a) => offline::gen_problem(a),
         Command::MetaGrad(a) => offline::meta_grad(a),
         Command::Bench(a) => bench::run(a),
+        Command::Run(a) => run_command::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

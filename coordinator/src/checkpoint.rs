@@ -1,0 +1,129 @@
+//! Coordinator checkpoints: φ, Adam's moments, version, epoch, sampler and counters in
+//! one safetensors file, written atomically; a restarted coordinator resumes the newest.
+//!
+//! File `checkpoint-<version>.safetensors` in the run directory: φ's tensors under their
+//! spec names (so any `l2l-lstm/1` reader sees φ, after ignoring two extra tensors),
+//! `adam.m` and `adam.v` (flat, φ's size), and metadata `checkpoint = "l2l-coordinator/1"`,
+//! `epoch`, `version`, `adam_t`, `sampler_state`, `counters` (JSON), `config` (TOML).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use l2l_common::Phi;
+use l2l_common::checkpoint::{TensorFile, config_from, encode, phi_from, write_atomic};
+
+use crate::adam::Adam;
+use crate::config::Config;
+use crate::state::{Counters, Snapshot};
+
+pub use l2l_common::checkpoint::config_metadata;
+
+/// Tag of a coordinator checkpoint.
+pub const CHECKPOINT_FORMAT: &str = "l2l-coordinator/1";
+
+fn file_name(version: u64) -> String {
+    format!("checkpoint-{version:012}.safetensors")
+}
+
+/// Writes `snap` into `dir` atomically and keeps only the newest `keep` checkpoints.
+pub fn save(dir: &Path, snap: &Snapshot, config: &Config, keep: usize) -> Result<PathBuf> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let mut meta = config_metadata(&snap.phi.config);
+    meta.extend(HashMap::from([
+        ("checkpoint".to_string(), CHECKPOINT_FORMAT.to_string()),
+        ("epoch".to_string(), snap.epoch.to_string()),
+        ("version".to_string(), snap.version.to_string()),
+        ("adam_t".to_string(), snap.adam.t.to_string()),
+        ("sampler_state".to_string(), snap.sampler_state.to_string()),
+        (
+            "counters".to_string(),
+            serde_json::to_string(&snap.counters)?,
+        ),
+        ("config".to_string(), config.to_toml()),
+    ]));
+    let layout = snap.phi.config.tensor_layout();
+    let n = [snap.adam.m.len()];
+    let mut named: Vec<l2l_common::checkpoint::NamedTensor<'_>> = layout
+        .iter()
+        .zip(&snap.phi.tensors)
+        .map(|((name, s), v)| (name.as_str(), s.as_slice(), v.as_slice()))
+        .collect();
+    named.push(("adam.m", &n, &snap.adam.m));
+    named.push(("adam.v", &n, &snap.adam.v));
+    let path = dir.join(file_name(snap.version));
+    write_atomic(&path, &encode(&named, meta)?)?;
+    for old in list(dir)?.into_iter().rev().skip(keep.max(1)) {
+        let _ = std::fs::remove_file(old.1);
+    }
+    Ok(path)
+}
+
+/// Checkpoints in `dir`, oldest first, with their versions.
+fn list(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
+    let mut out = Vec::new();
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(e).with_context(|| format!("cannot list {}", dir.display())),
+    };
+    for entry in entries {
+        let entry = entry?;
+        let name = entry.file_name();
+        let Some(v) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("checkpoint-"))
+            .and_then(|n| n.strip_suffix(".safetensors"))
+            .and_then(|n| n.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        out.push((v, entry.path()));
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Reads one checkpoint file.
+pub fn load(path: &Path) -> Result<Snapshot> {
+    let mut file = TensorFile::read(path)?;
+    if file.meta("checkpoint")? != CHECKPOINT_FORMAT {
+        bail!("{}: not an {CHECKPOINT_FORMAT} checkpoint", path.display());
+    }
+    let config = config_from(&file)?;
+    let n = [config.num_params()];
+    let m = file.take("adam.m", &n)?;
+    let v = file.take("adam.v", &n)?;
+    let phi: Phi = phi_from(&mut file, config)?;
+    let counters: Counters = serde_json::from_str(file.meta("counters")?)
+        .with_context(|| format!("{}: bad counters", path.display()))?;
+    let saved: Config = toml::from_str(file.meta("config")?)
+        .with_context(|| format!("{}: bad config", path.display()))?;
+    Ok(Snapshot {
+        phi,
+        adam: Adam {
+            config: saved.adam,
+            m,
+            v,
+            t: file.meta_parse("adam_t")?,
+        },
+        epoch: file.meta_parse("epoch")?,
+        version: file.meta_parse("version")?,
+        sampler_state: file.meta_parse("sampler_state")?,
+        counters,
+    })
+}
+
+/// The newest readable checkpoint in `dir`, if any. An unreadable newest file (e.g.
+/// damaged by hand) is reported and the next older one is tried.
+pub fn load_newest(dir: &Path) -> Result<Option<(PathBuf, Snapshot)>> {
+    for (_, path) in list(dir)?.into_iter().rev() {
+        match load(&path) {
+            Ok(s) => return Ok(Some((path, s))),
+            Err(e) => {
+                tracing::error!(path = %path.display(), error = %e, "skipping unreadable checkpoint")
+            }
+        }
+    }
+    Ok(None)
+}

@@ -1,0 +1,131 @@
+//! Command-line flags shared by `serve` and `local`, and logging set-up.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Args, ValueEnum};
+
+use crate::config::{Config, Mode};
+
+/// Flags that override the TOML configuration (or the defaults).
+#[derive(Debug, Clone, Default, Args)]
+pub struct Overrides {
+    /// TOML configuration file; flags given here override its values.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Address to listen on, e.g. 0.0.0.0:50051 (port 0 picks a free port).
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// Run directory: checkpoints and the final φ; a run resumes from the newest checkpoint.
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Seed of the instance sampler and of φ's initialisation.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Stop after this many updates of φ (0 = run until stopped).
+    #[arg(long)]
+    pub max_updates: Option<u64>,
+    /// Aggregation: sync (quorum rounds with a deadline) or async (every K, bounded staleness).
+    #[arg(long, value_enum)]
+    pub aggregation: Option<Mode>,
+    /// sync: gradients per round.
+    #[arg(long)]
+    pub quorum: Option<usize>,
+    /// sync: a round closes this many ms after its first gradient even without quorum.
+    #[arg(long)]
+    pub round_timeout_ms: Option<u64>,
+    /// async: accepted gradients per update.
+    #[arg(long)]
+    pub every: Option<usize>,
+    /// async: largest accepted staleness in versions.
+    #[arg(long)]
+    pub max_staleness: Option<u64>,
+    /// Lease lifetime without heartbeat or submission, in ms.
+    #[arg(long)]
+    pub lease_timeout_ms: Option<u64>,
+    /// Meta-optimizer (Adam) learning rate.
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Clip averaged gradients to this global norm (0 = off).
+    #[arg(long)]
+    pub clip_norm: Option<f64>,
+    /// Preprocessing of a fresh φ: identity or log_sign.
+    #[arg(long)]
+    pub preprocess: Option<String>,
+    /// S, optimizee steps per trajectory.
+    #[arg(long)]
+    pub trajectory_steps: Option<u32>,
+    /// T, steps per truncation.
+    #[arg(long)]
+    pub truncation_steps: Option<u32>,
+    /// Checkpoint every this many updates.
+    #[arg(long)]
+    pub checkpoint_every_updates: Option<u64>,
+    /// Checkpoint at least every this many seconds.
+    #[arg(long)]
+    pub checkpoint_every_seconds: Option<u64>,
+}
+
+impl Overrides {
+    /// The configuration: `base`, then the TOML file, then these flags.
+    pub fn apply(&self, base: Config) -> Result<Config> {
+        let mut c = match &self.config {
+            Some(path) => Config::from_toml_file(path)?,
+            None => base,
+        };
+        macro_rules! set {
+            ($($field:ident => $target:expr),* $(,)?) => {
+                $( if let Some(v) = self.$field.clone() { $target = v; } )*
+            };
+        }
+        set!(
+            listen => c.listen,
+            dir => c.dir,
+            max_updates => c.max_updates,
+            quorum => c.aggregation.quorum,
+            round_timeout_ms => c.aggregation.round_timeout_ms,
+            every => c.aggregation.every,
+            max_staleness => c.aggregation.max_staleness,
+            aggregation => c.aggregation.mode,
+            lease_timeout_ms => c.lease_timeout_ms,
+            lr => c.adam.lr,
+            clip_norm => c.adam.clip_norm,
+            preprocess => c.init.preprocess,
+            trajectory_steps => c.trajectory_steps,
+            truncation_steps => c.truncation_steps,
+            checkpoint_every_updates => c.checkpoint_every_updates,
+            checkpoint_every_seconds => c.checkpoint_every_seconds,
+        );
+        if let Some(s) = self.seed {
+            c.seed = s;
+            c.init.seed = s;
+        }
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, Default, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per event.
+    Json,
+}
+
+/// Installs the tracing subscriber: `RUST_LOG` filters (default `default_level`), to stderr.
+pub fn init_logging(format: LogFormat, default_level: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}

@@ -1,0 +1,198 @@
+//! The coordinator's configuration: a TOML file and/or flags, printed at start.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Result, bail};
+use l2l_common::{OptimizerConfig, Preprocess};
+use serde::{Deserialize, Serialize};
+
+use crate::adam::AdamConfig;
+use crate::sampler::FamilyConfig;
+
+/// How accepted gradients become updates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// A round of `quorum` gradients of the current version, closed early by its deadline.
+    Sync,
+    /// An update every `every` accepted gradients no staler than `max_staleness`.
+    Async,
+}
+
+/// Aggregation rule.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AggregationConfig {
+    /// `sync` or `async`.
+    pub mode: Mode,
+    /// sync: gradients of the current version that close a round.
+    pub quorum: usize,
+    /// sync: a round with at least one gradient closes this long after its first one.
+    pub round_timeout_ms: u64,
+    /// async: accepted gradients per update.
+    pub every: usize,
+    /// async: largest accepted staleness (current version − gradient's version).
+    pub max_staleness: u64,
+}
+
+impl Default for AggregationConfig {
+    fn default() -> Self {
+        Self {
+            mode: Mode::Sync,
+            quorum: 2,
+            round_timeout_ms: 2000,
+            every: 2,
+            max_staleness: 4,
+        }
+    }
+}
+
+/// The optimizer φ a fresh run starts from (spec §1.1, §1.6).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct InitConfig {
+    /// `identity` or `log_sign`.
+    pub preprocess: String,
+    /// LSTM hidden size.
+    pub hidden: usize,
+    /// LSTM layers.
+    pub layers: usize,
+    /// log_sign's k.
+    pub k: f64,
+    /// Output scale (0 = the spec's default for the preprocessing).
+    pub out_scale: f64,
+    /// Seed of φ's initial weights.
+    pub seed: u64,
+}
+
+impl Default for InitConfig {
+    fn default() -> Self {
+        Self {
+            preprocess: String::new(),
+            hidden: 20,
+            layers: 2,
+            k: 10.0,
+            out_scale: 0.0,
+            seed: 0,
+        }
+    }
+}
+
+/// Everything `l2l-coordinator serve` runs by.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address the gRPC service listens on (port 0 picks a free one).
+    pub listen: SocketAddr,
+    /// Directory of checkpoints and the final φ; a run resumes from the newest checkpoint here.
+    pub dir: PathBuf,
+    /// Seed of the instance sampler.
+    pub seed: u64,
+    /// Stop after this many updates of φ (0 = run until stopped).
+    pub max_updates: u64,
+    /// S, optimizee steps per trajectory.
+    pub trajectory_steps: u32,
+    /// T, steps per truncation (must divide S).
+    pub truncation_steps: u32,
+    /// Milliseconds a lease lives without a heartbeat or submission.
+    pub lease_timeout_ms: u64,
+    /// Checkpoint every this many updates (0 = never by count).
+    pub checkpoint_every_updates: u64,
+    /// Checkpoint at least this often, in seconds (0 = never by time).
+    pub checkpoint_every_seconds: u64,
+    /// Checkpoints kept in `dir`.
+    pub checkpoint_keep: usize,
+    /// The starting φ.
+    pub init: InitConfig,
+    /// The meta-optimizer.
+    pub adam: AdamConfig,
+    /// The aggregation rule.
+    pub aggregation: AggregationConfig,
+    /// Problem families instances are sampled from, by weight.
+    pub problems: Vec<FamilyConfig>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            dir: PathBuf::from("l2l-run"),
+            seed: 0,
+            max_updates: 0,
+            trajectory_steps: 100,
+            truncation_steps: 20,
+            lease_timeout_ms: 30_000,
+            checkpoint_every_updates: 100,
+            checkpoint_every_seconds: 60,
+            checkpoint_keep: 3,
+            init: InitConfig::default(),
+            adam: AdamConfig::default(),
+            aggregation: AggregationConfig::default(),
+            problems: vec![FamilyConfig::default()],
+        }
+    }
+}
+
+impl Config {
+    /// Reads a TOML file; fields it leaves out keep their defaults.
+    pub fn from_toml_file(path: &std::path::Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("cannot read config {}: {e}", path.display()))?;
+        toml::from_str(&text).map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))
+    }
+
+    /// The configuration as TOML, for the start-up log and checkpoints.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).unwrap_or_else(|e| format!("# cannot print config: {e}"))
+    }
+
+    /// The optimizer configuration of a fresh φ.
+    pub fn optimizer(&self) -> Result<OptimizerConfig> {
+        let preprocess: Preprocess = if self.init.preprocess.is_empty() {
+            Preprocess::LogSign
+        } else {
+            self.init.preprocess.parse()?
+        };
+        let out_scale = if self.init.out_scale == 0.0 {
+            preprocess.default_out_scale()
+        } else {
+            self.init.out_scale
+        };
+        let c = OptimizerConfig {
+            preprocess,
+            k: self.init.k,
+            hidden: self.init.hidden,
+            layers: self.init.layers,
+            out_scale,
+        };
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// Refuses values that cannot run, naming the field.
+    pub fn validate(&self) -> Result<()> {
+        self.optimizer()?;
+        let (s, t) = (self.trajectory_steps, self.truncation_steps);
+        if t == 0 || s == 0 || s % t != 0 {
+            bail!("trajectory_steps ({s}) must be a positive multiple of truncation_steps ({t})");
+        }
+        if self.lease_timeout_ms == 0 {
+            bail!("lease_timeout_ms must be positive");
+        }
+        let a = &self.aggregation;
+        if a.quorum == 0 || a.every == 0 {
+            bail!("aggregation.quorum and aggregation.every must be at least 1");
+        }
+        if self.problems.is_empty() {
+            bail!("problems: at least one problem family is needed");
+        }
+        for p in &self.problems {
+            p.validate()?;
+        }
+        if !(self.adam.lr > 0.0 && self.adam.lr.is_finite()) {
+            bail!("adam.lr must be positive, got {}", self.adam.lr);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,273 @@
+//! `local`: a coordinator and N workers on this machine over real loopback gRPC, then an
+//! evaluation of the learned optimizer against tuned Adam on fresh quadratics.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use l2l_common::baselines::adam_curve;
+use l2l_common::burn::tensor::{DType, Device};
+use l2l_common::eval::learned_curve;
+use l2l_common::rng::Rng;
+use l2l_common::{Lstm, Phi, Quadratic};
+use l2l_worker::{WorkerOptions, run_worker};
+
+use crate::checkpoint;
+use crate::cli::Overrides;
+use crate::config::{Config, Mode};
+use crate::service::Server;
+use crate::state::Coordinator;
+
+/// Arguments of `local`.
+#[derive(Debug, Args)]
+pub struct Local {
+    /// Worker threads to run beside the coordinator.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub workers: u32,
+    /// Fresh quadratics (128 × 10-d each) to report the comparison on.
+    #[arg(long, default_value_t = 16)]
+    pub eval_problems: usize,
+    /// Configuration overrides (see `serve --help`).
+    #[command(flatten)]
+    pub overrides: Overrides,
+}
+
+/// The local mode's defaults: a run that finishes in a few minutes on 2 cores.
+pub fn default_config(workers: u32) -> Config {
+    let mut c = Config {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        dir: PathBuf::from("l2l-local"),
+        max_updates: 1000,
+        lease_timeout_ms: 10_000,
+        checkpoint_every_updates: 100,
+        checkpoint_every_seconds: 30,
+        ..Config::default()
+    };
+    c.aggregation.mode = Mode::Sync;
+    c.aggregation.quorum = workers as usize;
+    c.adam.lr = 3e-3;
+    c
+}
+
+/// What a local run produced.
+#[derive(Debug, Clone)]
+pub struct LocalOutcome {
+    /// The final φ file.
+    pub phi_path: PathBuf,
+    /// Mean meta-loss of each update, in order.
+    pub meta_losses: Vec<f64>,
+    /// The evaluation at steps 20, 50, 100.
+    pub report: Report,
+}
+
+/// Runs the local mode end to end.
+pub async fn run(args: Local) -> Result<LocalOutcome> {
+    let config = args.overrides.apply(default_config(args.workers))?;
+    eprintln!(
+        "l2l local: {} workers, configuration:\n{}",
+        args.workers,
+        config.to_toml()
+    );
+    let resume = checkpoint::load_newest(&config.dir)?;
+    if let Some((path, s)) = &resume {
+        eprintln!("resuming from {} (version {})", path.display(), s.version);
+    }
+    let coordinator = Coordinator::new(config.clone(), resume.map(|(_, s)| s))?;
+    let server = Server::start(coordinator, config.listen).await?;
+    let url = format!("http://{}", server.addr);
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut handles = Vec::new();
+    for i in 0..args.workers {
+        let mut opts = WorkerOptions::new(url.clone(), format!("local-{i}"));
+        opts.seed = config.seed.wrapping_add(i as u64);
+        let stop = stop.clone();
+        handles.push(
+            std::thread::Builder::new()
+                .name(format!("worker-{i}"))
+                .spawn(move || run_worker(opts, stop))
+                .context("cannot start a worker thread")?,
+        );
+    }
+    let progress = progress_bar(config.max_updates);
+    // Without a terminal the bar is hidden; print a line every tenth of the run instead.
+    let plain = progress.is_hidden();
+    let mut next_line = 0;
+    let interrupted = loop {
+        let (version, loss, rate, finished) = {
+            let c = server.shared.lock();
+            let s = c.status(Instant::now());
+            (
+                c.version().step,
+                s.last_meta_loss,
+                s.updates_per_second,
+                c.finished(),
+            )
+        };
+        progress.set_position(version);
+        progress.set_message(format!("meta-loss {loss:.4}  {rate:.1} updates/s"));
+        if plain && version >= next_line {
+            eprintln!(
+                "update {version}/{}  meta-loss {loss:.4}  {rate:.1} updates/s",
+                config.max_updates
+            );
+            next_line = version + (config.max_updates / 10).max(1);
+        }
+        if finished || handles.iter().all(|h| h.is_finished()) {
+            break false;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            _ = tokio::signal::ctrl_c() => break true,
+        }
+    };
+    progress.finish();
+    stop.store(true, Ordering::Relaxed);
+    for h in handles {
+        match h.join() {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => eprintln!("a worker failed: {e:#}"),
+            Err(_) => eprintln!("a worker thread panicked"),
+        }
+    }
+    let meta_losses = server.shared.lock().counters().meta_losses.clone();
+    let phi = server.shared.lock().phi()?;
+    let ckpt = server.shutdown().await?;
+    let phi_path = config.dir.join("phi.safetensors");
+    phi.save(&phi_path, Default::default())?;
+    eprintln!("checkpoint {}", ckpt.display());
+    if interrupted {
+        bail!(
+            "interrupted; run the same command again to resume from {}",
+            ckpt.display()
+        );
+    }
+    let report =
+        tokio::task::spawn_blocking(move || evaluate(&phi, config.seed, args.eval_problems))
+            .await??;
+    println!("learned optimizer φ written to {}", phi_path.display());
+    println!("{report}");
+    Ok(LocalOutcome {
+        phi_path,
+        meta_losses,
+        report,
+    })
+}
+
+fn progress_bar(len: u64) -> ProgressBar {
+    let bar = ProgressBar::new(len);
+    bar.set_style(
+        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} updates  {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar
+}
+
+/// The learned optimizer against Adam with its best learning rate, on fresh quadratics.
+#[derive(Debug, Clone)]
+pub struct Report {
+    /// Steps reported.
+    pub steps: Vec<usize>,
+    /// Mean loss of the learned optimizer at each reported step.
+    pub learned: Vec<f64>,
+    /// Mean loss of tuned Adam at each reported step.
+    pub adam: Vec<f64>,
+    /// Adam's learning rate, chosen on separate tuning problems.
+    pub adam_lr: f64,
+    /// Problems averaged over.
+    pub problems: usize,
+}
+
+impl std::fmt::Display for Report {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "mean loss on {} fresh quadratics (128 × 10-d each); Adam lr {} chosen on other problems",
+            self.problems, self.adam_lr
+        )?;
+        writeln!(
+            f,
+            "{:>6} {:>14} {:>14} {:>9}",
+            "step", "learned", "adam", "ratio"
+        )?;
+        for ((s, l), a) in self.steps.iter().zip(&self.learned).zip(&self.adam) {
+            writeln!(f, "{s:>6} {l:>14.6} {a:>14.6} {:>9.3}", l / a)?;
+        }
+        Ok(())
+    }
+}
+
+/// Adam's learning-rate grid: half-decades from 1e-3 to 3.16.
+pub const ADAM_GRID: [f64; 8] = [1e-3, 3.16e-3, 1e-2, 3.16e-2, 0.1, 0.316, 1.0, 3.16];
+
+/// Evaluates `phi` against tuned Adam: the learning rate with the best mean loss at step
+/// 100 on 4 tuning problems, then both on `problems` report problems (all seeds fresh).
+pub fn evaluate(phi: &Phi, seed: u64, problems: usize) -> Result<Report> {
+    let steps = 100;
+    let (dev, dtype) = (Device::flex(), DType::F32);
+    // Seeds drawn from a stream of their own, away from the training sampler's.
+    let mut rng = Rng::new(seed ^ 0x6576_616c_7561_7465);
+    let tune: Vec<Quadratic> = (0..4)
+        .map(|_| Quadratic::from_seed(rng.next_u64(), 128, 10))
+        .collect::<Result<_, _>>()?;
+    let report: Vec<Quadratic> = (0..problems.max(1))
+        .map(|_| Quadratic::from_seed(rng.next_u64(), 128, 10))
+        .collect::<Result<_, _>>()?;
+    let adam_mean = |qs: &[Quadratic], lr: f64| -> Result<Vec<f64>> {
+        mean_curves(
+            qs.iter()
+                .map(|q| adam_curve(&q.on(&dev, dtype), q.theta0(&dev, dtype), lr, steps)),
+        )
+    };
+    let mut best = (f64::INFINITY, ADAM_GRID[0]);
+    for lr in ADAM_GRID {
+        let last = adam_mean(&tune, lr)?[steps];
+        if last < best.0 {
+            best = (last, lr);
+        }
+    }
+    let lstm = Lstm::new(phi, &dev, dtype);
+    let learned = mean_curves(report.iter().map(|q| {
+        learned_curve(
+            &lstm,
+            &q.on(&dev, dtype),
+            q.theta0(&dev, dtype),
+            steps,
+            &dev,
+            dtype,
+        )
+    }))?;
+    let adam = adam_mean(&report, best.1)?;
+    let at = vec![20, 50, 100];
+    Ok(Report {
+        learned: at.iter().map(|&s| learned[s]).collect(),
+        adam: at.iter().map(|&s| adam[s]).collect(),
+        steps: at,
+        adam_lr: best.1,
+        problems: report.len(),
+    })
+}
+
+/// The elementwise mean of loss curves; a non-finite curve counts as +inf.
+fn mean_curves(
+    curves: impl Iterator<Item = Result<Vec<f64>, l2l_common::Error>>,
+) -> Result<Vec<f64>> {
+    let mut sum: Vec<f64> = Vec::new();
+    let mut n = 0.0;
+    for c in curves {
+        let c = c?;
+        if sum.is_empty() {
+            sum = vec![0.0; c.len()];
+        }
+        for (s, v) in sum.iter_mut().zip(&c) {
+            *s += if v.is_finite() { *v } else { f64::INFINITY };
+        }
+        n += 1.0;
+    }
+    Ok(sum.into_iter().map(|s| s / n).collect())
+}

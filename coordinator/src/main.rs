@@ -1,0 +1,107 @@
+//! `l2l-coordinator`: the parameter server of l2l, its local single-node mode, and tools.
+
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use l2l_coordinator::cli::{LogFormat, Overrides, init_logging};
+use l2l_coordinator::config::Config;
+use l2l_coordinator::service::Server;
+use l2l_coordinator::state::Coordinator;
+use l2l_coordinator::{bench, checkpoint, local, status};
+
+/// Meta-trains the l2l learned LSTM optimizer: holds φ and its Adam state, leases problem
+/// instances to workers (`l2l-worker run`), aggregates their meta-gradients, checkpoints.
+#[derive(Debug, Parser)]
+#[command(name = "l2l-coordinator", version, about, long_about = None)]
+struct Cli {
+    /// Log format on stderr (RUST_LOG sets the level).
+    #[arg(long, value_enum, global = true, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serves the gRPC coordinator until stopped (SIGINT/SIGTERM) or `max_updates`.
+    Serve(Overrides),
+    /// Runs a coordinator and N workers on this machine, then compares the learned
+    /// optimizer with tuned Adam on fresh quadratics.
+    Local(local::Local),
+    /// Prints a running coordinator's progress and counters.
+    Status(status::Status),
+    /// Load-tests the coordinator with simulated workers over loopback.
+    Bench(bench::Bench),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let level = match cli.command {
+        Command::Local(_) => "warn",
+        _ => "info",
+    };
+    init_logging(cli.log_format, level);
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async {
+        match cli.command {
+            Command::Serve(o) => serve(o).await,
+            Command::Local(l) => local::run(l).await.map(|_| ()),
+            Command::Status(s) => status::run(s).await,
+            Command::Bench(b) => bench::run(b).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(o: Overrides) -> Result<()> {
+    let config = o.apply(Config::default())?;
+    eprintln!(
+        "l2l-coordinator serve, configuration:\n{}",
+        config.to_toml()
+    );
+    let resume = checkpoint::load_newest(&config.dir)?;
+    if let Some((path, s)) = &resume {
+        tracing::info!(path = %path.display(), version = s.version, epoch = s.epoch + 1, "resuming");
+    }
+    let coordinator = Coordinator::new(config.clone(), resume.map(|(_, s)| s))?;
+    let server = Server::start(coordinator, config.listen).await?;
+    // Tests and scripts read this line to learn the port when listening on port 0.
+    println!("listening on {}", server.addr);
+    tracing::info!(addr = %server.addr, "serving");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("cannot install the SIGTERM handler")?;
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+            _ = tokio::time::sleep(std::time::Duration::from_millis(200)) => {
+                if server.shared.lock().finished() { break; }
+            }
+        }
+    }
+    let phi = server.shared.lock().phi()?;
+    let version = server.shared.lock().version();
+    let ckpt = server.shutdown().await?;
+    let phi_path = config.dir.join("phi.safetensors");
+    phi.save(&phi_path, Default::default())?;
+    tracing::info!(checkpoint = %ckpt.display(), phi = %phi_path.display(), version = version.step, "stopped");
+    println!(
+        "φ version {} written to {}",
+        version.step,
+        phi_path.display()
+    );
+    Ok(())
+}

@@ -1,0 +1,164 @@
+//! Why a request was refused: one variant, one counter and one gRPC status each.
+
+use std::fmt;
+
+/// A refusal of the coordinator, decided without touching φ.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// The worker id is not registered (e.g. the coordinator restarted).
+    UnknownWorker {
+        /// The id given.
+        worker: u64,
+    },
+    /// No such lease (never granted, or forgotten long ago).
+    UnknownLease {
+        /// The id given.
+        lease: u64,
+    },
+    /// The lease belongs to another worker.
+    ForeignLease {
+        /// The id given.
+        lease: u64,
+    },
+    /// The lease's deadline passed; its trajectory was dropped.
+    ExpiredLease {
+        /// The id given.
+        lease: u64,
+    },
+    /// The truncation index is outside the trajectory.
+    BadTruncation {
+        /// The index given.
+        truncation: u32,
+        /// The trajectory's number of truncations.
+        truncations: usize,
+    },
+    /// The gradient was computed with a φ from before the coordinator's last restart.
+    PreRestart {
+        /// The submission's epoch.
+        epoch: u64,
+        /// The current epoch.
+        current: u64,
+    },
+    /// The gradient claims a φ version that does not exist yet.
+    FutureVersion {
+        /// The version given.
+        version: u64,
+        /// The current version.
+        current: u64,
+    },
+    /// The gradient's φ is too many versions old.
+    Stale {
+        /// current − version.
+        staleness: u64,
+        /// The bound in force.
+        bound: u64,
+    },
+    /// The gradient does not have φ's size.
+    Shape {
+        /// Values sent.
+        got: usize,
+        /// Values in φ.
+        want: usize,
+    },
+    /// The gradient or meta-loss holds NaN or ±inf.
+    NonFinite {
+        /// First offending index (usize::MAX for the meta-loss).
+        index: usize,
+    },
+    /// The run has reached its last update.
+    Finished,
+}
+
+impl Refusal {
+    /// Short stable name, used as counter label and in the `l2l-refusal` metadata.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Refusal::UnknownWorker { .. } => "unknown_worker",
+            Refusal::UnknownLease { .. } => "unknown_lease",
+            Refusal::ForeignLease { .. } => "foreign_lease",
+            Refusal::ExpiredLease { .. } => "expired_lease",
+            Refusal::BadTruncation { .. } => "bad_truncation",
+            Refusal::PreRestart { .. } => "pre_restart",
+            Refusal::FutureVersion { .. } => "future_version",
+            Refusal::Stale { .. } => "stale",
+            Refusal::Shape { .. } => "shape",
+            Refusal::NonFinite { .. } => "non_finite",
+            Refusal::Finished => "finished",
+        }
+    }
+
+    /// The gRPC status code the refusal travels with; refusals that share a code are told
+    /// apart by [`Refusal::reason`] in the `l2l-refusal` metadata.
+    pub fn code(&self) -> tonic::Code {
+        use tonic::Code;
+        match self {
+            Refusal::UnknownWorker { .. } | Refusal::UnknownLease { .. } => Code::NotFound,
+            Refusal::ForeignLease { .. } => Code::PermissionDenied,
+            Refusal::ExpiredLease { .. } => Code::FailedPrecondition,
+            Refusal::BadTruncation { .. } | Refusal::Shape { .. } | Refusal::NonFinite { .. } => {
+                Code::InvalidArgument
+            }
+            Refusal::PreRestart { .. } => Code::Aborted,
+            Refusal::FutureVersion { .. } | Refusal::Stale { .. } => Code::OutOfRange,
+            Refusal::Finished => Code::Cancelled,
+        }
+    }
+
+    /// The gRPC status: code, message, and the reason in `l2l-refusal` metadata.
+    pub fn to_status(&self) -> tonic::Status {
+        let mut status = tonic::Status::new(self.code(), self.to_string());
+        if let Ok(v) = self.reason().parse() {
+            status.metadata_mut().insert("l2l-refusal", v);
+        }
+        status
+    }
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Refusal::UnknownWorker { worker } => {
+                write!(f, "worker {worker} is not registered here; register again")
+            }
+            Refusal::UnknownLease { lease } => {
+                write!(f, "lease {lease} is unknown; lease a new instance")
+            }
+            Refusal::ForeignLease { lease } => write!(f, "lease {lease} belongs to another worker"),
+            Refusal::ExpiredLease { lease } => {
+                write!(
+                    f,
+                    "lease {lease} expired (no heartbeat in time); lease a new instance"
+                )
+            }
+            Refusal::BadTruncation {
+                truncation,
+                truncations,
+            } => write!(
+                f,
+                "truncation {truncation} is outside the trajectory's {truncations} truncations"
+            ),
+            Refusal::PreRestart { epoch, current } => write!(
+                f,
+                "gradient from epoch {epoch}, before the coordinator's restart (now epoch {current}); fetch φ again"
+            ),
+            Refusal::FutureVersion { version, current } => {
+                write!(
+                    f,
+                    "φ version {version} does not exist yet (current {current})"
+                )
+            }
+            Refusal::Stale { staleness, bound } => {
+                write!(
+                    f,
+                    "gradient is {staleness} versions old, the bound is {bound}; fetch φ again"
+                )
+            }
+            Refusal::Shape { got, want } => write!(f, "gradient has {got} values, φ has {want}"),
+            Refusal::NonFinite { index } if *index == usize::MAX => {
+                write!(f, "meta-loss is not finite")
+            }
+            Refusal::NonFinite { index } => write!(f, "gradient value {index} is not finite"),
+            Refusal::Finished => write!(f, "the run is finished"),
+        }
+    }
+}

@@ -1,0 +1,232 @@
+//! The gRPC service: one lock on the [`Coordinator`] per request, plus a ticker task that
+//! expires leases, closes overdue sync rounds and writes checkpoints.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use l2l_proto::v1::coordinator_server::{Coordinator as Rpc, CoordinatorServer};
+use l2l_proto::v1::{
+    FetchPhiReply, FetchPhiRequest, HeartbeatReply, HeartbeatRequest, LeaseReply, LeaseRequest,
+    RegisterReply, RegisterRequest, StatusReply, StatusRequest, SubmitReply, SubmitRequest,
+};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tonic::{Request, Response, Status};
+
+use crate::checkpoint;
+use crate::state::Coordinator;
+
+/// The shared coordinator behind the gRPC service.
+#[derive(Clone)]
+pub struct Shared {
+    inner: Arc<Mutex<Coordinator>>,
+    /// The current version step, for fetches that wait for the next φ.
+    version: watch::Sender<u64>,
+}
+
+impl Shared {
+    /// Wraps a coordinator.
+    pub fn new(c: Coordinator) -> Self {
+        let (version, _) = watch::channel(c.version().step);
+        Self {
+            inner: Arc::new(Mutex::new(c)),
+            version,
+        }
+    }
+
+    /// Tells waiting fetches about the version `c` is at now.
+    fn announce(&self, c: &Coordinator) {
+        self.version.send_if_modified(|v| {
+            let now = c.version().step;
+            let changed = *v != now;
+            *v = now;
+            changed
+        });
+    }
+
+    /// Locks the coordinator. A panic while locked cannot leave φ half-updated (updates
+    /// replace φ in one step), so a poisoned lock is still safe to use.
+    pub fn lock(&self) -> MutexGuard<'_, Coordinator> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[tonic::async_trait]
+impl Rpc for Shared {
+    async fn register(
+        &self,
+        req: Request<RegisterRequest>,
+    ) -> Result<Response<RegisterReply>, Status> {
+        let r = req.into_inner();
+        let mut c = self.lock();
+        let id = c.register(r.name, r.backend, Instant::now());
+        Ok(Response::new(RegisterReply {
+            worker_id: id,
+            epoch: c.version().epoch,
+            lease_timeout_ms: c.config().lease_timeout_ms,
+            wait_for_update: c.config().aggregation.mode == crate::config::Mode::Sync,
+        }))
+    }
+
+    async fn lease(&self, req: Request<LeaseRequest>) -> Result<Response<LeaseReply>, Status> {
+        let r = req.into_inner();
+        let reply = self.lock().lease(r.worker_id, Instant::now());
+        reply.map(Response::new).map_err(|e| e.to_status())
+    }
+
+    async fn fetch_phi(
+        &self,
+        req: Request<FetchPhiRequest>,
+    ) -> Result<Response<FetchPhiReply>, Status> {
+        let r = req.into_inner();
+        let mut changed = self.version.subscribe();
+        let reply = self.lock().fetch_phi(r.have);
+        if !reply.unchanged || r.wait_ms == 0 {
+            return Ok(Response::new(reply));
+        }
+        let wait = Duration::from_millis(r.wait_ms.min(60_000));
+        let _ = tokio::time::timeout(wait, changed.changed()).await;
+        Ok(Response::new(self.lock().fetch_phi(r.have)))
+    }
+
+    async fn submit(&self, req: Request<SubmitRequest>) -> Result<Response<SubmitReply>, Status> {
+        let r = req.into_inner();
+        let _span = tracing::debug_span!(
+            "submit",
+            worker = r.worker_id,
+            lease = r.lease_id,
+            truncation = r.truncation
+        )
+        .entered();
+        let result = {
+            let mut c = self.lock();
+            let result = c.submit(&r, Instant::now());
+            self.announce(&c);
+            result
+        };
+        match result {
+            Ok(a) => Ok(Response::new(a.reply)),
+            Err(e) => {
+                tracing::info!(
+                    worker = r.worker_id,
+                    lease = r.lease_id,
+                    reason = e.reason(),
+                    "submission refused: {e}"
+                );
+                Err(e.to_status())
+            }
+        }
+    }
+
+    async fn heartbeat(
+        &self,
+        req: Request<HeartbeatRequest>,
+    ) -> Result<Response<HeartbeatReply>, Status> {
+        let r = req.into_inner();
+        let mut c = self.lock();
+        c.heartbeat(r.worker_id, r.lease_id, Instant::now())
+            .map_err(|e| e.to_status())?;
+        Ok(Response::new(HeartbeatReply {
+            lease_timeout_ms: c.config().lease_timeout_ms,
+        }))
+    }
+
+    async fn status(&self, _req: Request<StatusRequest>) -> Result<Response<StatusReply>, Status> {
+        Ok(Response::new(self.lock().status(Instant::now())))
+    }
+}
+
+/// A running server: its address, the shared state, and a way to stop it.
+pub struct Server {
+    /// The address it listens on (the real port when configured with port 0).
+    pub addr: SocketAddr,
+    /// The coordinator behind it.
+    pub shared: Shared,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Result<()>>,
+}
+
+impl Server {
+    /// Binds `listen`, serves `coordinator`, and ticks every 20 ms.
+    pub async fn start(coordinator: Coordinator, listen: SocketAddr) -> Result<Self> {
+        let listener = TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("cannot listen on {listen}; is the port in use?"))?;
+        let addr = listener.local_addr()?;
+        let shared = Shared::new(coordinator);
+        let (stop, mut stopped) = watch::channel(false);
+        let svc = CoordinatorServer::new(shared.clone())
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20);
+        let ticker = shared.clone();
+        let mut tick_stop = stop.subscribe();
+        let task = tokio::spawn(async move {
+            let tick = tokio::spawn(async move {
+                let mut last_ckpt = Instant::now();
+                let mut last_version = ticker.lock().version().step;
+                let mut every = tokio::time::interval(Duration::from_millis(20));
+                loop {
+                    tokio::select! {
+                        _ = every.tick() => {}
+                        _ = tick_stop.changed() => break,
+                    }
+                    let now = Instant::now();
+                    let mut c = ticker.lock();
+                    if c.tick(now) {
+                        ticker.announce(&c);
+                    }
+                    let cfg = c.config();
+                    let v = c.version().step;
+                    let by_count = cfg.checkpoint_every_updates > 0
+                        && v >= last_version + cfg.checkpoint_every_updates;
+                    let by_time = cfg.checkpoint_every_seconds > 0
+                        && v > last_version
+                        && now.duration_since(last_ckpt)
+                            >= Duration::from_secs(cfg.checkpoint_every_seconds);
+                    if by_count || by_time || (c.finished() && v > last_version) {
+                        match write_checkpoint(&c) {
+                            Ok(path) => {
+                                tracing::info!(version = v, path = %path.display(), "checkpoint written")
+                            }
+                            Err(e) => tracing::error!(error = %e, "checkpoint failed; will retry"),
+                        }
+                        last_ckpt = now;
+                        last_version = v;
+                    }
+                }
+            });
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            let served = tonic::transport::Server::builder()
+                .add_service(svc)
+                .serve_with_incoming_shutdown(incoming, async move {
+                    let _ = stopped.changed().await;
+                })
+                .await;
+            tick.abort();
+            served.context("gRPC server failed")
+        });
+        Ok(Self {
+            addr,
+            shared,
+            stop,
+            task,
+        })
+    }
+
+    /// Stops serving, writes a last checkpoint and returns when the server is down.
+    pub async fn shutdown(self) -> Result<PathBuf> {
+        let _ = self.stop.send(true);
+        self.task.await.context("server task panicked")??;
+        let c = self.shared.lock();
+        write_checkpoint(&c)
+    }
+}
+
+/// Writes a checkpoint of `c` into its run directory.
+pub fn write_checkpoint(c: &Coordinator) -> Result<PathBuf> {
+    let cfg = c.config();
+    checkpoint::save(&cfg.dir, &c.snapshot()?, cfg, cfg.checkpoint_keep)
+}

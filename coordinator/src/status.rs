@@ -1,0 +1,86 @@
+//! `status`: asks a running coordinator for its progress and prints it.
+
+use anyhow::{Context, Result};
+use clap::Args;
+use l2l_proto::v1::StatusRequest;
+use l2l_proto::v1::coordinator_client::CoordinatorClient;
+use serde_json::json;
+
+/// Arguments of `status`.
+#[derive(Debug, Args)]
+pub struct Status {
+    /// The coordinator's URL, e.g. http://127.0.0.1:50051.
+    #[arg(long)]
+    pub coordinator: String,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Fetches and prints the status.
+pub async fn run(a: Status) -> Result<()> {
+    let mut client = CoordinatorClient::connect(a.coordinator.clone())
+        .await
+        .with_context(|| format!("cannot reach the coordinator at {}", a.coordinator))?;
+    let s = client
+        .status(StatusRequest {})
+        .await
+        .context("status request failed")?
+        .into_inner();
+    let v = s.version.unwrap_or_default();
+    if a.json {
+        let workers: Vec<_> = s
+            .workers
+            .iter()
+            .map(|w| {
+                json!({"id": w.worker_id, "name": w.name, "backend": w.backend,
+                            "accepted": w.accepted, "seconds_since_seen": w.seconds_since_seen})
+            })
+            .collect();
+        println!(
+            "{}",
+            json!({
+                "epoch": v.epoch, "version": v.step, "aggregation": s.aggregation,
+                "live_workers": s.live_workers, "live_leases": s.live_leases,
+                "accepted": s.accepted, "refused": s.refused,
+                "mean_staleness": s.mean_staleness, "max_staleness": s.max_staleness,
+                "updates_per_second": s.updates_per_second,
+                "last_meta_loss": if s.last_meta_loss.is_finite() { json!(s.last_meta_loss) } else { json!(null) },
+                "trajectories_done": s.trajectories_done, "leases_expired": s.leases_expired,
+                "workers": workers,
+            })
+        );
+        return Ok(());
+    }
+    println!("version        {} (epoch {})", v.step, v.epoch);
+    println!("aggregation    {}", s.aggregation);
+    println!(
+        "live workers   {} ({} live leases)",
+        s.live_workers, s.live_leases
+    );
+    println!("accepted       {}", s.accepted);
+    let mut refused: Vec<_> = s.refused.iter().collect();
+    refused.sort();
+    let total: u64 = refused.iter().map(|(_, n)| **n).sum();
+    println!("refused        {total}");
+    for (reason, n) in refused {
+        println!("  {reason:<14}{n}");
+    }
+    println!(
+        "staleness      mean {:.2}, max {}",
+        s.mean_staleness, s.max_staleness
+    );
+    println!("updates/s      {:.2}", s.updates_per_second);
+    println!("last meta-loss {:.6}", s.last_meta_loss);
+    println!(
+        "trajectories   {} done, {} leases expired",
+        s.trajectories_done, s.leases_expired
+    );
+    for w in &s.workers {
+        println!(
+            "  worker {:<4} {:<20} {:<6} accepted {:<8} seen {:.1}s ago",
+            w.worker_id, w.name, w.backend, w.accepted, w.seconds_since_seen
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,10 @@
+//! The l2l worker as a library: the loop that joins a coordinator, leases optimizee
+//! instances, unrolls the learned optimizer and submits meta-gradients ([`run`]).
+//!
+//! The `l2l-worker` binary wraps it (`l2l-worker run`), and the coordinator's local
+//! single-node mode runs it in-process on threads of its own.
+#![warn(missing_docs)]
+
+pub mod run;
+
+pub use run::{WorkerOptions, WorkerSummary, run_worker};

@@ -1,0 +1,398 @@
+//! `run`: register, lease, unroll, submit; reconnect with backoff; stop on request.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use l2l_common::burn::tensor::{DType, Device};
+use l2l_common::checkpoint::TensorFile;
+use l2l_common::checkpoint::{config_from, phi_from};
+use l2l_common::unroll::{Carry, meta_grad};
+use l2l_common::{Lstm, LstmState, Phi, Quadratic, rng::Rng};
+use l2l_proto::v1::coordinator_client::CoordinatorClient;
+use l2l_proto::v1::{
+    FetchPhiRequest, HeartbeatRequest, Instance, LeaseReply, LeaseRequest, RegisterRequest,
+    SubmitRequest, Version,
+};
+use tonic::transport::Channel;
+
+/// How a worker runs.
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    /// The coordinator's URL, e.g. `http://127.0.0.1:50051`.
+    pub coordinator: String,
+    /// A name for the coordinator's logs and status.
+    pub name: String,
+    /// First reconnection delay; doubles up to `max_backoff`, with ±50% jitter.
+    pub min_backoff: Duration,
+    /// Longest reconnection delay.
+    pub max_backoff: Duration,
+    /// Seed of the backoff jitter.
+    pub seed: u64,
+}
+
+impl WorkerOptions {
+    /// Defaults for `coordinator`: backoff 100 ms .. 5 s.
+    pub fn new(coordinator: impl Into<String>, name: impl Into<String>) -> Self {
+        Self {
+            coordinator: coordinator.into(),
+            name: name.into(),
+            min_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(5),
+            seed: std::process::id() as u64,
+        }
+    }
+}
+
+/// What a worker did before it stopped.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct WorkerSummary {
+    /// Submissions the coordinator accepted.
+    pub accepted: u64,
+    /// Submissions it refused.
+    pub refused: u64,
+    /// Trajectories run to their end.
+    pub trajectories: u64,
+}
+
+/// Why a trajectory ended early.
+enum Outcome {
+    /// Lease again (the lease was lost, or the instance is unusable).
+    Release,
+    /// Register again (the coordinator forgot this worker: it restarted).
+    Reregister,
+    /// The run is finished or a stop was requested.
+    Stop,
+}
+
+/// The refusal reason a coordinator put in a status, if any.
+fn reason(s: &tonic::Status) -> Option<&str> {
+    s.metadata()
+        .get("l2l-refusal")
+        .and_then(|v| v.to_str().ok())
+}
+
+/// A transport-level failure (coordinator down or unreachable) rather than a refusal.
+fn is_transport(s: &tonic::Status) -> bool {
+    reason(s).is_none()
+        && matches!(
+            s.code(),
+            tonic::Code::Unavailable
+                | tonic::Code::Unknown
+                | tonic::Code::Internal
+                | tonic::Code::Cancelled
+                | tonic::Code::DeadlineExceeded
+        )
+}
+
+struct Worker {
+    opts: WorkerOptions,
+    rt: tokio::runtime::Runtime,
+    client: Option<CoordinatorClient<Channel>>,
+    id: u64,
+    lease_timeout: Duration,
+    wait_for_update: bool,
+    phi: Option<(Version, Lstm)>,
+    jitter: Rng,
+    stop: Arc<AtomicBool>,
+    summary: WorkerSummary,
+    device: Device,
+}
+
+/// Runs a worker until the coordinator's run is finished or `stop` is set.
+///
+/// Blocking: the unroll runs on the calling thread; RPCs and heartbeats run on a small
+/// runtime of the worker's own.
+pub fn run_worker(opts: WorkerOptions, stop: Arc<AtomicBool>) -> Result<WorkerSummary> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .context("cannot start the worker's I/O runtime")?;
+    let mut w = Worker {
+        jitter: Rng::new(opts.seed),
+        opts,
+        rt,
+        client: None,
+        id: 0,
+        lease_timeout: Duration::from_secs(30),
+        wait_for_update: false,
+        phi: None,
+        stop,
+        summary: WorkerSummary::default(),
+        device: Device::flex().autodiff(),
+    };
+    w.main_loop()?;
+    Ok(w.summary)
+}
+
+impl Worker {
+    fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+
+    /// Sleeps the backoff for attempt `n`, waking early on stop.
+    fn backoff(&mut self, attempt: u32) {
+        let base = self.opts.min_backoff.as_secs_f64() * 2f64.powi(attempt.min(20) as i32);
+        let capped = base.min(self.opts.max_backoff.as_secs_f64());
+        let delay = Duration::from_secs_f64(capped * self.jitter.uniform_in(0.5, 1.5));
+        let until = Instant::now() + delay;
+        while Instant::now() < until && !self.stopping() {
+            std::thread::sleep(Duration::from_millis(10).min(until - Instant::now()));
+        }
+    }
+
+    /// Connects and registers, retrying with backoff until it works or stop is set.
+    fn join(&mut self) -> bool {
+        let mut attempt = 0;
+        while !self.stopping() {
+            match self.try_join() {
+                Ok(()) => return true,
+                Err(e) => {
+                    tracing::warn!(attempt, error = %e, "cannot join the coordinator; retrying");
+                    self.client = None;
+                    self.backoff(attempt);
+                    attempt += 1;
+                }
+            }
+        }
+        false
+    }
+
+    fn try_join(&mut self) -> Result<()> {
+        if self.client.is_none() {
+            let endpoint = Channel::from_shared(self.opts.coordinator.clone())
+                .with_context(|| format!("bad coordinator URL {:?}", self.opts.coordinator))?
+                .connect_timeout(Duration::from_secs(5))
+                .timeout(Duration::from_secs(30));
+            let ch = self.rt.block_on(endpoint.connect())?;
+            self.client = Some(CoordinatorClient::new(ch).max_decoding_message_size(64 << 20));
+        }
+        let mut c = self
+            .client
+            .clone()
+            .ok_or_else(|| anyhow!("not connected"))?;
+        let reply = self
+            .rt
+            .block_on(c.register(RegisterRequest {
+                name: self.opts.name.clone(),
+                backend: "flex".into(),
+            }))?
+            .into_inner();
+        self.id = reply.worker_id;
+        self.lease_timeout = Duration::from_millis(reply.lease_timeout_ms.max(1));
+        self.wait_for_update = reply.wait_for_update;
+        tracing::info!(worker = self.id, epoch = reply.epoch, "registered");
+        Ok(())
+    }
+
+    fn main_loop(&mut self) -> Result<()> {
+        let mut attempt = 0;
+        'join: loop {
+            if !self.join() {
+                return Ok(());
+            }
+            loop {
+                if self.stopping() {
+                    return Ok(());
+                }
+                let mut c = self
+                    .client
+                    .clone()
+                    .ok_or_else(|| anyhow!("not connected"))?;
+                let lease = self
+                    .rt
+                    .block_on(c.lease(LeaseRequest { worker_id: self.id }));
+                let lease = match lease {
+                    Ok(l) => l.into_inner(),
+                    Err(s) if reason(&s) == Some("finished") => return Ok(()),
+                    Err(s) if reason(&s) == Some("unknown_worker") => continue 'join,
+                    Err(s) => {
+                        tracing::warn!(status = %s, "lease failed; reconnecting");
+                        self.client = None;
+                        self.backoff(attempt);
+                        attempt += 1;
+                        continue 'join;
+                    }
+                };
+                attempt = 0;
+                match self.trajectory(lease)? {
+                    Outcome::Release => continue,
+                    Outcome::Reregister => continue 'join,
+                    Outcome::Stop => return Ok(()),
+                }
+            }
+        }
+    }
+
+    /// Makes sure the newest φ is loaded, first waiting up to `wait` for a version newer
+    /// than the one held; returns its version.
+    fn refresh_phi(&mut self, wait: Duration) -> Result<Version, tonic::Status> {
+        let mut c = self
+            .client
+            .clone()
+            .ok_or_else(|| tonic::Status::unavailable("not connected"))?;
+        let have = self.phi.as_ref().map(|(v, _)| *v);
+        let reply = self
+            .rt
+            .block_on(c.fetch_phi(FetchPhiRequest {
+                have,
+                wait_ms: wait.as_millis() as u64,
+            }))?
+            .into_inner();
+        let version = reply.version.unwrap_or_default();
+        if !reply.unchanged {
+            let phi =
+                decode_phi(&reply.phi).map_err(|e| tonic::Status::internal(format!("{e:#}")))?;
+            self.phi = Some((version, Lstm::new(&phi, &self.device, DType::F32)));
+        }
+        Ok(version)
+    }
+
+    fn trajectory(&mut self, lease: LeaseReply) -> Result<Outcome> {
+        let span = tracing::info_span!("lease", id = lease.lease_id);
+        let _g = span.enter();
+        let Some(problem) = instance_problem(lease.instance.as_ref()) else {
+            tracing::error!(instance = ?lease.instance, "unknown problem family; this worker cannot run it");
+            bail!(
+                "the coordinator sent a problem family this worker does not know: {:?}",
+                lease.instance
+            );
+        };
+        let t = lease.truncation_steps.max(1) as usize;
+        let truncations = (lease.trajectory_steps as usize) / t;
+        let (dev, dtype) = (self.device.clone(), DType::F32);
+        let on_device = problem.on(&dev, dtype);
+        let mut carry = None;
+        let mut wait = Duration::ZERO;
+        for k in 0..truncations {
+            if self.stopping() {
+                return Ok(Outcome::Stop);
+            }
+            let version = match self.refresh_phi(wait) {
+                Ok(v) => v,
+                Err(s) => {
+                    tracing::warn!(status = %s, "cannot fetch φ");
+                    self.client = None;
+                    return Ok(Outcome::Reregister);
+                }
+            };
+            let Some((_, lstm)) = self.phi.as_ref() else {
+                return Ok(Outcome::Reregister);
+            };
+            let c = carry.take().unwrap_or_else(|| Carry {
+                theta: problem.theta0(&dev, dtype),
+                state: LstmState::zeros(&lstm.config, problem.num_coords(), &dev, dtype),
+            });
+            let _t = tracing::debug_span!("truncation", k, version = version.step).entered();
+            let started = Instant::now();
+            let heartbeat = self.start_heartbeat(lease.lease_id);
+            let out = meta_grad(lstm, &on_device, c, k * t, t);
+            heartbeat.abort();
+            let out = match out {
+                Ok(o) => o,
+                Err(e) => {
+                    tracing::warn!(error = %e, "truncation failed; dropping the trajectory");
+                    return Ok(Outcome::Release);
+                }
+            };
+            let req = SubmitRequest {
+                worker_id: self.id,
+                lease_id: lease.lease_id,
+                truncation: k as u32,
+                version: Some(version),
+                grad: out.grad.flatten(),
+                meta_loss: out.meta_loss,
+                unroll_seconds: started.elapsed().as_secs_f64(),
+            };
+            carry = Some(out.carry);
+            match self.submit(req) {
+                Ok(()) => {
+                    self.summary.accepted += 1;
+                    // In sync mode the next truncation waits for the round to close, so
+                    // it is not computed on a φ that is about to be replaced.
+                    wait = if self.wait_for_update {
+                        self.lease_timeout / 3
+                    } else {
+                        Duration::ZERO
+                    };
+                }
+                Err(r) => {
+                    self.summary.refused += 1;
+                    wait = Duration::ZERO;
+                    match r.as_str() {
+                        // Outdated φ: the trajectory goes on with the new one.
+                        "stale" | "pre_restart" | "future_version" => {}
+                        "finished" => return Ok(Outcome::Stop),
+                        "unknown_worker" | "transport" => return Ok(Outcome::Reregister),
+                        _ => return Ok(Outcome::Release),
+                    }
+                }
+            }
+        }
+        self.summary.trajectories += 1;
+        Ok(Outcome::Release)
+    }
+
+    /// Submits, retrying transport failures a few times (duplicates are acknowledged).
+    /// Returns the refusal reason on failure (`transport` when the coordinator is gone).
+    fn submit(&mut self, req: SubmitRequest) -> Result<(), String> {
+        for attempt in 0..4 {
+            let Some(mut c) = self.client.clone() else {
+                break;
+            };
+            match self.rt.block_on(c.submit(req.clone())) {
+                Ok(_) => return Ok(()),
+                Err(s) if is_transport(&s) => {
+                    tracing::warn!(status = %s, attempt, "submit failed; retrying");
+                    self.backoff(attempt);
+                }
+                Err(s) => {
+                    let r = reason(&s).unwrap_or("unknown").to_string();
+                    tracing::info!(reason = %r, "submission refused: {}", s.message());
+                    return Err(r);
+                }
+            }
+        }
+        self.client = None;
+        Err("transport".into())
+    }
+
+    /// Heartbeats the lease every third of its timeout while the unroll runs.
+    fn start_heartbeat(&self, lease: u64) -> tokio::task::JoinHandle<()> {
+        let client = self.client.clone();
+        let (worker, every) = (self.id, self.lease_timeout / 3);
+        self.rt.spawn(async move {
+            let Some(mut c) = client else { return };
+            let mut tick = tokio::time::interval(every);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let _ = c
+                    .heartbeat(HeartbeatRequest {
+                        worker_id: worker,
+                        lease_id: lease,
+                    })
+                    .await;
+            }
+        })
+    }
+}
+
+/// Decodes φ as served by the coordinator (an `l2l-lstm/1` file).
+fn decode_phi(bytes: &[u8]) -> Result<Phi> {
+    let mut file = TensorFile::parse(std::path::Path::new("<coordinator φ>"), bytes)?;
+    let config = config_from(&file)?;
+    Ok(phi_from(&mut file, config)?)
+}
+
+/// Builds the instance's problem, or None for a family this worker does not know.
+fn instance_problem(instance: Option<&Instance>) -> Option<Quadratic> {
+    let i = instance?;
+    if i.family != "quadratic" {
+        return None;
+    }
+    let get = |k: &str, d: usize| i.params.get(k).and_then(|v| v.parse().ok()).unwrap_or(d);
+    Quadratic::from_seed(i.seed, get("batch", 128), get("dims", 10)).ok()
+}
