@@ -10,7 +10,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-use safetensors::{Dtype, SafeTensors, tensor::TensorView};
+use safetensors::{Dtype, SafeTensors};
 
 use crate::{Error, OptimizerConfig, Phi, Preprocess};
 
@@ -141,26 +141,55 @@ impl TensorFile {
 /// One tensor to write: name, shape and row-major values.
 pub type NamedTensor<'a> = (&'a str, &'a [usize], &'a [f32]);
 
-/// Encodes tensors and metadata as safetensors bytes.
+/// Encodes tensors and metadata as safetensors bytes, the same bytes on every run.
+///
+/// Written here rather than with `safetensors::serialize`, whose header orders the
+/// metadata by a randomly seeded `HashMap`: two writes of the same φ would differ.
+/// Layout per the format: u64 LE header size, JSON header (keys sorted, padded with
+/// spaces to a multiple of 8), then the tensors' little-endian bytes in the given order.
 pub fn encode(
     tensors: &[NamedTensor<'_>],
     metadata: HashMap<String, String>,
 ) -> Result<Vec<u8>, Error> {
-    let bytes: Vec<Vec<u8>> = tensors
-        .iter()
-        .map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect())
-        .collect();
-    let views = tensors
-        .iter()
-        .zip(&bytes)
-        .map(|((name, shape, _), data)| {
-            TensorView::new(Dtype::F32, shape.to_vec(), data)
-                .map(|v| (name.to_string(), v))
-                .map_err(|e| Error::Shape(format!("tensor {name}: {e}")))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    safetensors::serialize(views, Some(metadata))
-        .map_err(|e| Error::Shape(format!("cannot encode safetensors: {e}")))
+    use serde_json::{Map, Value, json};
+    let mut header = Map::new();
+    let sorted: BTreeMap<String, String> = metadata.into_iter().collect();
+    header.insert("__metadata__".into(), json!(sorted));
+    let mut offset = 0usize;
+    for (name, shape, values) in tensors {
+        let n: usize = shape.iter().product();
+        if n != values.len() {
+            return Err(Error::Shape(format!(
+                "tensor {name}: shape {shape:?} needs {n} values, got {}",
+                values.len()
+            )));
+        }
+        if *name == "__metadata__" || header.contains_key(*name) {
+            return Err(Error::Shape(format!(
+                "tensor name {name:?} is used twice or reserved"
+            )));
+        }
+        let end = offset + 4 * n;
+        header.insert(
+            name.to_string(),
+            json!({"dtype": "F32", "shape": shape, "data_offsets": [offset, end]}),
+        );
+        offset = end;
+    }
+    let mut json = serde_json::to_vec(&Value::Object(header))
+        .map_err(|e| Error::Shape(format!("cannot encode the header: {e}")))?;
+    while json.len() % 8 != 0 {
+        json.push(b' ');
+    }
+    let mut out = Vec::with_capacity(8 + json.len() + offset);
+    out.extend_from_slice(&(json.len() as u64).to_le_bytes());
+    out.extend_from_slice(&json);
+    for (_, _, values) in tensors {
+        for v in *values {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+    Ok(out)
 }
 
 /// Writes `bytes` to `path` atomically: a sibling temporary file, fsync, rename.
@@ -382,6 +411,31 @@ mod tests {
         let (t, m) = good_parts();
         write_raw(&path, &t, &m);
         assert_eq!(Phi::load(&path).unwrap().config.hidden, 3);
+    }
+
+    #[test]
+    fn encoding_is_deterministic_and_readable_by_the_safetensors_crate() {
+        let phi = Phi::init(OptimizerConfig::default(), 2).unwrap();
+        let a = encode_phi(
+            &phi,
+            HashMap::from([("x".into(), "1".into()), ("a".into(), "2".into())]),
+        )
+        .unwrap();
+        for _ in 0..5 {
+            let b = encode_phi(
+                &phi,
+                HashMap::from([("a".into(), "2".into()), ("x".into(), "1".into())]),
+            )
+            .unwrap();
+            assert_eq!(a, b, "same φ, same bytes");
+        }
+        let st = SafeTensors::deserialize(&a).unwrap();
+        let w = st.tensor("lstm.1.w_h").unwrap();
+        assert_eq!(w.shape(), &[20, 80]);
+        assert_eq!(&w.data()[..4], &phi.tensors[4][0].to_le_bytes());
+        let (n, meta) = SafeTensors::read_metadata(&a).unwrap();
+        assert_eq!(n % 8, 0);
+        assert_eq!(meta.metadata().as_ref().unwrap()["format"], FORMAT);
     }
 
     #[test]

@@ -1,33 +1,36 @@
-//! Helpers for the end-to-end tests in `tests/tests/`: find and run the real binaries.
+//! Helpers for the end-to-end tests in `tests/tests/`: find, start, watch and stop the
+//! real binaries. Every process started here is killed when its handle drops.
 #![warn(missing_docs)]
 
-use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::Once;
+use std::time::{Duration, Instant};
 
-/// Path of a workspace binary (`l2l-worker`, ...), building it first if it is missing.
+/// Path of a workspace binary (`l2l-worker`, ...), built up to date first.
 ///
-/// Tests live in `target/<profile>/deps/`; the binaries sit one level up.
+/// `cargo test -p l2l-tests` alone would not rebuild other packages' binaries, and a
+/// stale binary would test old code; so each test process runs `cargo build --bins`
+/// once (a no-op when `cargo test --workspace` already built them). Tests live in
+/// `target/<profile>/deps/`; the binaries sit one level up.
 pub fn binary(name: &str) -> PathBuf {
     static BUILD: Once = Once::new();
+    BUILD.call_once(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "--bins", "--workspace"])
+            .status()
+            .expect("cargo runs");
+        assert!(status.success(), "building the workspace binaries failed");
+    });
     let exe = std::env::current_exe().expect("the test binary knows its own path");
     let dir = exe
         .parent()
         .and_then(|deps| deps.parent())
         .expect("test binaries live in target/<profile>/deps");
-    let path = dir.join(name);
-    if !path.exists() {
-        // `cargo test -p l2l-tests` alone does not build other packages' binaries.
-        BUILD.call_once(|| {
-            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            let status = Command::new(cargo)
-                .args(["build", "--bins", "--workspace"])
-                .status()
-                .expect("cargo runs");
-            assert!(status.success(), "building the workspace binaries failed");
-        });
-    }
-    path
+    dir.join(name)
 }
 
 /// Runs `l2l-worker` with `args` and returns its output (it never reads stdin).
@@ -38,10 +41,180 @@ pub fn worker(args: &[&str]) -> Output {
         .expect("l2l-worker starts")
 }
 
+/// Runs `l2l-coordinator` with `args` to completion.
+pub fn coordinator(args: &[&str]) -> Output {
+    Command::new(binary("l2l-coordinator"))
+        .args(args)
+        .output()
+        .expect("l2l-coordinator starts")
+}
+
 /// stdout and stderr of a finished process as text.
 pub fn text(out: &Output) -> (String, String) {
     (
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// A child process killed (SIGKILL) and reaped when dropped.
+pub struct Proc {
+    /// The process.
+    pub child: Child,
+}
+
+impl Proc {
+    /// Sends `signal` (e.g. "KILL", "STOP", "CONT", "TERM") to the process.
+    pub fn signal(&self, signal: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill -{signal} failed");
+    }
+
+    /// Waits for the process to exit, at most `limit`; returns its exit status.
+    pub fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let end = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(
+                Instant::now() < end,
+                "process {} did not exit within {limit:?}",
+                self.child.id()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A coordinator started with `serve`, and the address it reported.
+pub struct Coordinator {
+    /// The process.
+    pub proc: Proc,
+    /// Where it listens.
+    pub addr: SocketAddr,
+}
+
+impl Coordinator {
+    /// Starts `l2l-coordinator serve --dir DIR --listen LISTEN ARGS...` and waits for its
+    /// "listening on" line. Its log goes to `DIR/coordinator-<n>.log`.
+    pub fn serve(dir: &Path, listen: &str, args: &[&str]) -> Self {
+        std::fs::create_dir_all(dir).expect("run dir");
+        let log = (0..)
+            .map(|n| dir.join(format!("coordinator-{n}.log")))
+            .find(|p| !p.exists())
+            .expect("a free log name");
+        let mut child = Command::new(binary("l2l-coordinator"))
+            .arg("serve")
+            .args([
+                "--dir",
+                dir.to_str().expect("utf-8 path"),
+                "--listen",
+                listen,
+            ])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("l2l-coordinator starts");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(a) = line.strip_prefix("listening on ") {
+                    let _ = tx.send(a.parse::<SocketAddr>().expect("an address"));
+                }
+            }
+        });
+        let proc = Proc { child };
+        let addr = rx
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| {
+                panic!(
+                    "coordinator never listened; log: {}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                )
+            });
+        Self { proc, addr }
+    }
+
+    /// `http://addr`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// `l2l-coordinator status --json` for this coordinator.
+    pub fn status(&self) -> serde_json::Value {
+        status(&self.url())
+    }
+
+    /// Polls the status until `cond` holds, at most `limit`; returns that status.
+    pub fn wait_for(
+        &self,
+        limit: Duration,
+        what: &str,
+        cond: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let end = Instant::now() + limit;
+        loop {
+            let s = self.status();
+            if cond(&s) {
+                return s;
+            }
+            assert!(
+                Instant::now() < end,
+                "timed out waiting for {what}; last status {s}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// `l2l-coordinator status --json --coordinator URL`, parsed.
+pub fn status(url: &str) -> serde_json::Value {
+    let out = coordinator(&["status", "--json", "--coordinator", url]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "status failed: {stderr}");
+    serde_json::from_str(&stdout).expect("status prints JSON")
+}
+
+/// Starts `l2l-worker run --coordinator URL --name NAME`, logging to `log`.
+pub fn start_worker(url: &str, name: &str, log: &Path) -> Proc {
+    let child = Command::new(binary("l2l-worker"))
+        .args([
+            "run",
+            "--coordinator",
+            url,
+            "--name",
+            name,
+            "--max-backoff-ms",
+            "500",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).expect("log file"))
+        .spawn()
+        .expect("l2l-worker starts");
+    Proc { child }
+}
+
+/// The version step in a status.
+pub fn version(s: &serde_json::Value) -> u64 {
+    s["version"].as_u64().expect("version")
+}
+
+/// A refusal count in a status (0 if absent).
+pub fn refused(s: &serde_json::Value, reason: &str) -> u64 {
+    s["refused"][reason].as_u64().unwrap_or(0)
 }

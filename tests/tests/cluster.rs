@@ -1,0 +1,345 @@
+//! The cluster as users run it: real coordinator and worker processes on loopback.
+
+use std::time::Duration;
+
+use l2l_common::Phi;
+use l2l_coordinator::checkpoint;
+use l2l_proto::v1::coordinator_client::CoordinatorClient;
+use l2l_proto::v1::{LeaseRequest, RegisterRequest, SubmitRequest, Version};
+use l2l_tests::{Coordinator, coordinator, refused, start_worker, text, version};
+
+const MINUTE: Duration = Duration::from_secs(60);
+
+fn s(p: &std::path::Path) -> &str {
+    p.to_str().expect("utf-8 temp path")
+}
+
+#[test]
+fn local_run_trains_and_is_deterministic() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |name: &str| {
+        let d = dir.path().join(name);
+        let out = coordinator(&[
+            "local",
+            "--workers",
+            "1",
+            "--max-updates",
+            "60",
+            "--seed",
+            "7",
+            "--eval-problems",
+            "2",
+            "--dir",
+            s(&d),
+        ]);
+        let (stdout, stderr) = text(&out);
+        assert!(out.status.success(), "{stderr}");
+        assert!(
+            stdout.contains("learned optimizer φ written to"),
+            "{stdout}"
+        );
+        assert!(
+            stdout.contains("   100 "),
+            "the table reports step 100: {stdout}"
+        );
+        d
+    };
+    let (a, b) = (run("a"), run("b"));
+    let phi = Phi::load(&a.join("phi.safetensors")).expect("the final φ loads per the spec");
+    assert_eq!(phi.config.num_params(), 5141);
+    // sync mode, one worker, a fixed seed: the same φ bit for bit.
+    let bytes_a = std::fs::read(a.join("phi.safetensors")).unwrap();
+    let bytes_b = std::fs::read(b.join("phi.safetensors")).unwrap();
+    assert!(
+        bytes_a == bytes_b,
+        "two identical local runs wrote different φ"
+    );
+    let (_, snap) = checkpoint::load_newest(&a).unwrap().expect("a checkpoint");
+    assert_eq!(snap.version, 60, "φ's version advanced to max_updates");
+    let losses = &snap.counters.meta_losses;
+    let mean = |xs: &[f64]| xs.iter().sum::<f64>() / xs.len() as f64;
+    let (first, last) = (mean(&losses[..15]), mean(&losses[losses.len() - 15..]));
+    assert!(
+        last < 0.8 * first,
+        "meta-loss did not fall: first 15 updates {first}, last 15 {last}"
+    );
+}
+
+#[test]
+fn killed_worker_lease_expires_and_run_completes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = Coordinator::serve(
+        dir.path(),
+        "127.0.0.1:0",
+        &[
+            "--max-updates",
+            "25",
+            "--quorum",
+            "2",
+            "--round-timeout-ms",
+            "300",
+            "--lease-timeout-ms",
+            "1000",
+        ],
+    );
+    let doomed = start_worker(&c.url(), "doomed", &dir.path().join("w1.log"));
+    let _survivor = start_worker(&c.url(), "survivor", &dir.path().join("w2.log"));
+    c.wait_for(MINUTE, "three updates", |s| version(s) >= 3);
+    doomed.signal("KILL");
+    let status = c.proc.wait_exit(2 * MINUTE);
+    assert!(status.success(), "coordinator exit {status}");
+    let (_, snap) = checkpoint::load_newest(dir.path())
+        .unwrap()
+        .expect("a checkpoint");
+    assert_eq!(
+        snap.version, 25,
+        "the run completed with the surviving worker"
+    );
+    assert!(
+        snap.counters.leases_expired >= 1,
+        "the killed worker's lease expired: {:?}",
+        snap.counters
+    );
+    assert_eq!(
+        refused_total(&snap.counters.refused),
+        0,
+        "nothing was half-applied or refused: {:?}",
+        snap.counters.refused
+    );
+}
+
+fn refused_total(m: &std::collections::BTreeMap<String, u64>) -> u64 {
+    m.values().sum()
+}
+
+#[test]
+fn coordinator_restart_resumes_and_workers_rejoin() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = [
+        "--quorum",
+        "2",
+        "--checkpoint-every-updates",
+        "5",
+        "--lease-timeout-ms",
+        "2000",
+    ];
+    let c = Coordinator::serve(dir.path(), "127.0.0.1:0", &args);
+    let addr = c.addr;
+    let _w1 = start_worker(&c.url(), "w1", &dir.path().join("w1.log"));
+    let _w2 = start_worker(&c.url(), "w2", &dir.path().join("w2.log"));
+    c.wait_for(MINUTE, "twelve updates", |s| version(s) >= 12);
+    c.proc.signal("KILL");
+    drop(c);
+    let (_, snap) = checkpoint::load_newest(dir.path())
+        .unwrap()
+        .expect("a checkpoint");
+    assert!(snap.version >= 10, "checkpointed at {}", snap.version);
+    // Same address, so the running workers find it again.
+    let c = Coordinator::serve(dir.path(), &addr.to_string(), &args);
+    let s = c.status();
+    assert_eq!(s["epoch"], 1, "a restart starts a new epoch");
+    assert!(version(&s) >= snap.version, "resumed at the checkpoint");
+    let resumed_at = version(&s);
+    let s = c.wait_for(MINUTE, "both workers back and training", |s| {
+        version(s) >= resumed_at + 5 && s["live_workers"].as_u64() == Some(2)
+    });
+    assert!(
+        s["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|w| w["accepted"].as_u64() > Some(0)),
+        "{s}"
+    );
+    // A gradient computed before the restart (epoch 0) is refused.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let err = rt.block_on(async {
+        let mut client = CoordinatorClient::connect(c.url()).await.unwrap();
+        let id = client
+            .register(RegisterRequest {
+                name: "old".into(),
+                backend: "none".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .worker_id;
+        let lease = client
+            .lease(LeaseRequest { worker_id: id })
+            .await
+            .unwrap()
+            .into_inner()
+            .lease_id;
+        client
+            .submit(SubmitRequest {
+                worker_id: id,
+                lease_id: lease,
+                truncation: 0,
+                version: Some(Version {
+                    epoch: 0,
+                    step: snap.version,
+                }),
+                grad: vec![0.0; 5141],
+                meta_loss: 1.0,
+                unroll_seconds: 0.0,
+            })
+            .await
+            .unwrap_err()
+    });
+    assert_eq!(err.code(), tonic::Code::Aborted, "{err:?}");
+    assert_eq!(err.metadata().get("l2l-refusal").unwrap(), "pre_restart");
+    assert!(refused(&c.status(), "pre_restart") >= 1);
+}
+
+#[test]
+fn sync_rounds_close_by_deadline_with_a_frozen_worker() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = Coordinator::serve(
+        dir.path(),
+        "127.0.0.1:0",
+        &[
+            "--quorum",
+            "2",
+            "--round-timeout-ms",
+            "300",
+            "--lease-timeout-ms",
+            "60000",
+        ],
+    );
+    let frozen = start_worker(&c.url(), "frozen", &dir.path().join("w1.log"));
+    let _w2 = start_worker(&c.url(), "alive", &dir.path().join("w2.log"));
+    c.wait_for(MINUTE, "two updates", |s| version(s) >= 2);
+    frozen.signal("STOP");
+    let v = version(&c.status());
+    // Each round now has one gradient and closes 300 ms after it by its deadline.
+    c.wait_for(MINUTE, "five more updates with one worker frozen", |s| {
+        version(s) >= v + 5
+    });
+    frozen.signal("CONT");
+}
+
+#[test]
+fn bad_submissions_over_the_wire_are_refused_and_phi_is_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = Coordinator::serve(dir.path(), "127.0.0.1:0", &["--quorum", "1"]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut client = CoordinatorClient::connect(c.url()).await.unwrap();
+        let reg = |name: &str| RegisterRequest {
+            name: name.into(),
+            backend: "none".into(),
+        };
+        let me = client
+            .register(reg("me"))
+            .await
+            .unwrap()
+            .into_inner()
+            .worker_id;
+        let other = client
+            .register(reg("other"))
+            .await
+            .unwrap()
+            .into_inner()
+            .worker_id;
+        let lease = client
+            .lease(LeaseRequest { worker_id: me })
+            .await
+            .unwrap()
+            .into_inner()
+            .lease_id;
+        let good = SubmitRequest {
+            worker_id: me,
+            lease_id: lease,
+            truncation: 0,
+            version: Some(Version { epoch: 0, step: 0 }),
+            grad: vec![1e-3; 5141],
+            meta_loss: 1.0,
+            unroll_seconds: 0.0,
+        };
+        let cases: Vec<(SubmitRequest, tonic::Code, &str)> = vec![
+            (
+                SubmitRequest {
+                    grad: vec![0.0; 5140],
+                    ..good.clone()
+                },
+                tonic::Code::InvalidArgument,
+                "shape",
+            ),
+            (
+                SubmitRequest {
+                    grad: {
+                        let mut g = good.grad.clone();
+                        g[9] = f32::NAN;
+                        g
+                    },
+                    ..good.clone()
+                },
+                tonic::Code::InvalidArgument,
+                "non_finite",
+            ),
+            (
+                SubmitRequest {
+                    grad: {
+                        let mut g = good.grad.clone();
+                        g[0] = f32::INFINITY;
+                        g
+                    },
+                    ..good.clone()
+                },
+                tonic::Code::InvalidArgument,
+                "non_finite",
+            ),
+            (
+                SubmitRequest {
+                    lease_id: 424242,
+                    ..good.clone()
+                },
+                tonic::Code::NotFound,
+                "unknown_lease",
+            ),
+            (
+                SubmitRequest {
+                    worker_id: other,
+                    ..good.clone()
+                },
+                tonic::Code::PermissionDenied,
+                "foreign_lease",
+            ),
+            (
+                SubmitRequest {
+                    version: Some(Version { epoch: 0, step: 3 }),
+                    ..good.clone()
+                },
+                tonic::Code::OutOfRange,
+                "future_version",
+            ),
+        ];
+        for (req, code, reason) in cases {
+            let err = client.submit(req).await.unwrap_err();
+            assert_eq!(
+                (
+                    err.code(),
+                    err.metadata().get("l2l-refusal").unwrap().to_str().unwrap()
+                ),
+                (code, reason),
+                "{err:?}"
+            );
+        }
+        let s = c.status();
+        assert_eq!(version(&s), 0, "no refusal touched φ");
+        assert_eq!(refused(&s, "non_finite"), 2);
+        // The good one is applied once; its retry is acknowledged as a duplicate.
+        let first = client.submit(good.clone()).await.unwrap().into_inner();
+        assert!(first.accepted && !first.duplicate);
+        let again = client.submit(good.clone()).await.unwrap().into_inner();
+        assert!(again.accepted && again.duplicate);
+        assert_eq!(version(&c.status()), 1);
+        // Now version 0 is stale (sync mode accepts only the current version).
+        let stale = SubmitRequest {
+            truncation: 1,
+            ..good.clone()
+        };
+        let err = client.submit(stale).await.unwrap_err();
+        assert_eq!(err.metadata().get("l2l-refusal").unwrap(), "stale");
+    });
+}
