@@ -100,16 +100,16 @@ fn killed_worker_lease_expires_and_run_completes() {
         "the killed worker's lease expired: {:?}",
         snap.counters
     );
-    assert_eq!(
-        refused_total(&snap.counters.refused),
-        0,
-        "nothing was half-applied or refused: {:?}",
-        snap.counters.refused
-    );
-}
-
-fn refused_total(m: &std::collections::BTreeMap<String, u64>) -> u64 {
-    m.values().sum()
+    // Under load a round may close by its deadline before a slow gradient arrives, which
+    // is then refused as stale; any other refusal would mean something half-sent arrived.
+    let other: u64 = snap
+        .counters
+        .refused
+        .iter()
+        .filter(|(r, _)| *r != "stale")
+        .map(|(_, n)| n)
+        .sum();
+    assert_eq!(other, 0, "unexpected refusals: {:?}", snap.counters.refused);
 }
 
 #[test]
