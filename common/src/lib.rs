@@ -36,6 +36,7 @@ pub mod problems;
 pub mod rng;
 pub mod tensor;
 pub mod unroll;
+pub mod wire;
 
 pub use burn;
 pub use checkpoint::MetaGradFile;

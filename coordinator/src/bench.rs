@@ -52,15 +52,19 @@ pub async fn run(a: Bench) -> Result<()> {
     let n = config.optimizer()?.num_params();
     let server = Server::start(Coordinator::new(config, None)?, ([127, 0, 0, 1], 0).into()).await?;
     let url = format!("http://{}", server.addr);
-    let channel = Channel::from_shared(url)?
-        .connect()
-        .await
-        .context("cannot connect")?;
     let start = Instant::now() + Duration::from_secs(1);
     let end = start + Duration::from_secs_f64(a.seconds);
     let mut tasks = Vec::new();
     for i in 0..a.workers {
-        let client = CoordinatorClient::new(channel.clone());
+        // One connection per simulated worker, as separate worker processes would have.
+        let channel = Channel::from_shared(url.clone())?
+            .tcp_nodelay(true)
+            .initial_stream_window_size(1 << 20)
+            .initial_connection_window_size(8 << 20)
+            .connect()
+            .await
+            .context("cannot connect")?;
+        let client = CoordinatorClient::new(channel);
         tasks.push(tokio::spawn(simulate(client, i, n, start, end)));
     }
     let mut submits = Vec::new();
@@ -117,7 +121,8 @@ fn tempfile_dir() -> Result<std::path::PathBuf> {
     Ok(dir)
 }
 
-/// One simulated worker: fetch φ, submit, repeat; lease anew after each trajectory.
+/// One simulated worker: fetch φ when it changed, submit, repeat; lease anew after each
+/// trajectory.
 async fn simulate(
     mut c: CoordinatorClient<Channel>,
     i: usize,
@@ -133,13 +138,15 @@ async fn simulate(
         .await?
         .into_inner()
         .worker_id;
-    let grad: Vec<f32> = (0..n).map(|j| ((j % 7) as f32 - 3.0) * 1e-3).collect();
+    let values: Vec<f32> = (0..n).map(|j| ((j % 7) as f32 - 3.0) * 1e-3).collect();
+    let grad = bytes::Bytes::from(l2l_common::wire::f32_to_le_bytes(&values));
     let mut stats = ClientStats {
         submits: Vec::new(),
         fetches: 0,
         accepted: 0,
     };
     let mut have: Option<Version> = None;
+    let mut current = Some(Version::default());
     loop {
         let lease = c.lease(LeaseRequest { worker_id: id }).await?.into_inner();
         let truncations = lease.trajectory_steps / lease.truncation_steps.max(1);
@@ -148,11 +155,17 @@ async fn simulate(
             if now >= end {
                 return Ok(stats);
             }
-            let phi = c
-                .fetch_phi(FetchPhiRequest { have, wait_ms: 0 })
-                .await?
-                .into_inner();
-            have = phi.version;
+            // Like a worker, fetch φ only when the last reply says it changed.
+            if have != current {
+                let phi = c
+                    .fetch_phi(FetchPhiRequest { have, wait_ms: 0 })
+                    .await?
+                    .into_inner();
+                have = phi.version;
+                if now >= start {
+                    stats.fetches += 1;
+                }
+            }
             let t0 = Instant::now();
             let r = c
                 .submit(SubmitRequest {
@@ -165,8 +178,10 @@ async fn simulate(
                     unroll_seconds: 0.0,
                 })
                 .await;
+            if let Ok(reply) = &r {
+                current = reply.get_ref().current;
+            }
             if now >= start {
-                stats.fetches += 1;
                 stats.submits.push(t0.elapsed());
                 if r.is_ok() {
                     stats.accepted += 1;

@@ -55,7 +55,7 @@ pub enum Refusal {
     },
     /// The gradient does not have φ's size.
     Shape {
-        /// Values sent.
+        /// Values sent (bytes / 4).
         got: usize,
         /// Values in φ.
         want: usize,

@@ -198,8 +198,15 @@ impl Server {
                     }
                 }
             });
-            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            // TCP_NODELAY: small request/reply pairs must not wait for delayed ACKs.
+            let incoming =
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+            // Gradients are ~20 KB: larger HTTP/2 frames and windows mean one frame per
+            // message and no WINDOW_UPDATE round per request.
             let served = tonic::transport::Server::builder()
+                .initial_stream_window_size(1 << 20)
+                .initial_connection_window_size(8 << 20)
+                .max_frame_size(1 << 20)
                 .add_service(svc)
                 .serve_with_incoming_shutdown(incoming, async move {
                     let _ = stopped.changed().await;

@@ -78,6 +78,8 @@ pub struct Coordinator {
     next_worker: u64,
     counters: Counters,
     recent_updates: VecDeque<Instant>,
+    /// Reused buffer for decoding submitted gradients (no allocation per request).
+    scratch: Vec<f32>,
 }
 
 /// The persistent part of a coordinator, as a checkpoint holds it.
@@ -142,6 +144,7 @@ impl Coordinator {
             next_worker: (snapshot.epoch << 32) + 1,
             counters: snapshot.counters,
             recent_updates: VecDeque::new(),
+            scratch: Vec::with_capacity(n),
             optimizer,
             config,
         };
@@ -341,13 +344,16 @@ impl Coordinator {
         if staleness > bound {
             return Err(Refusal::Stale { staleness, bound });
         }
-        if req.grad.len() != n {
+        if req.grad.len() != 4 * n {
             return Err(Refusal::Shape {
-                got: req.grad.len(),
+                got: req.grad.len() / 4,
                 want: n,
             });
         }
-        if let Some(index) = req.grad.iter().position(|g| !g.is_finite()) {
+        let grad = &mut self.scratch;
+        grad.clear();
+        l2l_common::wire::extend_from_le_bytes(grad, &req.grad);
+        if let Some(index) = grad.iter().position(|g| !g.is_finite()) {
             return Err(Refusal::NonFinite { index });
         }
         if !req.meta_loss.is_finite() {
@@ -369,7 +375,7 @@ impl Coordinator {
         if let Some(w) = self.workers.get_mut(&req.worker_id) {
             w.accepted += 1;
         }
-        let update = self.aggregator.add(&req.grad, req.meta_loss, now);
+        let update = self.aggregator.add(&self.scratch, req.meta_loss, now);
         if let Some(u) = &update {
             self.apply(u, now);
         }

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use l2l_common::Phi;
+use l2l_common::wire::f32_to_le_bytes;
 use l2l_coordinator::checkpoint;
 use l2l_proto::v1::coordinator_client::CoordinatorClient;
 use l2l_proto::v1::{LeaseRequest, RegisterRequest, SubmitRequest, Version};
@@ -179,7 +180,7 @@ fn coordinator_restart_resumes_and_workers_rejoin() {
                     epoch: 0,
                     step: snap.version,
                 }),
-                grad: vec![0.0; 5141],
+                grad: f32_to_le_bytes(&[0.0; 5141]).into(),
                 meta_loss: 1.0,
                 unroll_seconds: 0.0,
             })
@@ -252,14 +253,14 @@ fn bad_submissions_over_the_wire_are_refused_and_phi_is_untouched() {
             lease_id: lease,
             truncation: 0,
             version: Some(Version { epoch: 0, step: 0 }),
-            grad: vec![1e-3; 5141],
+            grad: f32_to_le_bytes(&[1e-3; 5141]).into(),
             meta_loss: 1.0,
             unroll_seconds: 0.0,
         };
         let cases: Vec<(SubmitRequest, tonic::Code, &str)> = vec![
             (
                 SubmitRequest {
-                    grad: vec![0.0; 5140],
+                    grad: f32_to_le_bytes(&[0.0; 5140]).into(),
                     ..good.clone()
                 },
                 tonic::Code::InvalidArgument,
@@ -268,9 +269,9 @@ fn bad_submissions_over_the_wire_are_refused_and_phi_is_untouched() {
             (
                 SubmitRequest {
                     grad: {
-                        let mut g = good.grad.clone();
+                        let mut g = vec![1e-3f32; 5141];
                         g[9] = f32::NAN;
-                        g
+                        f32_to_le_bytes(&g).into()
                     },
                     ..good.clone()
                 },
@@ -280,9 +281,9 @@ fn bad_submissions_over_the_wire_are_refused_and_phi_is_untouched() {
             (
                 SubmitRequest {
                     grad: {
-                        let mut g = good.grad.clone();
+                        let mut g = vec![1e-3f32; 5141];
                         g[0] = f32::INFINITY;
-                        g
+                        f32_to_le_bytes(&g).into()
                     },
                     ..good.clone()
                 },

@@ -302,7 +302,7 @@ impl Worker {
                 lease_id: lease.lease_id,
                 truncation: k as u32,
                 version: Some(version),
-                grad: out.grad.flatten(),
+                grad: l2l_common::wire::f32_to_le_bytes(&out.grad.flatten()).into(),
                 meta_loss: out.meta_loss,
                 unroll_seconds: started.elapsed().as_secs_f64(),
             };

@@ -4,6 +4,8 @@ use std::time::{Duration, Instant};
 
 use l2l_proto::v1::{SubmitRequest, Version};
 
+use l2l_common::wire::f32_to_le_bytes;
+
 use super::*;
 use crate::config::Mode;
 
@@ -55,7 +57,7 @@ impl Fixture {
                 epoch: self.c.epoch,
                 step,
             }),
-            grad: vec![0.01; self.n()],
+            grad: f32_to_le_bytes(&vec![0.01; self.n()]).into(),
             meta_loss: 1.0,
             unroll_seconds: 0.1,
         }
@@ -138,14 +140,22 @@ fn async_accepts_within_the_staleness_bound() {
 fn bad_gradients_are_refused() {
     let mut f = fixture(Mode::Sync, 1);
     let mut r = f.req(0, 0);
-    r.grad.pop();
+    r.grad.truncate(r.grad.len() - 4);
     f.refused(r, "shape");
+    let with = |i: usize, v: f32| {
+        let mut g = vec![0.01f32; f.n()];
+        g[i] = v;
+        SubmitRequest {
+            grad: f32_to_le_bytes(&g).into(),
+            ..f.req(0, 0)
+        }
+    };
+    let (nan, inf) = (with(17, f32::NAN), with(0, f32::NEG_INFINITY));
+    f.refused(nan, "non_finite");
+    f.refused(inf, "non_finite");
     let mut r = f.req(0, 0);
-    r.grad[17] = f32::NAN;
-    f.refused(r, "non_finite");
-    let mut r = f.req(0, 0);
-    r.grad[0] = f32::NEG_INFINITY;
-    f.refused(r, "non_finite");
+    r.grad.truncate(r.grad.len() - 1);
+    f.refused(r, "shape");
     let mut r = f.req(0, 0);
     r.meta_loss = f64::INFINITY;
     f.refused(r, "non_finite");
@@ -225,7 +235,7 @@ fn trajectory_completes_and_run_finishes() {
             lease_id: lease,
             truncation: k,
             version: Some(c.version()),
-            grad: vec![0.1; c.phi.len()],
+            grad: f32_to_le_bytes(&vec![0.1; c.phi.len()]).into(),
             meta_loss: 1.0,
             unroll_seconds: 0.0,
         };
