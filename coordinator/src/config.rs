@@ -14,7 +14,7 @@ use crate::sampler::FamilyConfig;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum Mode {
-    /// A round of `quorum` gradients of the current version, closed early by its deadline.
+    /// A round of `quorum` gradients of the current version, or fewer when its deadline passes.
     Sync,
     /// An update every `every` accepted gradients no staler than `max_staleness`.
     Async,
@@ -194,5 +194,33 @@ impl Config {
             bail!("adam.lr must be positive, got {}", self.adam.lr);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_config_parses_and_validates() {
+        let c: Config = toml::from_str(include_str!("../config.example.toml")).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.aggregation.quorum, 4);
+        assert_eq!(c.problems.len(), 2);
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_values_are_refused() {
+        let e = toml::from_str::<Config>("quorom = 3").unwrap_err().to_string();
+        assert!(e.contains("quorom"), "{e}");
+        let c = Config {
+            truncation_steps: 30,
+            ..Config::default()
+        };
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("multiple of truncation_steps"), "{e}");
+        let mut c = Config::default();
+        c.init.preprocess = "sign".into();
+        assert!(c.validate().unwrap_err().to_string().contains("sign"));
     }
 }
