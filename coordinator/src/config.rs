@@ -211,7 +211,9 @@ mod tests {
 
     #[test]
     fn unknown_fields_and_bad_values_are_refused() {
-        let e = toml::from_str::<Config>("quorom = 3").unwrap_err().to_string();
+        let e = toml::from_str::<Config>("quorom = 3")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("quorom"), "{e}");
         let c = Config {
             truncation_steps: 30,

@@ -83,12 +83,22 @@ async fn serve(o: Overrides) -> Result<()> {
     tracing::info!(addr = %server.addr, "serving");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("cannot install the SIGTERM handler")?;
+    // After the last update, linger until every live worker has heard that the run is
+    // finished (at most 10 s), so none is left retrying against a closed port.
+    let mut finished_at = None;
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
             _ = term.recv() => break,
-            _ = tokio::time::sleep(std::time::Duration::from_millis(200)) => {
-                if server.shared.lock().finished() { break; }
+            _ = tokio::time::sleep(std::time::Duration::from_millis(100)) => {
+                let now = std::time::Instant::now();
+                let c = server.shared.lock();
+                if c.finished() {
+                    let since = *finished_at.get_or_insert(now);
+                    if c.all_told_finished(now) || now.duration_since(since).as_secs() >= 10 {
+                        break;
+                    }
+                }
             }
         }
     }

@@ -51,6 +51,8 @@ struct WorkerRecord {
     backend: String,
     last_seen: Instant,
     accepted: u64,
+    /// Whether it has been told that the run is finished.
+    told_finished: bool,
 }
 
 /// What a successful submission did.
@@ -215,6 +217,7 @@ impl Coordinator {
                 backend,
                 last_seen: now,
                 accepted: 0,
+                told_finished: false,
             },
         );
         id
@@ -243,6 +246,7 @@ impl Coordinator {
     pub fn lease(&mut self, worker: u64, now: Instant) -> Result<LeaseReply, Refusal> {
         self.seen(worker, now).map_err(|r| self.count_refusal(r))?;
         if self.finished() {
+            self.tell_finished(worker);
             return Err(Refusal::Finished);
         }
         // One trajectory per worker at a time: a new lease drops the worker's old one.
@@ -289,8 +293,27 @@ impl Coordinator {
     pub fn submit(&mut self, req: &SubmitRequest, now: Instant) -> Result<Accepted, Refusal> {
         match self.check_and_add(req, now) {
             Ok(a) => Ok(a),
+            Err(Refusal::Finished) => {
+                self.tell_finished(req.worker_id);
+                Err(Refusal::Finished)
+            }
             Err(r) => Err(self.count_refusal(r)),
         }
+    }
+
+    fn tell_finished(&mut self, worker: u64) {
+        if let Some(w) = self.workers.get_mut(&worker) {
+            w.told_finished = true;
+        }
+    }
+
+    /// True when every worker seen within a lease timeout has been told the run is over,
+    /// so a finished coordinator can exit without leaving workers retrying.
+    pub fn all_told_finished(&self, now: Instant) -> bool {
+        let live = Duration::from_millis(self.config.lease_timeout_ms);
+        self.workers
+            .values()
+            .all(|w| w.told_finished || now.saturating_duration_since(w.last_seen) >= live)
     }
 
     fn check_and_add(&mut self, req: &SubmitRequest, now: Instant) -> Result<Accepted, Refusal> {

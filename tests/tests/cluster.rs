@@ -84,11 +84,14 @@ fn killed_worker_lease_expires_and_run_completes() {
         ],
     );
     let doomed = start_worker(&c.url(), "doomed", &dir.path().join("w1.log"));
-    let _survivor = start_worker(&c.url(), "survivor", &dir.path().join("w2.log"));
+    let mut survivor = start_worker(&c.url(), "survivor", &dir.path().join("w2.log"));
     c.wait_for(MINUTE, "three updates", |s| version(s) >= 3);
     doomed.signal("KILL");
     let status = c.proc.wait_exit(2 * MINUTE);
     assert!(status.success(), "coordinator exit {status}");
+    // The coordinator told the survivor the run was over before it left.
+    let status = survivor.wait_exit(MINUTE);
+    assert!(status.success(), "worker exit {status}");
     let (_, snap) = checkpoint::load_newest(dir.path())
         .unwrap()
         .expect("a checkpoint");
@@ -208,7 +211,7 @@ fn sync_rounds_close_by_deadline_with_a_frozen_worker() {
         ],
     );
     let frozen = start_worker(&c.url(), "frozen", &dir.path().join("w1.log"));
-    let _w2 = start_worker(&c.url(), "alive", &dir.path().join("w2.log"));
+    let mut alive = start_worker(&c.url(), "alive", &dir.path().join("w2.log"));
     c.wait_for(MINUTE, "two updates", |s| version(s) >= 2);
     frozen.signal("STOP");
     let v = version(&c.status());
@@ -217,6 +220,10 @@ fn sync_rounds_close_by_deadline_with_a_frozen_worker() {
         version(s) >= v + 5
     });
     frozen.signal("CONT");
+    // SIGTERM: the worker stops cleanly (exit 0) between truncations.
+    alive.signal("TERM");
+    let status = alive.wait_exit(MINUTE);
+    assert!(status.success(), "worker exit after SIGTERM: {status}");
 }
 
 #[test]

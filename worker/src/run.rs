@@ -234,13 +234,21 @@ impl Worker {
             .clone()
             .ok_or_else(|| tonic::Status::unavailable("not connected"))?;
         let have = self.phi.as_ref().map(|(v, _)| *v);
-        let reply = self
-            .rt
-            .block_on(c.fetch_phi(FetchPhiRequest {
-                have,
-                wait_ms: wait.as_millis() as u64,
-            }))?
-            .into_inner();
+        // Long-poll in slices of at most a second, so a stop request is seen promptly.
+        let until = Instant::now() + wait;
+        let reply = loop {
+            let left = until.saturating_duration_since(Instant::now());
+            let reply = self
+                .rt
+                .block_on(c.fetch_phi(FetchPhiRequest {
+                    have,
+                    wait_ms: left.min(Duration::from_secs(1)).as_millis() as u64,
+                }))?
+                .into_inner();
+            if !reply.unchanged || left.is_zero() || self.stopping() {
+                break reply;
+            }
+        };
         let version = reply.version.unwrap_or_default();
         if !reply.unchanged {
             let phi =
