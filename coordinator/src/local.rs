@@ -50,7 +50,7 @@ pub fn default_config(workers: u32) -> Config {
     };
     c.aggregation.mode = Mode::Sync;
     c.aggregation.quorum = workers as usize;
-    c.adam.lr = 3e-3;
+    c.adam.lr = 1e-2;
     c
 }
 
