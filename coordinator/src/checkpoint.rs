@@ -127,3 +127,45 @@ pub fn load_newest(dir: &Path) -> Result<Option<(PathBuf, Snapshot)>> {
     }
     Ok(None)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::Coordinator;
+
+    #[test]
+    fn keeps_the_newest_and_skips_a_damaged_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config {
+            dir: dir.path().into(),
+            ..Config::default()
+        };
+        let mut snap = Coordinator::new(config.clone(), None)
+            .unwrap()
+            .snapshot()
+            .unwrap();
+        for v in 1..=4 {
+            snap.version = v;
+            save(dir.path(), &snap, &config, 2).unwrap();
+        }
+        let names: Vec<u64> = list(dir.path())
+            .unwrap()
+            .into_iter()
+            .map(|(v, _)| v)
+            .collect();
+        assert_eq!(names, vec![3, 4], "only the newest two are kept");
+        // A damaged newest checkpoint (e.g. a disk error) falls back to the previous one.
+        std::fs::write(dir.path().join(file_name(4)), b"garbage").unwrap();
+        let (path, found) = load_newest(dir.path()).unwrap().unwrap();
+        assert_eq!(found.version, 3);
+        assert!(path.ends_with(file_name(3)));
+        // No checkpoint at all: a fresh start.
+        let empty = tempfile::tempdir().unwrap();
+        assert!(load_newest(empty.path()).unwrap().is_none());
+        assert!(
+            load_newest(&empty.path().join("missing"))
+                .unwrap()
+                .is_none()
+        );
+    }
+}

@@ -261,12 +261,14 @@ impl Worker {
     fn trajectory(&mut self, lease: LeaseReply) -> Result<Outcome> {
         let span = tracing::info_span!("lease", id = lease.lease_id);
         let _g = span.enter();
-        let Some(problem) = instance_problem(lease.instance.as_ref()) else {
-            tracing::error!(instance = ?lease.instance, "unknown problem family; this worker cannot run it");
-            bail!(
-                "the coordinator sent a problem family this worker does not know: {:?}",
-                lease.instance
-            );
+        let problem = match instance_problem(lease.instance.as_ref()) {
+            Ok(p) => p,
+            Err(why) => {
+                tracing::error!(instance = ?lease.instance, "{why}");
+                bail!(
+                    "cannot run the leased instance: {why}; is this worker older than the coordinator?"
+                );
+            }
         };
         let t = lease.truncation_steps.max(1) as usize;
         let truncations = (lease.trajectory_steps as usize) / t;
@@ -395,12 +397,46 @@ fn decode_phi(bytes: &[u8]) -> Result<Phi> {
     Ok(phi_from(&mut file, config)?)
 }
 
-/// Builds the instance's problem, or None for a family this worker does not know.
-fn instance_problem(instance: Option<&Instance>) -> Option<Quadratic> {
-    let i = instance?;
+/// Builds the instance's problem; refuses unknown families and unreadable parameters.
+fn instance_problem(instance: Option<&Instance>) -> Result<Quadratic, String> {
+    let i = instance.ok_or("the lease carries no instance")?;
     if i.family != "quadratic" {
-        return None;
+        return Err(format!("unknown problem family {:?}", i.family));
     }
-    let get = |k: &str, d: usize| i.params.get(k).and_then(|v| v.parse().ok()).unwrap_or(d);
-    Quadratic::from_seed(i.seed, get("batch", 128), get("dims", 10)).ok()
+    let get = |k: &str, default: usize| match i.params.get(k) {
+        None => Ok(default),
+        Some(v) => v
+            .parse()
+            .map_err(|_| format!("quadratic parameter {k} = {v:?} is not a count")),
+    };
+    Quadratic::from_seed(i.seed, get("batch", 128)?, get("dims", 10)?).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn instances_become_problems_or_clear_refusals() {
+        let mut i = Instance {
+            family: "quadratic".into(),
+            seed: 5,
+            params: [("batch".to_string(), "3".to_string())].into(),
+        };
+        let q = instance_problem(Some(&i)).unwrap();
+        assert_eq!(
+            q,
+            Quadratic::from_seed(5, 3, 10).unwrap(),
+            "dims defaults to 10"
+        );
+        i.params.insert("dims".into(), "ten".into());
+        assert!(
+            instance_problem(Some(&i))
+                .unwrap_err()
+                .contains("dims = \"ten\"")
+        );
+        i.family = "mlp".into();
+        assert!(instance_problem(Some(&i)).unwrap_err().contains("\"mlp\""));
+        assert!(instance_problem(None).is_err());
+    }
 }
