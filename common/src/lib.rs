@@ -29,6 +29,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod eval;
+pub mod fused;
 pub mod lstm;
 pub mod phi;
 pub mod preprocess;

@@ -6,6 +6,7 @@ use anyhow::{Result, bail};
 use clap::Args;
 use l2l_common::burn::tensor::{DType, Device};
 use l2l_common::unroll::{Carry, meta_grad, unroll};
+use l2l_common::fused::{self, HostCarry};
 use l2l_common::{Lstm, LstmState, OptimizerConfig, Phi, Preprocess, Quadratic};
 use serde_json::json;
 
@@ -32,10 +33,36 @@ pub struct Bench {
     /// One JSON object per measurement on stdout instead of a table.
     #[arg(long)]
     json: bool,
+    /// Implementations to time [default: both]: `fused` (the hand-differentiated CPU
+    /// kernels the worker uses) and `burn` (the plain burn composition, the reference).
+    #[arg(long = "impl", value_enum, value_delimiter = ',')]
+    implementation: Vec<Impl>,
 }
 
+/// Which meta-gradient implementation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Impl {
+    /// Hand-differentiated, fused CPU kernels (`l2l_common::fused`).
+    Fused,
+    /// The LSTM composed from burn tensor ops with burn's autodiff.
+    Burn,
+}
+
+impl Impl {
+    fn name(self) -> &'static str {
+        match self {
+            Impl::Fused => "fused",
+            Impl::Burn => "burn",
+        }
+    }
+}
+
+/// FLOPs of one meta-gradient per coordinate-step for the paper's 2×20 LSTM (forward and
+/// backward), the count the speed issue gives: about 31 k.
+const FLOP_PER_COORD_STEP: f64 = 31e3;
+
 /// What one measurement timed.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 enum What {
     MetaGrad,
     Forward,
@@ -60,44 +87,62 @@ pub fn run(a: Bench) -> Result<()> {
     } else {
         a.preprocess.iter().map(|p| (*p).into()).collect()
     };
+    let impls = if a.implementation.is_empty() {
+        vec![Impl::Fused, Impl::Burn]
+    } else {
+        a.implementation.clone()
+    };
     let steps = a.steps as usize;
     if !a.json {
         println!(
-            "l2l-worker bench: backend flex (CPU), float32, T = {steps}, {} runs after {} warm-up",
-            a.runs, a.warmup
+            "l2l-worker bench: CPU, float32, T = {steps}, {} runs after {} warm-up, {} threads",
+            a.runs,
+            a.warmup,
+            rayon::current_num_threads()
         );
         println!(
-            "{:<9} {:>8} {:<10} {:>10} {:>10} {:>10} {:>12}",
-            "preproc", "N", "what", "median_ms", "min_ms", "max_ms", "peak_rss_mb"
+            "{:<9} {:>8} {:<6} {:<10} {:>10} {:>10} {:>10} {:>8} {:>12}",
+            "preproc", "N", "impl", "what", "median_ms", "min_ms", "max_ms", "GFLOP/s", "peak_rss_mb"
         );
     }
     for &preprocess in &modes {
         let phi = Phi::init(OptimizerConfig::new(preprocess), 1)?;
         for &n in &a.n {
             let quad = Quadratic::from_seed(2, n / 10, 10)?;
-            for what in [What::MetaGrad, What::Forward] {
-                let (times, peak) = measure(&phi, &quad, steps, what, a.warmup, a.runs)?;
-                let median = times[times.len() / 2];
-                if a.json {
-                    let row = json!({
-                        "what": what.name(), "n": n, "steps": steps,
-                        "preprocess": preprocess.name(), "backend": "flex",
-                        "median_ms": median, "min_ms": times[0],
-                        "max_ms": times[times.len() - 1], "runs": times.len(),
-                        "peak_rss_mb": peak,
-                    });
-                    println!("{row}");
-                } else {
-                    println!(
-                        "{:<9} {:>8} {:<10} {:>10.2} {:>10.2} {:>10.2} {:>12.1}",
-                        preprocess.name(),
-                        n,
-                        what.name(),
-                        median,
-                        times[0],
-                        times[times.len() - 1],
-                        peak
-                    );
+            for &imp in &impls {
+                // The fused path has no forward-only variant: evaluation runs on burn.
+                let whats: &[What] = match imp {
+                    Impl::Fused => &[What::MetaGrad],
+                    Impl::Burn => &[What::MetaGrad, What::Forward],
+                };
+                for &what in whats {
+                    let (times, peak) = measure(&phi, &quad, steps, imp, what, a.warmup, a.runs)?;
+                    let median = times[times.len() / 2];
+                    let gflops = (what == What::MetaGrad)
+                        .then(|| FLOP_PER_COORD_STEP * (n * steps) as f64 / (median * 1e-3) / 1e9);
+                    if a.json {
+                        let row = json!({
+                            "what": what.name(), "n": n, "steps": steps,
+                            "preprocess": preprocess.name(), "backend": "flex", "impl": imp.name(),
+                            "median_ms": median, "min_ms": times[0],
+                            "max_ms": times[times.len() - 1], "runs": times.len(),
+                            "gflops": gflops, "peak_rss_mb": peak,
+                        });
+                        println!("{row}");
+                    } else {
+                        println!(
+                            "{:<9} {:>8} {:<6} {:<10} {:>10.2} {:>10.2} {:>10.2} {:>8} {:>12.1}",
+                            preprocess.name(),
+                            n,
+                            imp.name(),
+                            what.name(),
+                            median,
+                            times[0],
+                            times[times.len() - 1],
+                            gflops.map_or("-".to_string(), |g| format!("{g:.1}")),
+                            peak
+                        );
+                    }
                 }
             }
         }
@@ -110,6 +155,7 @@ fn measure(
     phi: &Phi,
     quad: &Quadratic,
     steps: usize,
+    imp: Impl,
     what: What,
     warmup: u32,
     runs: u32,
@@ -127,11 +173,15 @@ fn measure(
             state: LstmState::zeros(&phi.config, quad.num_coords(), &dev, dtype),
         };
         let start = Instant::now();
-        match what {
-            What::MetaGrad => {
+        match (imp, what) {
+            (Impl::Fused, _) => {
+                let carry = HostCarry::start(&phi.config, quad.theta0.clone());
+                fused::meta_grad(phi, quad, carry, 0, steps)?;
+            }
+            (Impl::Burn, What::MetaGrad) => {
                 meta_grad(&lstm, &problem, carry, 0, steps)?;
             }
-            What::Forward => {
+            (Impl::Burn, What::Forward) => {
                 let run = unroll(&lstm, &problem, carry, 0, steps);
                 // Reading the losses back waits for the computation to finish.
                 l2l_common::tensor::to_f64(&run.losses)?;

@@ -1,0 +1,64 @@
+//! Branch-free f32 exp, sigmoid and tanh that the compiler can vectorize.
+//!
+//! `exp` is Cephes' `expf`: x = n·ln2 + r with |r| ≤ ln2/2, a degree-6 polynomial for
+//! e^r, and 2^n put into the exponent bits; relative error about 2e-7 over the clamped
+//! range [-87, 88]. libm's `expf`/`tanhf` are scalar calls; these inline into the loops.
+
+const LOG2E: f32 = std::f32::consts::LOG2_E;
+const LN2_HI: f32 = 0.693_359_4;
+const LN2_LO: f32 = -2.121_944_4e-4;
+
+/// e^x for x in [-87, 88] (clamped outside).
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    let x = x.clamp(-87.0, 88.0);
+    let n = (x * LOG2E + 0.5).floor();
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let mut p = 1.987_569_1e-4f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 5.000_000_1e-1;
+    let e = p * r * r + r + 1.0;
+    // n is within [-126, 127] after the clamp; wrapping ops keep the loop branch-free.
+    f32::from_bits(((n as i32).wrapping_add(127) as u32) << 23) * e
+}
+
+/// 1 / (1 + e^-x).
+#[inline(always)]
+pub fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + exp(-x))
+}
+
+/// tanh x = 2σ(2x) − 1, with the absolute error of σ (≈1e-7).
+#[inline(always)]
+pub fn tanh(x: f32) -> f32 {
+    2.0 / (1.0 + exp(-2.0 * x)) - 1.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn close_to_f64_over_the_useful_range() {
+        let mut worst = (0f64, 0f64, 0f64);
+        let mut x = -30.0f32;
+        while x < 30.0 {
+            let xe = x as f64;
+            let e = (exp(x) as f64 - xe.exp()).abs() / xe.exp();
+            let s = (sigmoid(x) as f64 - 1.0 / (1.0 + (-xe).exp())).abs();
+            let t = (tanh(x) as f64 - xe.tanh()).abs();
+            worst = (worst.0.max(e), worst.1.max(s), worst.2.max(t));
+            x += 0.001;
+        }
+        // Relative error of exp a few ulp; absolute error of σ and tanh near f32's ulp of 1.
+        assert!(worst.0 < 5e-7, "exp rel {:e}", worst.0);
+        assert!(worst.1 < 2e-7, "sigmoid abs {:e}", worst.1);
+        assert!(worst.2 < 4e-7, "tanh abs {:e}", worst.2);
+        assert_eq!(sigmoid(-200.0), 1.0 / (1.0 + 88f32.exp()));
+        assert_eq!(tanh(100.0), 1.0);
+        assert_eq!(tanh(-100.0), -1.0);
+    }
+}

@@ -1,0 +1,168 @@
+//! The fused path against the plain burn composition it replaces (float64 there).
+
+use burn::tensor::{DType, Device};
+
+use super::*;
+use crate::tensor::{from_f32, to_f64};
+use crate::unroll::{Carry, meta_grad_tensors};
+use crate::{Lstm, LstmState, Preprocess};
+
+/// The burn path's meta-gradient (f64), meta-loss and final θ and state.
+fn reference(
+    phi: &Phi,
+    q: &Quadratic,
+    carry: &HostCarry,
+    start: usize,
+    steps: usize,
+) -> (Vec<Vec<f64>>, f64, Vec<f64>, Vec<Vec<f64>>) {
+    let dev = Device::flex().autodiff();
+    let (n, h) = (q.num_coords(), phi.config.hidden);
+    let state = LstmState {
+        h: carry
+            .h
+            .iter()
+            .map(|v| from_f32(v, [n, h], &dev, DType::F64))
+            .collect(),
+        c: carry
+            .c
+            .iter()
+            .map(|v| from_f32(v, [n, h], &dev, DType::F64))
+            .collect(),
+    };
+    let c = Carry {
+        theta: from_f32(&carry.theta, [n, 1], &dev, DType::F64),
+        state,
+    };
+    let raw = meta_grad_tensors(
+        &Lstm::new(phi, &dev, DType::F64),
+        &q.on(&dev, DType::F64),
+        c,
+        start,
+        steps,
+    )
+    .unwrap();
+    let grads = raw.grad.iter().map(|g| to_f64(g).unwrap()).collect();
+    let losses = to_f64(&raw.losses).unwrap();
+    let state: Vec<Vec<f64>> = raw
+        .carry
+        .state
+        .h
+        .iter()
+        .chain(&raw.carry.state.c)
+        .map(|t| to_f64(t).unwrap())
+        .collect();
+    (
+        grads,
+        losses.iter().sum::<f64>() / steps as f64,
+        to_f64(&raw.carry.theta).unwrap(),
+        state,
+    )
+}
+
+fn max_rel(got: &[f32], want: &[f64]) -> f64 {
+    let scale = want.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-30);
+    got.iter()
+        .zip(want)
+        .fold(0f64, |m, (g, w)| m.max((*g as f64 - w).abs()))
+        / scale
+}
+
+fn compare(config: OptimizerConfig, batch: usize, steps: usize) {
+    let phi = Phi::init(config, 11).unwrap();
+    let q = Quadratic::from_seed(12, batch, 10).unwrap();
+    let mut carry = HostCarry::start(&config, q.theta0.clone());
+    // Two truncations in a row: the second starts from a non-zero state.
+    for trunc in 0..2 {
+        let start = trunc * steps;
+        let (want, want_loss, want_theta, want_state) = reference(&phi, &q, &carry, start, steps);
+        let got = meta_grad(&phi, &q, carry.clone(), start, steps).unwrap();
+        // Float32 against float64 at a fresh φ: about 1e-6 (spec); allow 1e-4.
+        for ((name, _), (g, w)) in config
+            .tensor_layout()
+            .iter()
+            .zip(got.grad.tensors.iter().zip(&want))
+        {
+            let e = max_rel(g, w);
+            assert!(e < 1e-4, "{config:?} truncation {trunc}: {name} rel {e:e}");
+        }
+        assert!(
+            (got.meta_loss - want_loss).abs() < 1e-5 * want_loss,
+            "{} vs {want_loss}",
+            got.meta_loss
+        );
+        // θ sums 20 rounded updates: float32 drifts ~3e-5 from float64 here.
+        let e = max_rel(&got.carry.theta, &want_theta);
+        assert!(e < 1e-4, "theta rel {e:e}");
+        let state: Vec<f32> = got
+            .carry
+            .h
+            .iter()
+            .chain(&got.carry.c)
+            .flatten()
+            .copied()
+            .collect();
+        let want_state: Vec<f64> = want_state.concat();
+        let e = max_rel(&state, &want_state);
+        assert!(e < 1e-4, "state rel {e:e}");
+        carry = got.carry;
+    }
+}
+
+#[test]
+fn matches_the_burn_path_log_sign() {
+    compare(OptimizerConfig::default(), 13, 20);
+}
+
+#[test]
+fn matches_the_burn_path_identity() {
+    compare(OptimizerConfig::new(Preprocess::Identity), 13, 20);
+}
+
+#[test]
+fn matches_the_burn_path_other_sizes() {
+    let c = OptimizerConfig {
+        hidden: 7,
+        layers: 3,
+        k: 5.0,
+        ..OptimizerConfig::default()
+    };
+    compare(c, 70, 7);
+    let c = OptimizerConfig {
+        hidden: 33,
+        layers: 1,
+        ..OptimizerConfig::new(Preprocess::Identity)
+    };
+    compare(c, 3, 5);
+}
+
+#[test]
+fn refuses_zero_steps_and_a_carry_of_the_wrong_size() {
+    let phi = Phi::init(OptimizerConfig::default(), 1).unwrap();
+    let q = Quadratic::from_seed(1, 2, 10).unwrap();
+    let carry = HostCarry::start(&phi.config, q.theta0.clone());
+    assert!(matches!(
+        meta_grad(&phi, &q, carry.clone(), 0, 0),
+        Err(Error::Config(_))
+    ));
+    let mut bad = carry;
+    bad.h[1].pop();
+    assert!(matches!(
+        meta_grad(&phi, &q, bad, 0, 3),
+        Err(Error::Shape(_))
+    ));
+}
+
+#[test]
+fn host_quadratic_matches_its_closed_form_by_hand() {
+    // B = 1, d = 2: W = [[1, 2], [3, 4]], y = [1, 1], θ = [1, -1]: f = 8, ∇ = [-16, -24].
+    let q = Quadratic {
+        batch: 1,
+        dims: 2,
+        w: vec![1.0, 2.0, 3.0, 4.0],
+        y: vec![1.0, 1.0],
+        theta0: vec![1.0, -1.0],
+    };
+    let mut g = [0f32; 2];
+    assert_eq!(q.eval(&q.theta0, 0, &mut g), 8.0);
+    assert_eq!(g, [-16.0, -24.0]);
+}
