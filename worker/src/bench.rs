@@ -5,8 +5,8 @@ use std::time::Instant;
 use anyhow::{Result, bail};
 use clap::Args;
 use l2l_common::burn::tensor::{DType, Device};
-use l2l_common::unroll::{Carry, meta_grad, unroll};
 use l2l_common::fused::{self, HostCarry};
+use l2l_common::unroll::{Carry, meta_grad, unroll};
 use l2l_common::{Lstm, LstmState, OptimizerConfig, Phi, Preprocess, Quadratic};
 use serde_json::json;
 
@@ -102,7 +102,15 @@ pub fn run(a: Bench) -> Result<()> {
         );
         println!(
             "{:<9} {:>8} {:<6} {:<10} {:>10} {:>10} {:>10} {:>8} {:>12}",
-            "preproc", "N", "impl", "what", "median_ms", "min_ms", "max_ms", "GFLOP/s", "peak_rss_mb"
+            "preproc",
+            "N",
+            "impl",
+            "what",
+            "median_ms",
+            "min_ms",
+            "max_ms",
+            "GFLOP/s",
+            "peak_rss_mb"
         );
     }
     for &preprocess in &modes {

@@ -6,10 +6,12 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use l2l_common::burn::tensor::{DType, Device};
+use l2l_common::fused::{self, HostCarry};
 use l2l_common::unroll::{Carry, meta_grad as compute_meta_grad};
 use l2l_common::{Lstm, LstmState, MetaGradFile, OptimizerConfig, Phi, Preprocess, Quadratic};
 
 use crate::PreprocessArg;
+use crate::bench::Impl;
 
 /// Arguments of `init-phi`.
 #[derive(Debug, Args)]
@@ -121,27 +123,41 @@ pub struct MetaGradArgs {
     /// Where to write ∂L/∂φ (same names and shapes as φ; meta_loss and steps in metadata).
     #[arg(long)]
     out: PathBuf,
+    /// Implementation: `fused` (hand-differentiated CPU kernels) or `burn` (the plain burn
+    /// composition with autodiff, the reference).
+    #[arg(long = "impl", value_enum, default_value_t = Impl::Fused)]
+    implementation: Impl,
 }
 
-/// `meta-grad`: one truncation from zero state and θ_0, in float32 on the CPU backend.
+/// `meta-grad`: one truncation from zero state and θ_0, in float32 on the CPU.
 pub fn meta_grad(a: MetaGradArgs) -> Result<()> {
     let phi = Phi::load(&a.phi).context("cannot load φ (--phi)")?;
     let quad = Quadratic::load(&a.problem).context("cannot load the problem (--problem)")?;
-    let (dev, dtype) = (Device::flex().autodiff(), DType::F32);
-    let carry = Carry {
-        theta: quad.theta0(&dev, dtype),
-        state: LstmState::zeros(&phi.config, quad.num_coords(), &dev, dtype),
-    };
-    let lstm = Lstm::new(&phi, &dev, dtype);
     let steps = a.steps as usize;
-    let out = compute_meta_grad(&lstm, &quad.on(&dev, dtype), carry, 0, steps)?;
+    let (grad, meta_loss) = match a.implementation {
+        Impl::Fused => {
+            let carry = HostCarry::start(&phi.config, quad.theta0.clone());
+            let out = fused::meta_grad(&phi, &quad, carry, 0, steps)?;
+            (out.grad, out.meta_loss)
+        }
+        Impl::Burn => {
+            let (dev, dtype) = (Device::flex().autodiff(), DType::F32);
+            let carry = Carry {
+                theta: quad.theta0(&dev, dtype),
+                state: LstmState::zeros(&phi.config, quad.num_coords(), &dev, dtype),
+            };
+            let lstm = Lstm::new(&phi, &dev, dtype);
+            let out = compute_meta_grad(&lstm, &quad.on(&dev, dtype), carry, 0, steps)?;
+            (out.grad, out.meta_loss)
+        }
+    };
     MetaGradFile {
-        grad: out.grad,
-        meta_loss: out.meta_loss,
+        grad,
+        meta_loss,
         steps,
     }
     .save(&a.out)?;
-    println!("meta_loss {:.9e}", out.meta_loss);
+    println!("meta_loss {meta_loss:.9e}");
     println!("wrote {}", a.out.display());
     Ok(())
 }

@@ -5,11 +5,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
-use l2l_common::burn::tensor::{DType, Device};
 use l2l_common::checkpoint::TensorFile;
 use l2l_common::checkpoint::{config_from, phi_from};
-use l2l_common::unroll::{Carry, meta_grad};
-use l2l_common::{Lstm, LstmState, Phi, Quadratic, rng::Rng};
+use l2l_common::fused::{HostCarry, meta_grad};
+use l2l_common::{Phi, Quadratic, rng::Rng};
 use l2l_proto::v1::coordinator_client::CoordinatorClient;
 use l2l_proto::v1::{
     FetchPhiRequest, HeartbeatRequest, Instance, LeaseReply, LeaseRequest, RegisterRequest,
@@ -93,11 +92,10 @@ struct Worker {
     id: u64,
     lease_timeout: Duration,
     wait_for_update: bool,
-    phi: Option<(Version, Lstm)>,
+    phi: Option<(Version, Phi)>,
     jitter: Rng,
     stop: Arc<AtomicBool>,
     summary: WorkerSummary,
-    device: Device,
 }
 
 /// Runs a worker until the coordinator's run is finished or `stop` is set.
@@ -121,7 +119,6 @@ pub fn run_worker(opts: WorkerOptions, stop: Arc<AtomicBool>) -> Result<WorkerSu
         phi: None,
         stop,
         summary: WorkerSummary::default(),
-        device: Device::flex().autodiff(),
     };
     w.main_loop()?;
     Ok(w.summary)
@@ -177,7 +174,7 @@ impl Worker {
             .rt
             .block_on(c.register(RegisterRequest {
                 name: self.opts.name.clone(),
-                backend: "flex".into(),
+                backend: "cpu".into(),
             }))?
             .into_inner();
         self.id = reply.worker_id;
@@ -253,7 +250,7 @@ impl Worker {
         if !reply.unchanged {
             let phi =
                 decode_phi(&reply.phi).map_err(|e| tonic::Status::internal(format!("{e:#}")))?;
-            self.phi = Some((version, Lstm::new(&phi, &self.device, DType::F32)));
+            self.phi = Some((version, phi));
         }
         Ok(version)
     }
@@ -272,8 +269,6 @@ impl Worker {
         };
         let t = lease.truncation_steps.max(1) as usize;
         let truncations = (lease.trajectory_steps as usize) / t;
-        let (dev, dtype) = (self.device.clone(), DType::F32);
-        let on_device = problem.on(&dev, dtype);
         let mut carry = None;
         let mut wait = Duration::ZERO;
         for k in 0..truncations {
@@ -288,17 +283,16 @@ impl Worker {
                     return Ok(Outcome::Reregister);
                 }
             };
-            let Some((_, lstm)) = self.phi.as_ref() else {
+            let Some((_, phi)) = self.phi.as_ref() else {
                 return Ok(Outcome::Reregister);
             };
-            let c = carry.take().unwrap_or_else(|| Carry {
-                theta: problem.theta0(&dev, dtype),
-                state: LstmState::zeros(&lstm.config, problem.num_coords(), &dev, dtype),
-            });
+            let c = carry
+                .take()
+                .unwrap_or_else(|| HostCarry::start(&phi.config, problem.theta0.clone()));
             let _t = tracing::debug_span!("truncation", k, version = version.step).entered();
             let started = Instant::now();
             let heartbeat = self.start_heartbeat(lease.lease_id);
-            let out = meta_grad(lstm, &on_device, c, k * t, t);
+            let out = meta_grad(phi, &problem, c, k * t, t);
             heartbeat.abort();
             let out = match out {
                 Ok(o) => o,

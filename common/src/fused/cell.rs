@@ -1,11 +1,22 @@
-//! The LSTM step over a block of coordinates, forward and backward, on host f32.
+//! The LSTM step over blocks of [`LANES`] coordinates, forward and backward, on host f32.
+//!
+//! Coordinates are the SIMD lanes: every quantity of a block is stored as `[f32; LANES]`,
+//! so each multiply-add, gate and exp works on a full vector whatever H is. Records and
+//! weight-gradient accumulators are lane-major for the same reason; the accumulators are
+//! summed over lanes once, at the end.
 
 use std::ops::Range;
 
 use super::math::{sigmoid, tanh};
 use crate::{OptimizerConfig, Phi, Preprocess};
 
-/// φ laid out for the kernels, with transposed copies for the backward pass.
+/// Coordinates per SIMD block (8 f32 = one AVX register).
+pub const LANES: usize = 8;
+
+type V = [f32; LANES];
+
+/// φ laid out for the kernels: the forward reads transposed weights (`[4H][I]`), the
+/// backward the spec's (`[I][4H]`).
 pub struct Weights {
     preprocess: Preprocess,
     k: f32,
@@ -14,7 +25,7 @@ pub struct Weights {
     layers: Vec<Layer>,
     out_w: Vec<f32>,
     out_b: f32,
-    /// Offsets of out.w and out.b in the flat gradient.
+    /// Offset of out.w in the flat gradient (out.b follows).
     out_at: usize,
     params: usize,
 }
@@ -86,7 +97,7 @@ impl Weights {
     }
 }
 
-/// Where each quantity sits in a coordinate's record of one step.
+/// Where each quantity sits in a block's record of one step, in units of `V`.
 ///
 /// Record: `x0 [I]`, then per layer `gates [4H]` (i, f, g, o activated), `c [H]`,
 /// `tanh c [H]`, `h [H]`, then `u`. Record 0 of a truncation holds only the incoming h, c.
@@ -94,7 +105,7 @@ pub struct Layout {
     /// H.
     pub h: usize,
     inputs: usize,
-    /// Floats per coordinate per step.
+    /// `V`s per block per step.
     pub record: usize,
 }
 
@@ -127,17 +138,47 @@ impl Layout {
     }
 }
 
-/// `y += a · x`.
+/// Views a block's flat f32 record as `V`s.
 #[inline(always)]
-fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
-    for (yi, xi) in y.iter_mut().zip(x) {
-        *yi += a * xi;
-    }
+fn as_v(s: &[f32]) -> &[V] {
+    let (head, body, tail) = unsafe { s.align_to::<V>() };
+    debug_assert!(head.is_empty() && tail.is_empty());
+    body
 }
 
-/// One optimizer step for a block: reads g and the previous records, writes the new
-/// records and adds u to θ.
-pub fn forward_block(
+/// Mutable [`as_v`].
+#[inline(always)]
+fn as_v_mut(s: &mut [f32]) -> &mut [V] {
+    // SAFETY: V is [f32; LANES]: same alignment as f32, no padding; every caller passes a
+    // length that is a multiple of LANES, checked below in debug builds.
+    let (head, body, tail) = unsafe { s.align_to_mut::<V>() };
+    debug_assert!(head.is_empty() && tail.is_empty());
+    body
+}
+
+/// `y + a · x`, lane by lane (on values, so the sum stays in a register).
+#[inline(always)]
+fn fma(y: V, a: &V, x: f32) -> V {
+    let mut o = y;
+    for l in 0..LANES {
+        o[l] += a[l] * x;
+    }
+    o
+}
+
+/// `f` applied to every lane.
+#[inline(always)]
+fn map(x: &V, f: impl Fn(f32) -> f32) -> V {
+    let mut o = [0f32; LANES];
+    for l in 0..LANES {
+        o[l] = f(x[l]);
+    }
+    o
+}
+
+/// One optimizer step for consecutive blocks: reads g and the previous records, writes the
+/// new records and adds u to θ. Slices hold whole blocks (multiples of `LANES` coordinates).
+pub fn forward_blocks(
     w: &Weights,
     lay: &Layout,
     g: &[f32],
@@ -177,97 +218,137 @@ fn forward_any(
     theta: &mut [f32],
 ) {
     let h = w.hidden;
-    let mut z = vec![0f32; 4 * h];
-    let mut input = vec![0f32; h.max(2)];
-    for (((gk, rec), prv), th) in g
-        .iter()
-        .zip(cur.chunks_mut(lay.record))
-        .zip(prev.chunks(lay.record))
-        .zip(theta.iter_mut())
-    {
-        preprocess(w, *gk, &mut rec[..lay.inputs]);
+    let rl = lay.record * LANES;
+    let mut z = vec![[0f32; LANES]; 4 * h];
+    let mut input = vec![[0f32; LANES]; h.max(2)];
+    let blocks = cur
+        .chunks_mut(rl)
+        .zip(prev.chunks(rl))
+        .zip(g.chunks(LANES))
+        .zip(theta.chunks_mut(LANES));
+    for (((rec, prv), gb), th) in blocks {
+        let rec = as_v_mut(rec);
+        let prv = as_v(prv);
+        for lane in 0..LANES {
+            let x = preprocess(w, gb[lane]);
+            for (kk, xv) in x.iter().take(lay.inputs).enumerate() {
+                rec[kk][lane] = *xv;
+            }
+        }
         for (l, layer) in w.layers.iter().enumerate() {
             let src = if l == 0 { 0 } else { lay.h_at(l - 1) };
             input[..layer.inputs].copy_from_slice(&rec[src..src + layer.inputs]);
-            z.copy_from_slice(&layer.b);
-            for (kk, &x) in input[..layer.inputs].iter().enumerate() {
-                axpy(&mut z, x, &layer.w_x[kk * 4 * h..(kk + 1) * 4 * h]);
-            }
             let h_prev = &prv[lay.h_at(l)..lay.h_at(l) + h];
-            for (kk, &x) in h_prev.iter().enumerate() {
-                axpy(&mut z, x, &layer.w_h[kk * 4 * h..(kk + 1) * 4 * h]);
+            for (j, zj) in z.iter_mut().enumerate() {
+                let mut s = [layer.b[j]; LANES];
+                let wx = &layer.w_xt[j * layer.inputs..(j + 1) * layer.inputs];
+                for (x, wk) in input[..layer.inputs].iter().zip(wx) {
+                    s = fma(s, x, *wk);
+                }
+                let wh = &layer.w_ht[j * h..(j + 1) * h];
+                for (x, wk) in h_prev.iter().zip(wh) {
+                    s = fma(s, x, *wk);
+                }
+                *zj = s;
             }
-            // gates | c | tanh c | h of this layer, split so each loop runs over slices.
+            let c_prev = &prv[lay.c_at(l)..lay.c_at(l) + h];
             let (gates, rest) = rec[lay.gates_at(l)..lay.gates_at(l) + 7 * h].split_at_mut(4 * h);
             let (c_new, rest) = rest.split_at_mut(h);
             let (tanhc, h_new) = rest.split_at_mut(h);
             let (sig_if, rest) = gates.split_at_mut(2 * h);
             let (g_gate, o_gate) = rest.split_at_mut(h);
             for (a, zj) in sig_if.iter_mut().zip(&z[..2 * h]) {
-                *a = sigmoid(*zj);
+                *a = map(zj, sigmoid);
             }
             for (a, zj) in g_gate.iter_mut().zip(&z[2 * h..3 * h]) {
-                *a = tanh(*zj);
+                *a = map(zj, tanh);
             }
             for (a, zj) in o_gate.iter_mut().zip(&z[3 * h..]) {
-                *a = sigmoid(*zj);
+                *a = map(zj, sigmoid);
             }
             let (i_gate, f_gate) = sig_if.split_at(h);
-            let c_prev = &prv[lay.c_at(l)..lay.c_at(l) + h];
             for j in 0..h {
-                let c = f_gate[j] * c_prev[j] + i_gate[j] * g_gate[j];
+                let (i, f, gg, o) = (i_gate[j], f_gate[j], g_gate[j], o_gate[j]);
+                let mut c = [0f32; LANES];
+                for lane in 0..LANES {
+                    c[lane] = f[lane] * c_prev[j][lane] + i[lane] * gg[lane];
+                }
+                let t = map(&c, tanh);
+                let mut hn = [0f32; LANES];
+                for lane in 0..LANES {
+                    hn[lane] = o[lane] * t[lane];
+                }
                 c_new[j] = c;
-            }
-            for (t, c) in tanhc.iter_mut().zip(c_new.iter()) {
-                *t = tanh(*c);
-            }
-            for ((hn, o), t) in h_new.iter_mut().zip(o_gate.iter()).zip(tanhc.iter()) {
-                *hn = o * t;
+                tanhc[j] = t;
+                h_new[j] = hn;
             }
         }
         let top = &rec[lay.h_at(w.layers.len() - 1)..lay.h_at(w.layers.len() - 1) + h];
-        let dot: f32 = top.iter().zip(&w.out_w).map(|(a, b)| a * b).sum();
-        let u = (dot + w.out_b) * w.out_scale;
+        let mut dot = [0f32; LANES];
+        for (hv, ow) in top.iter().zip(&w.out_w) {
+            dot = fma(dot, hv, *ow);
+        }
+        let mut u = [0f32; LANES];
+        for lane in 0..LANES {
+            u[lane] = (dot[lane] + w.out_b) * w.out_scale;
+            th[lane] += u[lane];
+        }
         rec[lay.u_at()] = u;
-        *th += u;
     }
 }
 
 /// Spec §1.2 in f32, as the burn path computes it.
 #[inline(always)]
-fn preprocess(w: &Weights, g: f32, x: &mut [f32]) {
+fn preprocess(w: &Weights, g: f32) -> [f32; 2] {
     match w.preprocess {
-        Preprocess::Identity => x[0] = g,
+        Preprocess::Identity => [g, 0.0],
         Preprocess::LogSign => {
             let a = g.abs();
             if a >= (-w.k).exp() {
-                x[0] = a.ln() / w.k;
-                x[1] = if g > 0.0 { 1.0 } else { -1.0 };
+                [a.ln() / w.k, if g > 0.0 { 1.0 } else { -1.0 }]
             } else {
-                x[0] = -1.0;
-                x[1] = g * w.k.exp();
+                [-1.0, g * w.k.exp()]
             }
         }
     }
 }
 
-/// Backpropagation through the truncation for the coordinates in `range`, adding ∂L/∂φ
-/// (flat, spec order) into `acc`. `du[t]` is ∂L/∂u_t.
-pub fn backward_block(
+/// Per-lane gradient accumulators of one task: `LANES` partial sums per φ value.
+pub struct Accumulator {
+    lanes: Vec<V>,
+}
+
+impl Accumulator {
+    /// Zeros for `w`.
+    pub fn new(w: &Weights) -> Self {
+        Self {
+            lanes: vec![[0f32; LANES]; w.num_params()],
+        }
+    }
+
+    /// The flat gradient: partial sums added over lanes.
+    pub fn total(&self) -> Vec<f32> {
+        self.lanes.iter().map(|v| v.iter().sum()).collect()
+    }
+}
+
+/// Backpropagation through the truncation for the blocks in `blocks`, adding ∂L/∂φ into
+/// `acc`. `du[t]` is ∂L/∂u_t for every (padded) coordinate.
+pub fn backward_blocks(
     w: &Weights,
     lay: &Layout,
     records: &[Vec<f32>],
     du: &[Vec<f32>],
-    range: Range<usize>,
-    acc: &mut [f32],
+    blocks: Range<usize>,
+    acc: &mut Accumulator,
 ) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU supports AVX2, checked just above.
-        unsafe { backward_avx2(w, lay, records, du, range, acc) };
+        unsafe { backward_avx2(w, lay, records, du, blocks, acc) };
         return;
     }
-    backward_any(w, lay, records, du, range, acc)
+    backward_any(w, lay, records, du, blocks, acc)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -277,10 +358,10 @@ unsafe fn backward_avx2(
     lay: &Layout,
     records: &[Vec<f32>],
     du: &[Vec<f32>],
-    range: Range<usize>,
-    acc: &mut [f32],
+    blocks: Range<usize>,
+    acc: &mut Accumulator,
 ) {
-    backward_any(w, lay, records, du, range, acc)
+    backward_any(w, lay, records, du, blocks, acc)
 }
 
 #[inline(always)]
@@ -289,88 +370,116 @@ fn backward_any(
     lay: &Layout,
     records: &[Vec<f32>],
     du: &[Vec<f32>],
-    range: Range<usize>,
-    acc: &mut [f32],
+    blocks: Range<usize>,
+    acc: &mut Accumulator,
 ) {
-    let (h, nl, r) = (w.hidden, w.layers.len(), lay.record);
+    let (h, nl) = (w.hidden, w.layers.len());
+    let rl = lay.record * LANES;
     let steps = du.len();
-    let mut dh_carry = vec![vec![0f32; h]; nl];
-    let mut dc_carry = vec![vec![0f32; h]; nl];
-    let mut dh = vec![0f32; h];
-    let mut below = vec![0f32; h];
-    let mut dz = vec![0f32; 4 * h];
-    for k in range {
+    let zero = [0f32; LANES];
+    let mut dh_carry = vec![vec![zero; h]; nl];
+    let mut dc_carry = vec![vec![zero; h]; nl];
+    let mut dh = vec![zero; h];
+    let mut dz = vec![zero; 4 * h];
+    let a = &mut acc.lanes;
+    for b in blocks {
         dh_carry
             .iter_mut()
             .chain(dc_carry.iter_mut())
-            .for_each(|v| v.iter_mut().for_each(|x| *x = 0.0));
+            .for_each(|v| v.fill(zero));
         for t in (1..=steps).rev() {
-            let rec = &records[t][k * r..(k + 1) * r];
-            let prv = &records[t - 1][k * r..(k + 1) * r];
-            let sdu = w.out_scale * du[t - 1][k];
+            let rec = as_v(&records[t][b * rl..(b + 1) * rl]);
+            let prv = as_v(&records[t - 1][b * rl..(b + 1) * rl]);
+            let mut sdu = zero;
+            for lane in 0..LANES {
+                sdu[lane] = w.out_scale * du[t - 1][b * LANES + lane];
+            }
             let top = &rec[lay.h_at(nl - 1)..lay.h_at(nl - 1) + h];
-            acc[w.out_at + h] += sdu;
-            axpy(&mut acc[w.out_at..w.out_at + h], sdu, top);
-            for j in 0..h {
-                dh[j] = sdu * w.out_w[j];
+            for lane in 0..LANES {
+                a[w.out_at + h][lane] += sdu[lane];
+            }
+            for (j, hv) in top.iter().enumerate() {
+                for lane in 0..LANES {
+                    a[w.out_at + j][lane] += sdu[lane] * hv[lane];
+                }
+                for lane in 0..LANES {
+                    dh[j][lane] = sdu[lane] * w.out_w[j];
+                }
             }
             for l in (0..nl).rev() {
                 let layer = &w.layers[l];
-                // dh so far: from above at time t; add what flows back from time t+1.
-                for j in 0..h {
-                    dh[j] += dh_carry[l][j];
-                }
                 let gates = &rec[lay.gates_at(l)..lay.gates_at(l) + 4 * h];
-                let (gi, gf, gg, go) = (&gates[..h], &gates[h..2 * h], &gates[2 * h..3 * h], &gates[3 * h..]);
                 let tanhc = &rec[lay.tanhc_at(l)..lay.tanhc_at(l) + h];
                 let c_prev = &prv[lay.c_at(l)..lay.c_at(l) + h];
                 let (dzi, rest) = dz.split_at_mut(h);
                 let (dzf, rest) = rest.split_at_mut(h);
                 let (dzg, dzo) = rest.split_at_mut(h);
-                let dcc = &mut dc_carry[l];
                 for j in 0..h {
-                    let (i, f, g, o) = (gi[j], gf[j], gg[j], go[j]);
-                    let tc = tanhc[j];
-                    let d_o = dh[j] * tc;
-                    let dc = dcc[j] + dh[j] * o * (1.0 - tc * tc);
-                    dcc[j] = dc * f;
-                    dzi[j] = dc * g * i * (1.0 - i);
-                    dzf[j] = dc * c_prev[j] * f * (1.0 - f);
-                    dzg[j] = dc * i * (1.0 - g * g);
-                    dzo[j] = d_o * o * (1.0 - o);
+                    let (gi, gf, gg, go) =
+                        (gates[j], gates[h + j], gates[2 * h + j], gates[3 * h + j]);
+                    let (tc, cp, dcc, dhc) = (tanhc[j], c_prev[j], dc_carry[l][j], dh_carry[l][j]);
+                    let (mut zi, mut zf, mut zg, mut zo, mut carry) =
+                        (zero, zero, zero, zero, zero);
+                    for lane in 0..LANES {
+                        // dh: from above at time t plus what flows back from time t+1.
+                        let d = dh[j][lane] + dhc[lane];
+                        let (i, f, g, o, t) = (gi[lane], gf[lane], gg[lane], go[lane], tc[lane]);
+                        let dc = dcc[lane] + d * o * (1.0 - t * t);
+                        carry[lane] = dc * f;
+                        zi[lane] = dc * g * i * (1.0 - i);
+                        zf[lane] = dc * cp[lane] * f * (1.0 - f);
+                        zg[lane] = dc * i * (1.0 - g * g);
+                        zo[lane] = d * t * o * (1.0 - o);
+                    }
+                    dc_carry[l][j] = carry;
+                    (dzi[j], dzf[j], dzg[j], dzo[j]) = (zi, zf, zg, zo);
                 }
                 let (wx_at, wh_at) = (layer.at, layer.at + layer.inputs * 4 * h);
                 let b_at = wh_at + h * 4 * h;
-                axpy(&mut acc[b_at..b_at + 4 * h], 1.0, &dz);
+                for (j, d) in dz.iter().enumerate() {
+                    for lane in 0..LANES {
+                        a[b_at + j][lane] += d[lane];
+                    }
+                }
                 let src = if l == 0 { 0 } else { lay.h_at(l - 1) };
                 for kk in 0..layer.inputs {
-                    let x = rec[src + kk];
-                    axpy(
-                        &mut acc[wx_at + kk * 4 * h..wx_at + (kk + 1) * 4 * h],
-                        x,
-                        &dz,
-                    );
+                    let x = &rec[src + kk];
+                    let row = &mut a[wx_at + kk * 4 * h..wx_at + (kk + 1) * 4 * h];
+                    for (r, d) in row.iter_mut().zip(&dz) {
+                        let mut v = *r;
+                        for lane in 0..LANES {
+                            v[lane] += x[lane] * d[lane];
+                        }
+                        *r = v;
+                    }
                 }
                 let h_prev = &prv[lay.h_at(l)..lay.h_at(l) + h];
-                for kk in 0..h {
-                    axpy(
-                        &mut acc[wh_at + kk * 4 * h..wh_at + (kk + 1) * 4 * h],
-                        h_prev[kk],
-                        &dz,
-                    );
+                for (kk, x) in h_prev.iter().enumerate() {
+                    let row = &mut a[wh_at + kk * 4 * h..wh_at + (kk + 1) * 4 * h];
+                    for (r, d) in row.iter_mut().zip(&dz) {
+                        let mut v = *r;
+                        for lane in 0..LANES {
+                            v[lane] += x[lane] * d[lane];
+                        }
+                        *r = v;
+                    }
                 }
                 // To the previous time step through w_h, and to the layer below through w_x.
-                let carry = &mut dh_carry[l];
-                carry.iter_mut().for_each(|x| *x = 0.0);
-                for (j, &d) in dz.iter().enumerate() {
-                    axpy(carry, d, &layer.w_ht[j * h..(j + 1) * h]);
+                for (kk, carry) in dh_carry[l].iter_mut().enumerate() {
+                    let mut s = zero;
+                    for (d, wk) in dz.iter().zip(&layer.w_h[kk * 4 * h..(kk + 1) * 4 * h]) {
+                        s = fma(s, d, *wk);
+                    }
+                    *carry = s;
                 }
                 if l > 0 {
-                    below.iter_mut().for_each(|x| *x = 0.0);
-                    for (j, &d) in dz.iter().enumerate() {
-                        axpy(&mut below, d, &layer.w_xt[j * h..(j + 1) * h]);
+                    for (kk, below) in dh.iter_mut().enumerate() {
+                        let mut s = zero;
+                        for (d, wk) in dz.iter().zip(&layer.w_x[kk * 4 * h..(kk + 1) * 4 * h]) {
+                            s = fma(s, d, *wk);
+                        }
+                        *below = s;
                     }
-                    dh.copy_from_slice(&below);
                 }
             }
         }

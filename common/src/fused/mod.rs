@@ -18,7 +18,7 @@ use rayon::prelude::*;
 
 use crate::{Error, OptimizerConfig, Phi, Quadratic};
 
-use cell::{Layout, Weights};
+use cell::{Accumulator, LANES, Layout, Weights};
 
 /// A problem as the fused path sees it: loss and gradient on host f32 values.
 pub trait HostProblem: Sync {
@@ -96,9 +96,9 @@ pub struct FusedMetaGrad {
     pub carry: HostCarry,
 }
 
-/// Coordinates per parallel block: enough to amortise scheduling, small enough that a
-/// block's records stay in L2.
-const BLOCK: usize = 64;
+/// SIMD blocks per parallel task: enough to amortise scheduling, small enough that a
+/// task's records stay in L2. Fixed, so results are the same for any thread count.
+const TASK_BLOCKS: usize = 8;
 
 /// The meta-gradient of T steps from `carry` at step `start` (spec §2), fused.
 pub fn meta_grad(
@@ -128,40 +128,47 @@ pub fn meta_grad(
     }
     let weights = Weights::new(phi);
     let lay = Layout::new(&cfg);
-    let HostCarry { mut theta, h, c } = carry;
+    let (hidden, rl) = (cfg.hidden, lay.record * LANES);
+    // Coordinates are padded to whole SIMD blocks; padding has g = 0 and ∂L/∂u = 0, so it
+    // contributes nothing to the gradient and is dropped at the end.
+    let blocks = n.div_ceil(LANES);
+    let n_pad = blocks * LANES;
+    let at = |k: usize, offset: usize| (k / LANES) * rl + offset * LANES + k % LANES;
+    let HostCarry { theta, h, c } = carry;
+    let mut theta_pad = theta;
+    theta_pad.resize(n_pad, 0.0);
 
-    // records[t]: per coordinate, everything step t produced (record 0: the initial h, c).
+    // records[t]: for every block, everything step t produced (record 0: the initial h, c).
     let mut records: Vec<Vec<f32>> = Vec::with_capacity(steps + 1);
-    let mut first = vec![0f32; n * lay.record];
-    for (k, rec) in first.chunks_mut(lay.record).enumerate() {
+    let mut first = vec![0f32; blocks * rl];
+    for k in 0..n {
         for l in 0..cfg.layers {
-            let (hh, cc) = (
-                &h[l][k * lay.h..(k + 1) * lay.h],
-                &c[l][k * lay.h..(k + 1) * lay.h],
-            );
-            rec[lay.h_at(l)..lay.h_at(l) + lay.h].copy_from_slice(hh);
-            rec[lay.c_at(l)..lay.c_at(l) + lay.h].copy_from_slice(cc);
+            for j in 0..hidden {
+                first[at(k, lay.h_at(l) + j)] = h[l][k * hidden + j];
+                first[at(k, lay.c_at(l) + j)] = c[l][k * hidden + j];
+            }
         }
     }
     records.push(first);
     // grads[t] = ∇f(θ_t) for t = 0..=T; losses[t-1] = f(θ_t) for t = 1..=T.
     let mut grads: Vec<Vec<f32>> = Vec::with_capacity(steps + 1);
     let mut losses = Vec::with_capacity(steps);
-    let mut g = vec![0f32; n];
-    problem.eval(&theta, start, &mut g);
+    let mut g = vec![0f32; n_pad];
+    problem.eval(&theta_pad[..n], start, &mut g[..n]);
+    let chunk = TASK_BLOCKS * LANES;
     for t in 0..steps {
-        let mut cur = vec![0f32; n * lay.record];
+        let mut cur = vec![0f32; blocks * rl];
         let prev = &records[t];
-        cur.par_chunks_mut(lay.record * BLOCK)
-            .zip(prev.par_chunks(lay.record * BLOCK))
-            .zip(theta.par_chunks_mut(BLOCK))
-            .zip(g.par_chunks(BLOCK))
+        cur.par_chunks_mut(TASK_BLOCKS * rl)
+            .zip(prev.par_chunks(TASK_BLOCKS * rl))
+            .zip(theta_pad.par_chunks_mut(chunk))
+            .zip(g.par_chunks(chunk))
             .for_each(|(((cur, prev), theta), g)| {
-                cell::forward_block(&weights, &lay, g, prev, cur, theta)
+                cell::forward_blocks(&weights, &lay, g, prev, cur, theta)
             });
         records.push(cur);
-        grads.push(std::mem::replace(&mut g, vec![0f32; n]));
-        let f = problem.eval(&theta, start + t + 1, &mut g);
+        grads.push(std::mem::replace(&mut g, vec![0f32; n_pad]));
+        let f = problem.eval(&theta_pad[..n], start + t + 1, &mut g[..n]);
         losses.push(f);
     }
     grads.push(g);
@@ -175,8 +182,8 @@ pub fn meta_grad(
 
     // ∂L/∂u_t = (1/T) Σ_{j=t+1..T} ∇f(θ_j), as suffix sums, t = 0..T-1.
     let inv_t = 1.0 / steps as f32;
-    let mut du: Vec<Vec<f32>> = vec![vec![0f32; n]; steps];
-    let mut acc = vec![0f32; n];
+    let mut du: Vec<Vec<f32>> = vec![vec![0f32; n_pad]; steps];
+    let mut acc = vec![0f32; n_pad];
     for t in (0..steps).rev() {
         for (a, gj) in acc.iter_mut().zip(&grads[t + 1]) {
             *a += gj * inv_t;
@@ -184,24 +191,22 @@ pub fn meta_grad(
         du[t].copy_from_slice(&acc);
     }
 
-    let blocks = n.div_ceil(BLOCK);
-    let total = (0..blocks)
+    // Each task sums its blocks into its own accumulator; the tasks' sums are then added
+    // in task order, so the result does not depend on scheduling or the thread count.
+    let tasks = blocks.div_ceil(TASK_BLOCKS);
+    let partial: Vec<Vec<f32>> = (0..tasks)
         .into_par_iter()
-        .fold(
-            || vec![0f32; weights.num_params()],
-            |mut acc, b| {
-                let range = b * BLOCK..((b + 1) * BLOCK).min(n);
-                cell::backward_block(&weights, &lay, &records, &du, range, &mut acc);
-                acc
-            },
-        )
-        .reduce(
-            || vec![0f32; weights.num_params()],
-            |mut a, b| {
-                a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
-                a
-            },
-        );
+        .map(|task| {
+            let mut acc = Accumulator::new(&weights);
+            let range = task * TASK_BLOCKS..((task + 1) * TASK_BLOCKS).min(blocks);
+            cell::backward_blocks(&weights, &lay, &records, &du, range, &mut acc);
+            acc.total()
+        })
+        .collect();
+    let mut total = vec![0f32; weights.num_params()];
+    for p in &partial {
+        total.iter_mut().zip(p).for_each(|(t, v)| *t += v);
+    }
     let grad = Phi::unflatten(cfg, &total).map_err(|e| match e {
         Error::NonFinite(what) => Error::NonFinite(format!(
             "the meta-gradient diverged ({what}); the optimizee blew up under this φ"
@@ -210,16 +215,18 @@ pub fn meta_grad(
     })?;
 
     let last = &records[steps];
-    let mut h: Vec<Vec<f32>> = vec![vec![0.0; n * lay.h]; cfg.layers];
-    let mut c: Vec<Vec<f32>> = vec![vec![0.0; n * lay.h]; cfg.layers];
-    for (k, rec) in last.chunks(lay.record).enumerate() {
+    let mut h: Vec<Vec<f32>> = vec![vec![0.0; n * hidden]; cfg.layers];
+    let mut c: Vec<Vec<f32>> = vec![vec![0.0; n * hidden]; cfg.layers];
+    for k in 0..n {
         for l in 0..cfg.layers {
-            h[l][k * lay.h..(k + 1) * lay.h]
-                .copy_from_slice(&rec[lay.h_at(l)..lay.h_at(l) + lay.h]);
-            c[l][k * lay.h..(k + 1) * lay.h]
-                .copy_from_slice(&rec[lay.c_at(l)..lay.c_at(l) + lay.h]);
+            for j in 0..hidden {
+                h[l][k * hidden + j] = last[at(k, lay.h_at(l) + j)];
+                c[l][k * hidden + j] = last[at(k, lay.c_at(l) + j)];
+            }
         }
     }
+    theta_pad.truncate(n);
+    let theta = theta_pad;
     Ok(FusedMetaGrad {
         grad,
         meta_loss: losses.iter().sum::<f64>() / steps as f64,
