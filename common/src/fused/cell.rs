@@ -373,113 +373,124 @@ fn backward_any(
     blocks: Range<usize>,
     acc: &mut Accumulator,
 ) {
-    let (h, nl) = (w.hidden, w.layers.len());
+    let (h, nl, h4) = (w.hidden, w.layers.len(), 4 * w.hidden);
     let rl = lay.record * LANES;
     let steps = du.len();
+    let nb = blocks.len();
     let zero = [0f32; LANES];
-    let mut dh_carry = vec![vec![zero; h]; nl];
-    let mut dc_carry = vec![vec![zero; h]; nl];
-    let mut dh = vec![zero; h];
-    let mut dz = vec![zero; 4 * h];
+    // Per block: what flows back from time t+1, per layer; dh arriving from above; dz.
+    let mut dh_carry = vec![zero; nb * nl * h];
+    let mut dc_carry = vec![zero; nb * nl * h];
+    let mut dh = vec![zero; nb * h];
+    let mut dz = vec![zero; nb * h4];
     let a = &mut acc.lanes;
-    for b in blocks {
-        dh_carry
-            .iter_mut()
-            .chain(dc_carry.iter_mut())
-            .for_each(|v| v.fill(zero));
-        for t in (1..=steps).rev() {
-            let rec = as_v(&records[t][b * rl..(b + 1) * rl]);
-            let prv = as_v(&records[t - 1][b * rl..(b + 1) * rl]);
+    // Time outermost and all blocks of the task together, so that each accumulator row
+    // is loaded once per step for all blocks instead of once per block.
+    for t in (1..=steps).rev() {
+        let rec_of = |b: usize| as_v(&records[t][(blocks.start + b) * rl..(blocks.start + b + 1) * rl]);
+        let prv_of = |b: usize| as_v(&records[t - 1][(blocks.start + b) * rl..(blocks.start + b + 1) * rl]);
+        for b in 0..nb {
+            let rec = rec_of(b);
             let mut sdu = zero;
             for lane in 0..LANES {
-                sdu[lane] = w.out_scale * du[t - 1][b * LANES + lane];
+                sdu[lane] = w.out_scale * du[t - 1][(blocks.start + b) * LANES + lane];
             }
             let top = &rec[lay.h_at(nl - 1)..lay.h_at(nl - 1) + h];
+            let mut ob = a[w.out_at + h];
             for lane in 0..LANES {
-                a[w.out_at + h][lane] += sdu[lane];
+                ob[lane] += sdu[lane];
             }
+            a[w.out_at + h] = ob;
             for (j, hv) in top.iter().enumerate() {
+                let mut v = a[w.out_at + j];
                 for lane in 0..LANES {
-                    a[w.out_at + j][lane] += sdu[lane] * hv[lane];
+                    v[lane] += sdu[lane] * hv[lane];
                 }
+                a[w.out_at + j] = v;
+                let mut d = zero;
                 for lane in 0..LANES {
-                    dh[j][lane] = sdu[lane] * w.out_w[j];
+                    d[lane] = sdu[lane] * w.out_w[j];
                 }
+                dh[b * h + j] = d;
             }
-            for l in (0..nl).rev() {
-                let layer = &w.layers[l];
-                let gates = &rec[lay.gates_at(l)..lay.gates_at(l) + 4 * h];
+        }
+        for l in (0..nl).rev() {
+            let layer = &w.layers[l];
+            for b in 0..nb {
+                let (rec, prv) = (rec_of(b), prv_of(b));
+                let gates = &rec[lay.gates_at(l)..lay.gates_at(l) + h4];
                 let tanhc = &rec[lay.tanhc_at(l)..lay.tanhc_at(l) + h];
                 let c_prev = &prv[lay.c_at(l)..lay.c_at(l) + h];
-                let (dzi, rest) = dz.split_at_mut(h);
-                let (dzf, rest) = rest.split_at_mut(h);
-                let (dzg, dzo) = rest.split_at_mut(h);
+                let carry_at = (b * nl + l) * h;
+                let dzb = &mut dz[b * h4..(b + 1) * h4];
                 for j in 0..h {
-                    let (gi, gf, gg, go) =
-                        (gates[j], gates[h + j], gates[2 * h + j], gates[3 * h + j]);
-                    let (tc, cp, dcc, dhc) = (tanhc[j], c_prev[j], dc_carry[l][j], dh_carry[l][j]);
-                    let (mut zi, mut zf, mut zg, mut zo, mut carry) =
-                        (zero, zero, zero, zero, zero);
+                    let (gi, gf, gg, go) = (gates[j], gates[h + j], gates[2 * h + j], gates[3 * h + j]);
+                    let (tc, cp) = (tanhc[j], c_prev[j]);
+                    let (dcc, dhc, dha) = (dc_carry[carry_at + j], dh_carry[carry_at + j], dh[b * h + j]);
+                    let (mut zi, mut zf, mut zg, mut zo, mut carry) = (zero, zero, zero, zero, zero);
                     for lane in 0..LANES {
                         // dh: from above at time t plus what flows back from time t+1.
-                        let d = dh[j][lane] + dhc[lane];
-                        let (i, f, g, o, t) = (gi[lane], gf[lane], gg[lane], go[lane], tc[lane]);
-                        let dc = dcc[lane] + d * o * (1.0 - t * t);
+                        let d = dha[lane] + dhc[lane];
+                        let (i, f, g, o, tv) = (gi[lane], gf[lane], gg[lane], go[lane], tc[lane]);
+                        let dc = dcc[lane] + d * o * (1.0 - tv * tv);
                         carry[lane] = dc * f;
                         zi[lane] = dc * g * i * (1.0 - i);
                         zf[lane] = dc * cp[lane] * f * (1.0 - f);
                         zg[lane] = dc * i * (1.0 - g * g);
-                        zo[lane] = d * t * o * (1.0 - o);
+                        zo[lane] = d * tv * o * (1.0 - o);
                     }
-                    dc_carry[l][j] = carry;
-                    (dzi[j], dzf[j], dzg[j], dzo[j]) = (zi, zf, zg, zo);
-                }
-                let (wx_at, wh_at) = (layer.at, layer.at + layer.inputs * 4 * h);
-                let b_at = wh_at + h * 4 * h;
-                for (j, d) in dz.iter().enumerate() {
-                    for lane in 0..LANES {
-                        a[b_at + j][lane] += d[lane];
-                    }
-                }
-                let src = if l == 0 { 0 } else { lay.h_at(l - 1) };
-                for kk in 0..layer.inputs {
-                    let x = &rec[src + kk];
-                    let row = &mut a[wx_at + kk * 4 * h..wx_at + (kk + 1) * 4 * h];
-                    for (r, d) in row.iter_mut().zip(&dz) {
-                        let mut v = *r;
-                        for lane in 0..LANES {
-                            v[lane] += x[lane] * d[lane];
-                        }
-                        *r = v;
-                    }
-                }
-                let h_prev = &prv[lay.h_at(l)..lay.h_at(l) + h];
-                for (kk, x) in h_prev.iter().enumerate() {
-                    let row = &mut a[wh_at + kk * 4 * h..wh_at + (kk + 1) * 4 * h];
-                    for (r, d) in row.iter_mut().zip(&dz) {
-                        let mut v = *r;
-                        for lane in 0..LANES {
-                            v[lane] += x[lane] * d[lane];
-                        }
-                        *r = v;
-                    }
+                    dc_carry[carry_at + j] = carry;
+                    dzb[j] = zi;
+                    dzb[h + j] = zf;
+                    dzb[2 * h + j] = zg;
+                    dzb[3 * h + j] = zo;
                 }
                 // To the previous time step through w_h, and to the layer below through w_x.
-                for (kk, carry) in dh_carry[l].iter_mut().enumerate() {
+                for kk in 0..h {
                     let mut s = zero;
-                    for (d, wk) in dz.iter().zip(&layer.w_h[kk * 4 * h..(kk + 1) * 4 * h]) {
+                    for (d, wk) in dzb.iter().zip(&layer.w_h[kk * h4..(kk + 1) * h4]) {
                         s = fma(s, d, *wk);
                     }
-                    *carry = s;
+                    dh_carry[carry_at + kk] = s;
                 }
                 if l > 0 {
-                    for (kk, below) in dh.iter_mut().enumerate() {
+                    for kk in 0..h {
                         let mut s = zero;
-                        for (d, wk) in dz.iter().zip(&layer.w_x[kk * 4 * h..(kk + 1) * 4 * h]) {
+                        for (d, wk) in dzb.iter().zip(&layer.w_x[kk * h4..(kk + 1) * h4]) {
                             s = fma(s, d, *wk);
                         }
-                        *below = s;
+                        dh[b * h + kk] = s;
                     }
+                }
+            }
+            // Weight gradients: each accumulator row once for all blocks of the task.
+            let (wx_at, wh_at) = (layer.at, layer.at + layer.inputs * h4);
+            let b_at = wh_at + h * h4;
+            let src = if l == 0 { 0 } else { lay.h_at(l - 1) };
+            for j in 0..h4 {
+                let mut v = a[b_at + j];
+                for b in 0..nb {
+                    let d = &dz[b * h4 + j];
+                    for lane in 0..LANES {
+                        v[lane] += d[lane];
+                    }
+                }
+                a[b_at + j] = v;
+            }
+            for kk in 0..layer.inputs + h {
+                let row_at = if kk < layer.inputs { wx_at + kk * h4 } else { wh_at + (kk - layer.inputs) * h4 };
+                let xs: Vec<&V> = (0..nb)
+                    .map(|b| if kk < layer.inputs { &rec_of(b)[src + kk] } else { &prv_of(b)[lay.h_at(l) + kk - layer.inputs] })
+                    .collect();
+                for j in 0..h4 {
+                    let mut v = a[row_at + j];
+                    for (b, x) in xs.iter().enumerate() {
+                        let d = &dz[b * h4 + j];
+                        for lane in 0..LANES {
+                            v[lane] += x[lane] * d[lane];
+                        }
+                    }
+                    a[row_at + j] = v;
                 }
             }
         }
