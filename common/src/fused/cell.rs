@@ -166,6 +166,25 @@ fn fma(y: V, a: &V, x: f32) -> V {
     o
 }
 
+/// Σ_j d[j] · w[j] over 4H terms (4H is a multiple of 4), in four interleaved partial
+/// sums so the adds do not wait on each other.
+#[inline(always)]
+fn dot4(d: &[V], w: &[f32]) -> V {
+    let (mut s0, mut s1, mut s2, mut s3) =
+        ([0f32; LANES], [0f32; LANES], [0f32; LANES], [0f32; LANES]);
+    for (dc, wc) in d.chunks_exact(4).zip(w.chunks_exact(4)) {
+        s0 = fma(s0, &dc[0], wc[0]);
+        s1 = fma(s1, &dc[1], wc[1]);
+        s2 = fma(s2, &dc[2], wc[2]);
+        s3 = fma(s3, &dc[3], wc[3]);
+    }
+    let mut s = [0f32; LANES];
+    for lane in 0..LANES {
+        s[lane] = (s0[lane] + s1[lane]) + (s2[lane] + s3[lane]);
+    }
+    s
+}
+
 /// `f` applied to every lane.
 #[inline(always)]
 fn map(x: &V, f: impl Fn(f32) -> f32) -> V {
@@ -239,17 +258,33 @@ fn forward_any(
             let src = if l == 0 { 0 } else { lay.h_at(l - 1) };
             input[..layer.inputs].copy_from_slice(&rec[src..src + layer.inputs]);
             let h_prev = &prv[lay.h_at(l)..lay.h_at(l) + h];
-            for (j, zj) in z.iter_mut().enumerate() {
-                let mut s = [layer.b[j]; LANES];
-                let wx = &layer.w_xt[j * layer.inputs..(j + 1) * layer.inputs];
-                for (x, wk) in input[..layer.inputs].iter().zip(wx) {
-                    s = fma(s, x, *wk);
+            // Four gate columns at a time: four independent add chains instead of one.
+            let ni = layer.inputs;
+            for (j, zc) in (0..4 * h).step_by(4).zip(z.chunks_exact_mut(4)) {
+                let (mut s0, mut s1, mut s2, mut s3) = (
+                    [layer.b[j]; LANES],
+                    [layer.b[j + 1]; LANES],
+                    [layer.b[j + 2]; LANES],
+                    [layer.b[j + 3]; LANES],
+                );
+                let wx = &layer.w_xt[j * ni..(j + 4) * ni];
+                for (kk, x) in input[..ni].iter().enumerate() {
+                    s0 = fma(s0, x, wx[kk]);
+                    s1 = fma(s1, x, wx[ni + kk]);
+                    s2 = fma(s2, x, wx[2 * ni + kk]);
+                    s3 = fma(s3, x, wx[3 * ni + kk]);
                 }
-                let wh = &layer.w_ht[j * h..(j + 1) * h];
-                for (x, wk) in h_prev.iter().zip(wh) {
-                    s = fma(s, x, *wk);
+                let wh = &layer.w_ht[j * h..(j + 4) * h];
+                for (kk, x) in h_prev.iter().enumerate() {
+                    s0 = fma(s0, x, wh[kk]);
+                    s1 = fma(s1, x, wh[h + kk]);
+                    s2 = fma(s2, x, wh[2 * h + kk]);
+                    s3 = fma(s3, x, wh[3 * h + kk]);
                 }
-                *zj = s;
+                zc[0] = s0;
+                zc[1] = s1;
+                zc[2] = s2;
+                zc[3] = s3;
             }
             let c_prev = &prv[lay.c_at(l)..lay.c_at(l) + h];
             let (gates, rest) = rec[lay.gates_at(l)..lay.gates_at(l) + 7 * h].split_at_mut(4 * h);
@@ -387,8 +422,10 @@ fn backward_any(
     // Time outermost and all blocks of the task together, so that each accumulator row
     // is loaded once per step for all blocks instead of once per block.
     for t in (1..=steps).rev() {
-        let rec_of = |b: usize| as_v(&records[t][(blocks.start + b) * rl..(blocks.start + b + 1) * rl]);
-        let prv_of = |b: usize| as_v(&records[t - 1][(blocks.start + b) * rl..(blocks.start + b + 1) * rl]);
+        let rec_of =
+            |b: usize| as_v(&records[t][(blocks.start + b) * rl..(blocks.start + b + 1) * rl]);
+        let prv_of =
+            |b: usize| as_v(&records[t - 1][(blocks.start + b) * rl..(blocks.start + b + 1) * rl]);
         for b in 0..nb {
             let rec = rec_of(b);
             let mut sdu = zero;
@@ -424,10 +461,16 @@ fn backward_any(
                 let carry_at = (b * nl + l) * h;
                 let dzb = &mut dz[b * h4..(b + 1) * h4];
                 for j in 0..h {
-                    let (gi, gf, gg, go) = (gates[j], gates[h + j], gates[2 * h + j], gates[3 * h + j]);
+                    let (gi, gf, gg, go) =
+                        (gates[j], gates[h + j], gates[2 * h + j], gates[3 * h + j]);
                     let (tc, cp) = (tanhc[j], c_prev[j]);
-                    let (dcc, dhc, dha) = (dc_carry[carry_at + j], dh_carry[carry_at + j], dh[b * h + j]);
-                    let (mut zi, mut zf, mut zg, mut zo, mut carry) = (zero, zero, zero, zero, zero);
+                    let (dcc, dhc, dha) = (
+                        dc_carry[carry_at + j],
+                        dh_carry[carry_at + j],
+                        dh[b * h + j],
+                    );
+                    let (mut zi, mut zf, mut zg, mut zo, mut carry) =
+                        (zero, zero, zero, zero, zero);
                     for lane in 0..LANES {
                         // dh: from above at time t plus what flows back from time t+1.
                         let d = dha[lane] + dhc[lane];
@@ -447,19 +490,11 @@ fn backward_any(
                 }
                 // To the previous time step through w_h, and to the layer below through w_x.
                 for kk in 0..h {
-                    let mut s = zero;
-                    for (d, wk) in dzb.iter().zip(&layer.w_h[kk * h4..(kk + 1) * h4]) {
-                        s = fma(s, d, *wk);
-                    }
-                    dh_carry[carry_at + kk] = s;
+                    dh_carry[carry_at + kk] = dot4(dzb, &layer.w_h[kk * h4..(kk + 1) * h4]);
                 }
                 if l > 0 {
                     for kk in 0..h {
-                        let mut s = zero;
-                        for (d, wk) in dzb.iter().zip(&layer.w_x[kk * h4..(kk + 1) * h4]) {
-                            s = fma(s, d, *wk);
-                        }
-                        dh[b * h + kk] = s;
+                        dh[b * h + kk] = dot4(dzb, &layer.w_x[kk * h4..(kk + 1) * h4]);
                     }
                 }
             }
@@ -478,9 +513,19 @@ fn backward_any(
                 a[b_at + j] = v;
             }
             for kk in 0..layer.inputs + h {
-                let row_at = if kk < layer.inputs { wx_at + kk * h4 } else { wh_at + (kk - layer.inputs) * h4 };
+                let row_at = if kk < layer.inputs {
+                    wx_at + kk * h4
+                } else {
+                    wh_at + (kk - layer.inputs) * h4
+                };
                 let xs: Vec<&V> = (0..nb)
-                    .map(|b| if kk < layer.inputs { &rec_of(b)[src + kk] } else { &prv_of(b)[lay.h_at(l) + kk - layer.inputs] })
+                    .map(|b| {
+                        if kk < layer.inputs {
+                            &rec_of(b)[src + kk]
+                        } else {
+                            &prv_of(b)[lay.h_at(l) + kk - layer.inputs]
+                        }
+                    })
                     .collect();
                 for j in 0..h4 {
                     let mut v = a[row_at + j];
