@@ -156,12 +156,40 @@ fn as_v_mut(s: &mut [f32]) -> &mut [V] {
     body
 }
 
+/// How `a · b + c` is computed: fused (one rounding, where the CPU has FMA) or plain.
+trait Madd {
+    fn madd(a: f32, b: f32, c: f32) -> f32;
+}
+
+/// `a · b + c` with two roundings: any CPU.
+struct Plain;
+
+impl Madd for Plain {
+    #[inline(always)]
+    fn madd(a: f32, b: f32, c: f32) -> f32 {
+        a * b + c
+    }
+}
+
+/// `a · b + c` with one rounding: only inside functions compiled with the `fma` feature
+/// (elsewhere `mul_add` would be a slow library call).
+#[cfg(target_arch = "x86_64")]
+struct Fused;
+
+#[cfg(target_arch = "x86_64")]
+impl Madd for Fused {
+    #[inline(always)]
+    fn madd(a: f32, b: f32, c: f32) -> f32 {
+        a.mul_add(b, c)
+    }
+}
+
 /// `y + a · x`, lane by lane (on values, so the sum stays in a register).
 #[inline(always)]
-fn fma(y: V, a: &V, x: f32) -> V {
+fn fma<M: Madd>(y: V, a: &V, x: f32) -> V {
     let mut o = y;
     for l in 0..LANES {
-        o[l] += a[l] * x;
+        o[l] = M::madd(a[l], x, o[l]);
     }
     o
 }
@@ -169,14 +197,14 @@ fn fma(y: V, a: &V, x: f32) -> V {
 /// Σ_j d[j] · w[j] over 4H terms (4H is a multiple of 4), in four interleaved partial
 /// sums so the adds do not wait on each other.
 #[inline(always)]
-fn dot4(d: &[V], w: &[f32]) -> V {
+fn dot4<M: Madd>(d: &[V], w: &[f32]) -> V {
     let (mut s0, mut s1, mut s2, mut s3) =
         ([0f32; LANES], [0f32; LANES], [0f32; LANES], [0f32; LANES]);
     for (dc, wc) in d.chunks_exact(4).zip(w.chunks_exact(4)) {
-        s0 = fma(s0, &dc[0], wc[0]);
-        s1 = fma(s1, &dc[1], wc[1]);
-        s2 = fma(s2, &dc[2], wc[2]);
-        s3 = fma(s3, &dc[3], wc[3]);
+        s0 = fma::<M>(s0, &dc[0], wc[0]);
+        s1 = fma::<M>(s1, &dc[1], wc[1]);
+        s2 = fma::<M>(s2, &dc[2], wc[2]);
+        s3 = fma::<M>(s3, &dc[3], wc[3]);
     }
     let mut s = [0f32; LANES];
     for lane in 0..LANES {
@@ -198,6 +226,7 @@ fn map(x: &V, f: impl Fn(f32) -> f32) -> V {
 /// One optimizer step for consecutive blocks: reads g and the previous records, writes the
 /// new records and adds u to θ. Slices hold whole blocks (multiples of `LANES` coordinates).
 pub fn forward_blocks(
+    portable: bool,
     w: &Weights,
     lay: &Layout,
     g: &[f32],
@@ -206,16 +235,19 @@ pub fn forward_blocks(
     theta: &mut [f32],
 ) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU supports AVX2, checked just above.
+    if !portable
+        && std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma")
+    {
+        // SAFETY: the CPU supports AVX2 and FMA, checked just above.
         unsafe { forward_avx2(w, lay, g, prev, cur, theta) };
         return;
     }
-    forward_any(w, lay, g, prev, cur, theta)
+    forward_any::<Plain>(w, lay, g, prev, cur, theta)
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
+#[target_feature(enable = "avx2,fma")]
 unsafe fn forward_avx2(
     w: &Weights,
     lay: &Layout,
@@ -224,11 +256,11 @@ unsafe fn forward_avx2(
     cur: &mut [f32],
     theta: &mut [f32],
 ) {
-    forward_any(w, lay, g, prev, cur, theta)
+    forward_any::<Fused>(w, lay, g, prev, cur, theta)
 }
 
 #[inline(always)]
-fn forward_any(
+fn forward_any<M: Madd>(
     w: &Weights,
     lay: &Layout,
     g: &[f32],
@@ -269,17 +301,17 @@ fn forward_any(
                 );
                 let wx = &layer.w_xt[j * ni..(j + 4) * ni];
                 for (kk, x) in input[..ni].iter().enumerate() {
-                    s0 = fma(s0, x, wx[kk]);
-                    s1 = fma(s1, x, wx[ni + kk]);
-                    s2 = fma(s2, x, wx[2 * ni + kk]);
-                    s3 = fma(s3, x, wx[3 * ni + kk]);
+                    s0 = fma::<M>(s0, x, wx[kk]);
+                    s1 = fma::<M>(s1, x, wx[ni + kk]);
+                    s2 = fma::<M>(s2, x, wx[2 * ni + kk]);
+                    s3 = fma::<M>(s3, x, wx[3 * ni + kk]);
                 }
                 let wh = &layer.w_ht[j * h..(j + 4) * h];
                 for (kk, x) in h_prev.iter().enumerate() {
-                    s0 = fma(s0, x, wh[kk]);
-                    s1 = fma(s1, x, wh[h + kk]);
-                    s2 = fma(s2, x, wh[2 * h + kk]);
-                    s3 = fma(s3, x, wh[3 * h + kk]);
+                    s0 = fma::<M>(s0, x, wh[kk]);
+                    s1 = fma::<M>(s1, x, wh[h + kk]);
+                    s2 = fma::<M>(s2, x, wh[2 * h + kk]);
+                    s3 = fma::<M>(s3, x, wh[3 * h + kk]);
                 }
                 zc[0] = s0;
                 zc[1] = s1;
@@ -321,7 +353,7 @@ fn forward_any(
         let top = &rec[lay.h_at(w.layers.len() - 1)..lay.h_at(w.layers.len() - 1) + h];
         let mut dot = [0f32; LANES];
         for (hv, ow) in top.iter().zip(&w.out_w) {
-            dot = fma(dot, hv, *ow);
+            dot = fma::<M>(dot, hv, *ow);
         }
         let mut u = [0f32; LANES];
         for lane in 0..LANES {
@@ -370,6 +402,7 @@ impl Accumulator {
 /// Backpropagation through the truncation for the blocks in `blocks`, adding ∂L/∂φ into
 /// `acc`. `du[t]` is ∂L/∂u_t for every (padded) coordinate.
 pub fn backward_blocks(
+    portable: bool,
     w: &Weights,
     lay: &Layout,
     records: &[Vec<f32>],
@@ -378,16 +411,19 @@ pub fn backward_blocks(
     acc: &mut Accumulator,
 ) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU supports AVX2, checked just above.
+    if !portable
+        && std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma")
+    {
+        // SAFETY: the CPU supports AVX2 and FMA, checked just above.
         unsafe { backward_avx2(w, lay, records, du, blocks, acc) };
         return;
     }
-    backward_any(w, lay, records, du, blocks, acc)
+    backward_any::<Plain>(w, lay, records, du, blocks, acc)
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
+#[target_feature(enable = "avx2,fma")]
 unsafe fn backward_avx2(
     w: &Weights,
     lay: &Layout,
@@ -396,11 +432,11 @@ unsafe fn backward_avx2(
     blocks: Range<usize>,
     acc: &mut Accumulator,
 ) {
-    backward_any(w, lay, records, du, blocks, acc)
+    backward_any::<Fused>(w, lay, records, du, blocks, acc)
 }
 
 #[inline(always)]
-fn backward_any(
+fn backward_any<M: Madd>(
     w: &Weights,
     lay: &Layout,
     records: &[Vec<f32>],
@@ -490,11 +526,11 @@ fn backward_any(
                 }
                 // To the previous time step through w_h, and to the layer below through w_x.
                 for kk in 0..h {
-                    dh_carry[carry_at + kk] = dot4(dzb, &layer.w_h[kk * h4..(kk + 1) * h4]);
+                    dh_carry[carry_at + kk] = dot4::<M>(dzb, &layer.w_h[kk * h4..(kk + 1) * h4]);
                 }
                 if l > 0 {
                     for kk in 0..h {
-                        dh[b * h + kk] = dot4(dzb, &layer.w_x[kk * h4..(kk + 1) * h4]);
+                        dh[b * h + kk] = dot4::<M>(dzb, &layer.w_x[kk * h4..(kk + 1) * h4]);
                     }
                 }
             }
@@ -532,7 +568,7 @@ fn backward_any(
                     for (b, x) in xs.iter().enumerate() {
                         let d = &dz[b * h4 + j];
                         for lane in 0..LANES {
-                            v[lane] += x[lane] * d[lane];
+                            v[lane] = M::madd(x[lane], d[lane], v[lane]);
                         }
                     }
                     a[row_at + j] = v;

@@ -101,12 +101,49 @@ pub struct FusedMetaGrad {
 const TASK_BLOCKS: usize = 8;
 
 /// The meta-gradient of T steps from `carry` at step `start` (spec §2), fused.
+///
+/// On x86-64 CPUs with AVX2 and FMA the kernels use fused multiply-adds; elsewhere plain
+/// ones. Results are bitwise reproducible on one kind of CPU, whatever the thread count,
+/// and agree across kinds to float32 rounding.
 pub fn meta_grad(
     phi: &Phi,
     problem: &dyn HostProblem,
     carry: HostCarry,
     start: usize,
     steps: usize,
+) -> Result<FusedMetaGrad, Error> {
+    meta_grad_with(false, phi, problem, carry, start, steps)
+}
+
+thread_local! {
+    /// Step records kept between calls on this thread: a worker's truncations all have
+    /// the same size, so after the first one no memory is allocated or zeroed.
+    static RECORDS: std::cell::RefCell<Vec<Vec<f32>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// [`meta_grad`], with `portable` forcing the kernels that run on any CPU.
+pub(crate) fn meta_grad_with(
+    portable: bool,
+    phi: &Phi,
+    problem: &dyn HostProblem,
+    carry: HostCarry,
+    start: usize,
+    steps: usize,
+) -> Result<FusedMetaGrad, Error> {
+    let mut records = RECORDS.with(|r| std::mem::take(&mut *r.borrow_mut()));
+    let out = run(portable, phi, problem, carry, start, steps, &mut records);
+    RECORDS.with(|r| *r.borrow_mut() = records);
+    out
+}
+
+fn run(
+    portable: bool,
+    phi: &Phi,
+    problem: &dyn HostProblem,
+    carry: HostCarry,
+    start: usize,
+    steps: usize,
+    records: &mut Vec<Vec<f32>>,
 ) -> Result<FusedMetaGrad, Error> {
     let cfg = phi.config;
     let n = problem.num_coords();
@@ -139,8 +176,13 @@ pub fn meta_grad(
     theta_pad.resize(n_pad, 0.0);
 
     // records[t]: for every block, everything step t produced (record 0: the initial h, c).
-    let mut records: Vec<Vec<f32>> = Vec::with_capacity(steps + 1);
-    let mut first = vec![0f32; blocks * rl];
+    // Reused buffers need no zeroing: the forward pass writes every value it later reads.
+    records.resize_with(steps + 1, Vec::new);
+    records.truncate(steps + 1);
+    for r in records.iter_mut() {
+        r.resize(blocks * rl, 0.0);
+    }
+    let first = &mut records[0];
     for k in 0..n {
         for l in 0..cfg.layers {
             for j in 0..hidden {
@@ -149,7 +191,6 @@ pub fn meta_grad(
             }
         }
     }
-    records.push(first);
     // grads[t] = ∇f(θ_t) for t = 0..=T; losses[t-1] = f(θ_t) for t = 1..=T.
     let mut grads: Vec<Vec<f32>> = Vec::with_capacity(steps + 1);
     let mut losses = Vec::with_capacity(steps);
@@ -157,16 +198,15 @@ pub fn meta_grad(
     problem.eval(&theta_pad[..n], start, &mut g[..n]);
     let chunk = TASK_BLOCKS * LANES;
     for t in 0..steps {
-        let mut cur = vec![0f32; blocks * rl];
-        let prev = &records[t];
+        let (done, rest) = records.split_at_mut(t + 1);
+        let (prev, cur) = (&done[t], &mut rest[0]);
         cur.par_chunks_mut(TASK_BLOCKS * rl)
             .zip(prev.par_chunks(TASK_BLOCKS * rl))
             .zip(theta_pad.par_chunks_mut(chunk))
             .zip(g.par_chunks(chunk))
             .for_each(|(((cur, prev), theta), g)| {
-                cell::forward_blocks(&weights, &lay, g, prev, cur, theta)
+                cell::forward_blocks(portable, &weights, &lay, g, prev, cur, theta)
             });
-        records.push(cur);
         grads.push(std::mem::replace(&mut g, vec![0f32; n_pad]));
         let f = problem.eval(&theta_pad[..n], start + t + 1, &mut g[..n]);
         losses.push(f);
@@ -199,7 +239,7 @@ pub fn meta_grad(
         .map(|task| {
             let mut acc = Accumulator::new(&weights);
             let range = task * TASK_BLOCKS..((task + 1) * TASK_BLOCKS).min(blocks);
-            cell::backward_blocks(&weights, &lay, &records, &du, range, &mut acc);
+            cell::backward_blocks(portable, &weights, &lay, records, &du, range, &mut acc);
             acc.total()
         })
         .collect();

@@ -166,3 +166,21 @@ fn host_quadratic_matches_its_closed_form_by_hand() {
     assert_eq!(q.eval(&q.theta0, 0, &mut g), 8.0);
     assert_eq!(g, [-16.0, -24.0]);
 }
+
+#[test]
+fn portable_kernels_agree_with_the_dispatched_ones() {
+    // On this CPU the dispatch may pick AVX2+FMA; the portable kernels must give the same
+    // gradient to float32 rounding (one vs two roundings per multiply-add).
+    let phi = Phi::init(OptimizerConfig::default(), 3).unwrap();
+    let q = Quadratic::from_seed(4, 20, 10).unwrap();
+    let carry = HostCarry::start(&phi.config, q.theta0.clone());
+    let fast = meta_grad(&phi, &q, carry.clone(), 0, 20).unwrap();
+    let portable = meta_grad_with(true, &phi, &q, carry.clone(), 0, 20).unwrap();
+    let (want, _, _, _) = reference(&phi, &q, &carry, 0, 20);
+    for ((a, b), w) in fast.grad.tensors.iter().zip(&portable.grad.tensors).zip(&want) {
+        assert!(max_rel(a, w) < 1e-4 && max_rel(b, w) < 1e-4);
+    }
+    // Reused buffers: a second call gives bit-identical results.
+    let again = meta_grad(&phi, &q, carry, 0, 20).unwrap();
+    assert_eq!(again.grad, fast.grad);
+}
