@@ -454,6 +454,8 @@ fn backward_any<M: Madd>(
     let mut dc_carry = vec![zero; nb * nl * h];
     let mut dh = vec![zero; nb * h];
     let mut dz = vec![zero; nb * h4];
+    let mut dzt = vec![zero; nb * h4];
+    let mut xs = vec![zero; nb];
     let a = &mut acc.lanes;
     // Time outermost and all blocks of the task together, so that each accumulator row
     // is loaded once per step for all blocks instead of once per block.
@@ -534,14 +536,19 @@ fn backward_any<M: Madd>(
                     }
                 }
             }
-            // Weight gradients: each accumulator row once for all blocks of the task.
+            // Weight gradients: each accumulator row once for all blocks of the task, with
+            // dz transposed to [4H][blocks] so that four columns run as independent chains.
+            for (j, col) in dzt.chunks_exact_mut(nb).enumerate() {
+                for (b, v) in col.iter_mut().enumerate() {
+                    *v = dz[b * h4 + j];
+                }
+            }
             let (wx_at, wh_at) = (layer.at, layer.at + layer.inputs * h4);
             let b_at = wh_at + h * h4;
             let src = if l == 0 { 0 } else { lay.h_at(l - 1) };
-            for j in 0..h4 {
+            for (j, col) in dzt.chunks_exact(nb).enumerate() {
                 let mut v = a[b_at + j];
-                for b in 0..nb {
-                    let d = &dz[b * h4 + j];
+                for d in col {
                     for lane in 0..LANES {
                         v[lane] += d[lane];
                     }
@@ -554,24 +561,31 @@ fn backward_any<M: Madd>(
                 } else {
                     wh_at + (kk - layer.inputs) * h4
                 };
-                let xs: Vec<&V> = (0..nb)
-                    .map(|b| {
-                        if kk < layer.inputs {
-                            &rec_of(b)[src + kk]
-                        } else {
-                            &prv_of(b)[lay.h_at(l) + kk - layer.inputs]
-                        }
-                    })
-                    .collect();
-                for j in 0..h4 {
-                    let mut v = a[row_at + j];
-                    for (b, x) in xs.iter().enumerate() {
-                        let d = &dz[b * h4 + j];
+                for (b, x) in xs.iter_mut().enumerate() {
+                    *x = if kk < layer.inputs {
+                        rec_of(b)[src + kk]
+                    } else {
+                        prv_of(b)[lay.h_at(l) + kk - layer.inputs]
+                    };
+                }
+                let row = &mut a[row_at..row_at + h4];
+                for (r4, d4) in row.chunks_exact_mut(4).zip(dzt.chunks_exact(4 * nb)) {
+                    let (c0, rest) = d4.split_at(nb);
+                    let (c1, rest) = rest.split_at(nb);
+                    let (c2, c3) = rest.split_at(nb);
+                    let (mut v0, mut v1, mut v2, mut v3) = (r4[0], r4[1], r4[2], r4[3]);
+                    for ((((x, d0), d1), d2), d3) in xs.iter().zip(c0).zip(c1).zip(c2).zip(c3) {
                         for lane in 0..LANES {
-                            v[lane] = M::madd(x[lane], d[lane], v[lane]);
+                            v0[lane] = M::madd(x[lane], d0[lane], v0[lane]);
+                            v1[lane] = M::madd(x[lane], d1[lane], v1[lane]);
+                            v2[lane] = M::madd(x[lane], d2[lane], v2[lane]);
+                            v3[lane] = M::madd(x[lane], d3[lane], v3[lane]);
                         }
                     }
-                    a[row_at + j] = v;
+                    r4[0] = v0;
+                    r4[1] = v1;
+                    r4[2] = v2;
+                    r4[3] = v3;
                 }
             }
         }

@@ -177,7 +177,13 @@ fn portable_kernels_agree_with_the_dispatched_ones() {
     let fast = meta_grad(&phi, &q, carry.clone(), 0, 20).unwrap();
     let portable = meta_grad_with(true, &phi, &q, carry.clone(), 0, 20).unwrap();
     let (want, _, _, _) = reference(&phi, &q, &carry, 0, 20);
-    for ((a, b), w) in fast.grad.tensors.iter().zip(&portable.grad.tensors).zip(&want) {
+    for ((a, b), w) in fast
+        .grad
+        .tensors
+        .iter()
+        .zip(&portable.grad.tensors)
+        .zip(&want)
+    {
         assert!(max_rel(a, w) < 1e-4 && max_rel(b, w) < 1e-4);
     }
     // Reused buffers: a second call gives bit-identical results.
