@@ -121,6 +121,12 @@ thread_local! {
     static RECORDS: std::cell::RefCell<Vec<Vec<f32>>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
+/// Frees the step records this thread keeps between calls (they are as large as the
+/// biggest truncation run on it: T+1 records of about 280 floats per coordinate).
+pub fn release_buffers() {
+    RECORDS.with(|r| r.borrow_mut().clear());
+}
+
 /// [`meta_grad`], with `portable` forcing the kernels that run on any CPU.
 pub(crate) fn meta_grad_with(
     portable: bool,
