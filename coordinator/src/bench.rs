@@ -1,5 +1,6 @@
-//! `bench`: M simulated workers over loopback submit spec-sized gradients with no
-//! compute; prints accepted gradients/s, φ fetches/s and latency percentiles.
+//! `bench`: M simulated workers over loopback submit spec-sized gradients; prints
+//! accepted gradients/s, φ fetches/s, latency percentiles, and with `--unroll-ms` (compute
+//! replaced by a sleep of the unroll time) the efficiency against ideal scaling.
 
 use std::time::{Duration, Instant};
 
@@ -16,9 +17,13 @@ use crate::state::Coordinator;
 /// Arguments of `bench`.
 #[derive(Debug, Args)]
 pub struct Bench {
-    /// Simulated workers (concurrent clients).
-    #[arg(long, default_value_t = 16)]
-    pub workers: usize,
+    /// Simulated workers (concurrent clients); a list runs one measurement per count.
+    #[arg(long, value_delimiter = ',', default_values_t = [1usize, 4, 16, 64, 256])]
+    pub workers: Vec<usize>,
+    /// Milliseconds each simulated worker "computes" (sleeps) per truncation before it
+    /// submits; 0 = no compute, the coordinator's raw capacity.
+    #[arg(long, default_value_t = 0.0)]
+    pub unroll_ms: f64,
     /// Seconds to measure (after one second of warm-up).
     #[arg(long, default_value_t = 5.0)]
     pub seconds: f64,
@@ -33,8 +38,61 @@ struct ClientStats {
     accepted: u64,
 }
 
-/// Runs the load and prints the figures.
+/// What one measurement found.
+struct Row {
+    workers: usize,
+    accepted_per_s: f64,
+    fetches_per_s: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    updates_per_s: f64,
+    /// accepted/s against M · 1000 / unroll_ms (None without simulated compute).
+    efficiency: Option<f64>,
+}
+
+/// Runs the load for each worker count and prints the figures.
 pub async fn run(a: Bench) -> Result<()> {
+    if !a.json {
+        println!(
+            "l2l-coordinator bench: 5,141-value gradients over loopback, {} s per row, simulated unroll {} ms",
+            a.seconds, a.unroll_ms
+        );
+        println!(
+            "{:>8} {:>12} {:>10} {:>9} {:>9} {:>10} {:>10}",
+            "workers", "accepted/s", "fetches/s", "p50_ms", "p99_ms", "updates/s", "efficiency"
+        );
+    }
+    for &m in &a.workers {
+        let r = measure(m, a.seconds, a.unroll_ms).await?;
+        if a.json {
+            println!(
+                "{}",
+                serde_json::json!({
+                    "workers": r.workers, "seconds": a.seconds, "unroll_ms": a.unroll_ms,
+                    "accepted_per_s": r.accepted_per_s, "fetches_per_s": r.fetches_per_s,
+                    "submit_p50_ms": r.p50_ms, "submit_p99_ms": r.p99_ms,
+                    "updates_per_s": r.updates_per_s, "efficiency": r.efficiency,
+                })
+            );
+        } else {
+            println!(
+                "{:>8} {:>12.0} {:>10.0} {:>9.3} {:>9.3} {:>10.1} {:>10}",
+                r.workers,
+                r.accepted_per_s,
+                r.fetches_per_s,
+                r.p50_ms,
+                r.p99_ms,
+                r.updates_per_s,
+                r.efficiency
+                    .map_or("-".into(), |e| format!("{:.1}%", 100.0 * e))
+            );
+        }
+    }
+    Ok(())
+}
+
+/// One measurement with `workers` simulated workers on a fresh coordinator.
+async fn measure(workers: usize, seconds: f64, unroll_ms: f64) -> Result<Row> {
     let dir = tempfile_dir()?;
     let mut config = Config {
         listen: ([127, 0, 0, 1], 0).into(),
@@ -53,9 +111,10 @@ pub async fn run(a: Bench) -> Result<()> {
     let server = Server::start(Coordinator::new(config, None)?, ([127, 0, 0, 1], 0).into()).await?;
     let url = format!("http://{}", server.addr);
     let start = Instant::now() + Duration::from_secs(1);
-    let end = start + Duration::from_secs_f64(a.seconds);
+    let end = start + Duration::from_secs_f64(seconds);
+    let unroll = Duration::from_secs_f64(unroll_ms / 1e3);
     let mut tasks = Vec::new();
-    for i in 0..a.workers {
+    for i in 0..workers {
         // One connection per simulated worker, as separate worker processes would have.
         let channel = Channel::from_shared(url.clone())?
             .tcp_nodelay(true)
@@ -65,7 +124,7 @@ pub async fn run(a: Bench) -> Result<()> {
             .await
             .context("cannot connect")?;
         let client = CoordinatorClient::new(channel);
-        tasks.push(tokio::spawn(simulate(client, i, n, start, end)));
+        tasks.push(tokio::spawn(simulate(client, i, n, unroll, start, end)));
     }
     let mut submits = Vec::new();
     let (mut fetches, mut accepted) = (0, 0);
@@ -75,7 +134,7 @@ pub async fn run(a: Bench) -> Result<()> {
         fetches += s.fetches;
         accepted += s.accepted;
     }
-    let status = server.shared.lock().status(Instant::now());
+    let updates_at_end = server.shared.lock().version().step;
     server.shutdown().await?;
     let _ = std::fs::remove_dir_all(&dir);
     submits.sort();
@@ -84,35 +143,17 @@ pub async fn run(a: Bench) -> Result<()> {
             .get(((submits.len() as f64 - 1.0) * p).round() as usize)
             .map_or(f64::NAN, |d| d.as_secs_f64() * 1e3)
     };
-    let secs = a.seconds;
-    if a.json {
-        println!(
-            "{}",
-            serde_json::json!({
-                "workers": a.workers, "seconds": secs, "phi_values": n,
-                "accepted_per_s": accepted as f64 / secs, "fetches_per_s": fetches as f64 / secs,
-                "submit_p50_ms": pct(0.5), "submit_p99_ms": pct(0.99),
-                "updates": status.version.map(|v| v.step), "refused": status.refused,
-            })
-        );
-    } else {
-        println!(
-            "l2l-coordinator bench: {} simulated workers, {n}-value gradients, {secs} s over loopback",
-            a.workers
-        );
-        println!("accepted gradients/s  {:.0}", accepted as f64 / secs);
-        println!("φ fetches/s           {:.0}", fetches as f64 / secs);
-        println!(
-            "submit latency        p50 {:.3} ms, p99 {:.3} ms",
-            pct(0.5),
-            pct(0.99)
-        );
-        println!(
-            "updates applied       {}",
-            status.version.map_or(0, |v| v.step)
-        );
-    }
-    Ok(())
+    let accepted_per_s = accepted as f64 / seconds;
+    Ok(Row {
+        workers,
+        accepted_per_s,
+        fetches_per_s: fetches as f64 / seconds,
+        p50_ms: pct(0.5),
+        p99_ms: pct(0.99),
+        // Updates over the whole run including the warm-up second.
+        updates_per_s: updates_at_end as f64 / (seconds + 1.0),
+        efficiency: (unroll_ms > 0.0).then(|| accepted_per_s / (workers as f64 * 1e3 / unroll_ms)),
+    })
 }
 
 fn tempfile_dir() -> Result<std::path::PathBuf> {
@@ -121,12 +162,13 @@ fn tempfile_dir() -> Result<std::path::PathBuf> {
     Ok(dir)
 }
 
-/// One simulated worker: fetch φ when it changed, submit, repeat; lease anew after each
-/// trajectory.
+/// One simulated worker: fetch φ when it changed, "compute", submit, repeat; lease anew
+/// after each trajectory.
 async fn simulate(
     mut c: CoordinatorClient<Channel>,
     i: usize,
     n: usize,
+    unroll: Duration,
     start: Instant,
     end: Instant,
 ) -> Result<ClientStats> {
@@ -165,6 +207,9 @@ async fn simulate(
                 if now >= start {
                     stats.fetches += 1;
                 }
+            }
+            if !unroll.is_zero() {
+                tokio::time::sleep(unroll).await;
             }
             let t0 = Instant::now();
             let r = c

@@ -37,8 +37,9 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // local and bench show their own progress and figures; serve and status log.
     let level = match cli.command {
-        Command::Local(_) => "warn",
+        Command::Local(_) | Command::Bench(_) => "warn",
         _ => "info",
     };
     init_logging(cli.log_format, level);

@@ -256,7 +256,7 @@ impl Coordinator {
         let id = self
             .leases
             .grant(worker, instance.clone(), truncations, now);
-        tracing::info!(worker, lease = id, family = %instance.family, seed = instance.seed, "lease granted");
+        tracing::debug!(worker, lease = id, family = %instance.family, seed = instance.seed, "lease granted");
         Ok(LeaseReply {
             lease_id: id,
             instance: Some(instance),
