@@ -93,6 +93,10 @@ pub async fn run(args: Local) -> Result<LocalOutcome> {
                 .context("cannot start a worker thread")?,
         );
     }
+    let (started, trajectories_before) = (
+        Instant::now(),
+        server.shared.lock().counters().trajectories_done,
+    );
     let progress = progress_bar(config.max_updates);
     // Without a terminal the bar is hidden; print a line every tenth of the run instead.
     let plain = progress.is_hidden();
@@ -134,7 +138,19 @@ pub async fn run(args: Local) -> Result<LocalOutcome> {
             Err(_) => eprintln!("a worker thread panicked"),
         }
     }
-    let meta_losses = server.shared.lock().counters().meta_losses.clone();
+    let elapsed = started.elapsed().as_secs_f64();
+    let (meta_losses, trajectories) = {
+        let c = server.shared.lock();
+        let counters = c.counters();
+        (
+            counters.meta_losses.clone(),
+            counters.trajectories_done - trajectories_before,
+        )
+    };
+    eprintln!(
+        "trained {trajectories} trajectories in {elapsed:.1} s ({:.2} trajectories/s)",
+        trajectories as f64 / elapsed.max(1e-9)
+    );
     let phi = server.shared.lock().phi()?;
     let ckpt = server.shutdown().await?;
     let phi_path = config.dir.join("phi.safetensors");
