@@ -92,6 +92,10 @@ struct Worker {
     id: u64,
     lease_timeout: Duration,
     wait_for_update: bool,
+    /// How long the next φ fetch waits for a newer version: set after an accepted
+    /// submission in sync mode, across trajectory boundaries too (a worker that starts a
+    /// new trajectory must not compute on a φ whose round is still open).
+    next_wait: Duration,
     phi: Option<(Version, Phi)>,
     jitter: Rng,
     stop: Arc<AtomicBool>,
@@ -116,6 +120,7 @@ pub fn run_worker(opts: WorkerOptions, stop: Arc<AtomicBool>) -> Result<WorkerSu
         id: 0,
         lease_timeout: Duration::from_secs(30),
         wait_for_update: false,
+        next_wait: Duration::ZERO,
         phi: None,
         stop,
         summary: WorkerSummary::default(),
@@ -270,11 +275,11 @@ impl Worker {
         let t = lease.truncation_steps.max(1) as usize;
         let truncations = (lease.trajectory_steps as usize) / t;
         let mut carry = None;
-        let mut wait = Duration::ZERO;
         for k in 0..truncations {
             if self.stopping() {
                 return Ok(Outcome::Stop);
             }
+            let wait = std::mem::take(&mut self.next_wait);
             let version = match self.refresh_phi(wait) {
                 Ok(v) => v,
                 Err(s) => {
@@ -316,7 +321,7 @@ impl Worker {
                     self.summary.accepted += 1;
                     // In sync mode the next truncation waits for the round to close, so
                     // it is not computed on a φ that is about to be replaced.
-                    wait = if self.wait_for_update {
+                    self.next_wait = if self.wait_for_update {
                         self.lease_timeout / 3
                     } else {
                         Duration::ZERO
@@ -324,7 +329,7 @@ impl Worker {
                 }
                 Err(r) => {
                     self.summary.refused += 1;
-                    wait = Duration::ZERO;
+                    self.next_wait = Duration::ZERO;
                     match r.as_str() {
                         // Outdated φ: the trajectory goes on with the new one.
                         "stale" | "pre_restart" | "future_version" => {}
