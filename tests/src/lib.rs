@@ -189,7 +189,7 @@ pub fn status(url: &str) -> serde_json::Value {
     serde_json::from_str(&stdout).expect("status prints JSON")
 }
 
-/// Starts `l2l-worker run --coordinator URL --name NAME`, logging to `log`.
+/// Starts `l2l-worker run --coordinator URL --name NAME --threads 1`, logging to `log`.
 pub fn start_worker(url: &str, name: &str, log: &Path) -> Proc {
     let child = Command::new(binary("l2l-worker"))
         .args([
@@ -200,6 +200,9 @@ pub fn start_worker(url: &str, name: &str, log: &Path) -> Proc {
             name,
             "--max-backoff-ms",
             "500",
+            // Two workers share the two cores of a test machine.
+            "--threads",
+            "1",
         ])
         .stdin(Stdio::null())
         .stdout(Stdio::null())

@@ -32,6 +32,10 @@ pub struct RunArgs {
     /// Log format on stderr (RUST_LOG sets the level, default info).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// Threads for the unroll [default: one per CPU core]; lower it when several workers
+    /// share a machine.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    threads: Option<u32>,
 }
 
 /// Runs the worker until done or signalled.
@@ -45,6 +49,12 @@ pub fn run(a: RunArgs) -> Result<()> {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
     };
+    if let Some(n) = a.threads {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n as usize)
+            .build_global()
+            .context("cannot set up the unroll threads")?;
+    }
     let stop = Arc::new(AtomicBool::new(false));
     let signals = tokio::runtime::Builder::new_current_thread()
         .enable_all()
