@@ -39,6 +39,11 @@ pub struct LeaseTable {
     leases: HashMap<u64, Lease>,
     next_id: u64,
     timeout: Duration,
+    /// Each worker's live lease (a worker holds at most one): the only leases whose
+    /// deadlines need watching, so expiry costs O(live leases), not O(all leases).
+    live: HashMap<u64, u64>,
+    /// When finished leases were last forgotten.
+    pruned: Option<Instant>,
 }
 
 impl LeaseTable {
@@ -48,10 +53,13 @@ impl LeaseTable {
             leases: HashMap::new(),
             next_id: base + 1,
             timeout,
+            live: HashMap::new(),
+            pruned: None,
         }
     }
 
-    /// Grants `instance` to `worker` for `truncations` truncations; returns the lease id.
+    /// Grants `instance` to `worker` for `truncations` truncations, expiring the worker's
+    /// previous lease if it is still live; returns the lease id.
     pub fn grant(
         &mut self,
         worker: u64,
@@ -59,8 +67,10 @@ impl LeaseTable {
         truncations: usize,
         now: Instant,
     ) -> u64 {
+        self.release_worker(worker);
         let id = self.next_id;
         self.next_id += 1;
+        self.live.insert(worker, id);
         self.leases.insert(
             id,
             Lease {
@@ -99,36 +109,106 @@ impl LeaseTable {
 
     /// Marks leases past their deadline expired; returns how many expired now.
     pub fn expire(&mut self, now: Instant) -> usize {
-        let mut n = 0;
-        for lease in self.leases.values_mut() {
-            if lease.state == LeaseState::Live && lease.deadline <= now {
-                lease.state = LeaseState::Expired;
-                n += 1;
+        let leases = &mut self.leases;
+        let before = self.live.len();
+        self.live.retain(|_, id| match leases.get_mut(id) {
+            Some(l) if l.deadline <= now => {
+                l.state = LeaseState::Expired;
+                false
             }
-        }
-        // Forget finished leases long past their deadline so the table stays small;
-        // a submission for one is then refused as unknown instead of expired.
-        let horizon = self.timeout * 10;
-        self.leases.retain(|_, l| {
-            l.state == LeaseState::Live || now.saturating_duration_since(l.deadline) < horizon
+            Some(_) => true,
+            None => false,
         });
-        n
+        let expired = before - self.live.len();
+        // Forget finished leases long past their deadline so the table stays small (a
+        // submission for one is then refused as unknown instead of expired); at most once
+        // per timeout, since it walks the whole table.
+        if self
+            .pruned
+            .is_none_or(|p| now.saturating_duration_since(p) >= self.timeout)
+        {
+            let horizon = self.timeout * 10;
+            self.leases.retain(|_, l| {
+                l.state == LeaseState::Live || now.saturating_duration_since(l.deadline) < horizon
+            });
+            self.pruned = Some(now);
+        }
+        expired
     }
 
-    /// Expires every live lease of `worker` (it re-registered or left).
+    /// Expires the live lease of `worker`, if any (it leased anew, re-registered or left).
     pub fn release_worker(&mut self, worker: u64) {
-        for lease in self.leases.values_mut() {
-            if lease.worker == worker && lease.state == LeaseState::Live {
-                lease.state = LeaseState::Expired;
-            }
+        if let Some(id) = self.live.remove(&worker)
+            && let Some(l) = self.leases.get_mut(&id)
+        {
+            l.state = LeaseState::Expired;
+        }
+    }
+
+    /// Marks a live lease done: all its truncations were accepted.
+    pub fn finish(&mut self, worker: u64, id: u64) {
+        if self.live.get(&worker) == Some(&id) {
+            self.live.remove(&worker);
+        }
+        if let Some(l) = self.leases.get_mut(&id) {
+            l.state = LeaseState::Done;
         }
     }
 
     /// Number of live leases.
     pub fn live(&self) -> usize {
-        self.leases
-            .values()
-            .filter(|l| l.state == LeaseState::Live)
-            .count()
+        self.live.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn instance() -> Instance {
+        Instance {
+            family: "quadratic".into(),
+            seed: 1,
+            params: Default::default(),
+        }
+    }
+
+    #[test]
+    fn one_live_lease_per_worker_and_only_live_ones_expire() {
+        let t0 = Instant::now();
+        let mut table = LeaseTable::new(Duration::from_secs(1), 0);
+        let a = table.grant(7, instance(), 5, t0);
+        let b = table.grant(7, instance(), 5, t0);
+        assert_eq!(
+            table.get_mut(7, a).unwrap().state,
+            LeaseState::Expired,
+            "replaced"
+        );
+        assert_eq!(table.live(), 1);
+        let c = table.grant(8, instance(), 5, t0);
+        table.finish(8, c);
+        assert_eq!(
+            (table.live(), table.get_mut(8, c).unwrap().state),
+            (1, LeaseState::Done)
+        );
+        assert_eq!(table.expire(t0 + Duration::from_millis(999)), 0);
+        assert_eq!(
+            table.expire(t0 + Duration::from_secs(1)),
+            1,
+            "only b was live"
+        );
+        assert_eq!(table.get_mut(7, b).unwrap().state, LeaseState::Expired);
+        assert_eq!(
+            table.get_mut(8, c).unwrap().state,
+            LeaseState::Done,
+            "done stays done"
+        );
+        // Long after, finished leases are forgotten: unknown rather than expired.
+        table.expire(t0 + Duration::from_secs(30));
+        assert!(matches!(
+            table.get_mut(7, b),
+            Err(Refusal::UnknownLease { .. })
+        ));
+        assert_eq!(table.live(), 0);
     }
 }

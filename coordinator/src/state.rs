@@ -249,8 +249,7 @@ impl Coordinator {
             self.tell_finished(worker);
             return Err(Refusal::Finished);
         }
-        // One trajectory per worker at a time: a new lease drops the worker's old one.
-        self.leases.release_worker(worker);
+        // One trajectory per worker at a time: the grant drops the worker's old lease.
         let instance = self.sampler.next();
         let truncations = (self.config.trajectory_steps / self.config.truncation_steps) as usize;
         let id = self
@@ -389,7 +388,7 @@ impl Coordinator {
         lease.accepted[t] = true;
         lease.deadline = now + Duration::from_millis(self.config.lease_timeout_ms);
         if lease.accepted.iter().all(|a| *a) {
-            lease.state = LeaseState::Done;
+            self.leases.finish(req.worker_id, req.lease_id);
             self.counters.trajectories_done += 1;
         }
         self.counters.accepted += 1;
