@@ -27,6 +27,11 @@ pub struct Bench {
     /// Seconds to measure (after one second of warm-up).
     #[arg(long, default_value_t = 5.0)]
     pub seconds: f64,
+    /// Load an already running coordinator at this URL instead of starting one in-process
+    /// (e.g. `l2l-coordinator serve --aggregation async --every 8 --max-staleness 1000000`
+    /// pinned to other cores); its φ must have the spec's default size.
+    #[arg(long)]
+    pub coordinator: Option<String>,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
@@ -63,7 +68,7 @@ pub async fn run(a: Bench) -> Result<()> {
         );
     }
     for &m in &a.workers {
-        let r = measure(m, a.seconds, a.unroll_ms).await?;
+        let r = measure(m, a.seconds, a.unroll_ms, a.coordinator.as_deref()).await?;
         if a.json {
             println!(
                 "{}",
@@ -92,7 +97,12 @@ pub async fn run(a: Bench) -> Result<()> {
 }
 
 /// One measurement with `workers` simulated workers on a fresh coordinator.
-async fn measure(workers: usize, seconds: f64, unroll_ms: f64) -> Result<Row> {
+async fn measure(
+    workers: usize,
+    seconds: f64,
+    unroll_ms: f64,
+    external: Option<&str>,
+) -> Result<Row> {
     let dir = tempfile_dir()?;
     let mut config = Config {
         listen: ([127, 0, 0, 1], 0).into(),
@@ -108,8 +118,26 @@ async fn measure(workers: usize, seconds: f64, unroll_ms: f64) -> Result<Row> {
     config.aggregation.every = 8;
     config.aggregation.max_staleness = 1_000_000;
     let n = config.optimizer()?.num_params();
-    let server = Server::start(Coordinator::new(config, None)?, ([127, 0, 0, 1], 0).into()).await?;
-    let url = format!("http://{}", server.addr);
+    let (server, url) = match external {
+        Some(url) => (None, url.to_string()),
+        None => {
+            let server =
+                Server::start(Coordinator::new(config, None)?, ([127, 0, 0, 1], 0).into()).await?;
+            let url = format!("http://{}", server.addr);
+            (Some(server), url)
+        }
+    };
+    let version_now = |url: String| async move {
+        let mut c = CoordinatorClient::connect(url)
+            .await
+            .context("cannot reach the coordinator")?;
+        let s = c
+            .status(l2l_proto::v1::StatusRequest {})
+            .await?
+            .into_inner();
+        anyhow::Ok(s.version.map_or(0, |v| v.step))
+    };
+    let updates_before = version_now(url.clone()).await?;
     let start = Instant::now() + Duration::from_secs(1);
     let end = start + Duration::from_secs_f64(seconds);
     let unroll = Duration::from_secs_f64(unroll_ms / 1e3);
@@ -134,8 +162,10 @@ async fn measure(workers: usize, seconds: f64, unroll_ms: f64) -> Result<Row> {
         fetches += s.fetches;
         accepted += s.accepted;
     }
-    let updates_at_end = server.shared.lock().version().step;
-    server.shutdown().await?;
+    let updates_at_end = version_now(url.clone()).await? - updates_before;
+    if let Some(server) = server {
+        server.shutdown().await?;
+    }
     let _ = std::fs::remove_dir_all(&dir);
     submits.sort();
     let pct = |p: f64| -> f64 {
