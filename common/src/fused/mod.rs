@@ -189,11 +189,18 @@ fn run(
         r.resize(blocks * rl, 0.0);
     }
     let first = &mut records[0];
-    for k in 0..n {
+    for k in 0..n_pad {
         for l in 0..cfg.layers {
             for j in 0..hidden {
-                first[at(k, lay.h_at(l) + j)] = h[l][k * hidden + j];
-                first[at(k, lay.c_at(l) + j)] = c[l][k * hidden + j];
+                // Padding starts from zero state, whatever a reused buffer held before
+                // (a diverged earlier truncation could have left NaN there).
+                let (hv, cv) = if k < n {
+                    (h[l][k * hidden + j], c[l][k * hidden + j])
+                } else {
+                    (0.0, 0.0)
+                };
+                first[at(k, lay.h_at(l) + j)] = hv;
+                first[at(k, lay.c_at(l) + j)] = cv;
             }
         }
     }

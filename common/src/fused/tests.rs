@@ -190,3 +190,31 @@ fn portable_kernels_agree_with_the_dispatched_ones() {
     let again = meta_grad(&phi, &q, carry, 0, 20).unwrap();
     assert_eq!(again.grad, fast.grad);
 }
+
+#[test]
+fn a_diverged_truncation_does_not_poison_the_next() {
+    // A blown-up run on 16 coordinates leaves non-finite state in the kept buffers; the
+    // next run on 9 coordinates pads 7 lanes where those coordinates were.
+    let blow_up = OptimizerConfig {
+        out_scale: 1e30,
+        ..OptimizerConfig::default()
+    };
+    let bad = Phi::init(blow_up, 1).unwrap();
+    let q16 = Quadratic::from_seed(5, 8, 2).unwrap();
+    let err = meta_grad(
+        &bad,
+        &q16,
+        HostCarry::start(&blow_up, q16.theta0.clone()),
+        0,
+        5,
+    )
+    .unwrap_err();
+    assert!(matches!(err, Error::NonFinite(_)), "{err}");
+    let phi = Phi::init(OptimizerConfig::default(), 1).unwrap();
+    let q9 = Quadratic::from_seed(6, 3, 3).unwrap();
+    let carry = HostCarry::start(&phi.config, q9.theta0.clone());
+    let reused = meta_grad(&phi, &q9, carry.clone(), 0, 5).unwrap();
+    release_buffers();
+    let fresh = meta_grad(&phi, &q9, carry, 0, 5).unwrap();
+    assert_eq!(reused.grad, fresh.grad);
+}
