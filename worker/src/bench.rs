@@ -131,7 +131,8 @@ pub fn run(a: Bench) -> Result<()> {
                     if a.json {
                         let row = json!({
                             "what": what.name(), "n": n, "steps": steps,
-                            "preprocess": preprocess.name(), "backend": "flex", "impl": imp.name(),
+                            "preprocess": preprocess.name(), "impl": imp.name(),
+                            "backend": match imp { Impl::Fused => "cpu", Impl::Burn => "flex" },
                             "median_ms": median, "min_ms": times[0],
                             "max_ms": times[times.len() - 1], "runs": times.len(),
                             "gflops": gflops, "peak_rss_mb": peak,
