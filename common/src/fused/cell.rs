@@ -223,6 +223,14 @@ fn map(x: &V, f: impl Fn(f32) -> f32) -> V {
     o
 }
 
+/// Whether to run the AVX2+FMA kernels: the CPU has both and `portable` is not forced.
+#[cfg(target_arch = "x86_64")]
+fn fma_kernels(portable: bool) -> bool {
+    !portable
+        && std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma")
+}
+
 /// One optimizer step for consecutive blocks: reads g and the previous records, writes the
 /// new records and adds u to θ. Slices hold whole blocks (multiples of `LANES` coordinates).
 pub fn forward_blocks(
@@ -234,12 +242,11 @@ pub fn forward_blocks(
     cur: &mut [f32],
     theta: &mut [f32],
 ) {
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = portable;
     #[cfg(target_arch = "x86_64")]
-    if !portable
-        && std::arch::is_x86_feature_detected!("avx2")
-        && std::arch::is_x86_feature_detected!("fma")
-    {
-        // SAFETY: the CPU supports AVX2 and FMA, checked just above.
+    if fma_kernels(portable) {
+        // SAFETY: the CPU supports AVX2 and FMA, checked by fma_kernels.
         unsafe { forward_avx2(w, lay, g, prev, cur, theta) };
         return;
     }
@@ -410,12 +417,11 @@ pub fn backward_blocks(
     blocks: Range<usize>,
     acc: &mut Accumulator,
 ) {
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = portable;
     #[cfg(target_arch = "x86_64")]
-    if !portable
-        && std::arch::is_x86_feature_detected!("avx2")
-        && std::arch::is_x86_feature_detected!("fma")
-    {
-        // SAFETY: the CPU supports AVX2 and FMA, checked just above.
+    if fma_kernels(portable) {
+        // SAFETY: the CPU supports AVX2 and FMA, checked by fma_kernels.
         unsafe { backward_avx2(w, lay, records, du, blocks, acc) };
         return;
     }
