@@ -166,6 +166,7 @@ impl Server {
         let task = tokio::spawn(async move {
             let tick = tokio::spawn(async move {
                 let mut last_ckpt = Instant::now();
+                let mut retry_at = last_ckpt;
                 let mut last_version = ticker.lock().version().step;
                 let mut every = tokio::time::interval(Duration::from_millis(20));
                 loop {
@@ -174,27 +175,48 @@ impl Server {
                         _ = tick_stop.changed() => break,
                     }
                     let now = Instant::now();
-                    let mut c = ticker.lock();
-                    if c.tick(now) {
-                        ticker.announce(&c);
-                    }
-                    let cfg = c.config();
-                    let v = c.version().step;
-                    let by_count = cfg.checkpoint_every_updates > 0
-                        && v >= last_version + cfg.checkpoint_every_updates;
-                    let by_time = cfg.checkpoint_every_seconds > 0
-                        && v > last_version
-                        && now.duration_since(last_ckpt)
-                            >= Duration::from_secs(cfg.checkpoint_every_seconds);
-                    if by_count || by_time || (c.finished() && v > last_version) {
-                        match write_checkpoint(&c) {
-                            Ok(path) => {
-                                tracing::info!(version = v, path = %path.display(), "checkpoint written")
-                            }
-                            Err(e) => tracing::error!(error = %e, "checkpoint failed; will retry"),
+                    // Decide and copy the state under the lock; write it after releasing
+                    // the lock (and off the runtime's threads), so an fsync never holds up
+                    // a submission.
+                    let due = {
+                        let mut c = ticker.lock();
+                        if c.tick(now) {
+                            ticker.announce(&c);
                         }
-                        last_ckpt = now;
-                        last_version = v;
+                        let cfg = c.config();
+                        let v = c.version().step;
+                        let by_count = cfg.checkpoint_every_updates > 0
+                            && v >= last_version + cfg.checkpoint_every_updates;
+                        let by_time = cfg.checkpoint_every_seconds > 0
+                            && v > last_version
+                            && now.duration_since(last_ckpt)
+                                >= Duration::from_secs(cfg.checkpoint_every_seconds);
+                        (now >= retry_at
+                            && (by_count || by_time || (c.finished() && v > last_version)))
+                            .then(|| c.snapshot().map(|snap| (v, snap, cfg.clone())))
+                    };
+                    let Some(due) = due else { continue };
+                    let written = match due {
+                        Ok((v, snap, cfg)) => tokio::task::spawn_blocking(move || {
+                            checkpoint::save(&cfg.dir, &snap, &cfg, cfg.checkpoint_keep)
+                                .map(|p| (v, p))
+                        })
+                        .await
+                        .map_err(anyhow::Error::from)
+                        .and_then(|r| r),
+                        Err(e) => Err(e),
+                    };
+                    match written {
+                        Ok((v, path)) => {
+                            tracing::info!(version = v, path = %path.display(), "checkpoint written");
+                            last_ckpt = now;
+                            last_version = v;
+                        }
+                        // last_version stays, so it is tried again a second from now.
+                        Err(e) => {
+                            tracing::error!(error = %e, "checkpoint failed; retrying in 1 s");
+                            retry_at = now + Duration::from_secs(1);
+                        }
                     }
                 }
             });
