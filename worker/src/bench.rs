@@ -10,7 +10,7 @@ use l2l_common::unroll::{Carry, meta_grad, unroll};
 use l2l_common::{Lstm, LstmState, OptimizerConfig, Phi, Preprocess, Quadratic};
 use serde_json::json;
 
-use crate::PreprocessArg;
+use crate::{Impl, PreprocessArg};
 
 /// Arguments of `bench`.
 #[derive(Debug, Args)]
@@ -37,24 +37,6 @@ pub struct Bench {
     /// kernels the worker uses) and `burn` (the plain burn composition, the reference).
     #[arg(long = "impl", value_enum, value_delimiter = ',')]
     implementation: Vec<Impl>,
-}
-
-/// Which meta-gradient implementation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Impl {
-    /// Hand-differentiated, fused CPU kernels (`l2l_common::fused`).
-    Fused,
-    /// The LSTM composed from burn tensor ops with burn's autodiff.
-    Burn,
-}
-
-impl Impl {
-    fn name(self) -> &'static str {
-        match self {
-            Impl::Fused => "fused",
-            Impl::Burn => "burn",
-        }
-    }
 }
 
 /// FLOPs of one meta-gradient per coordinate-step for the paper's 2×20 LSTM (forward and

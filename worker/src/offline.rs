@@ -10,8 +10,7 @@ use l2l_common::fused::{self, HostCarry};
 use l2l_common::unroll::{Carry, meta_grad as compute_meta_grad};
 use l2l_common::{Lstm, LstmState, MetaGradFile, OptimizerConfig, Phi, Preprocess, Quadratic};
 
-use crate::PreprocessArg;
-use crate::bench::Impl;
+use crate::{Impl, PreprocessArg};
 
 /// Arguments of `init-phi`.
 #[derive(Debug, Args)]
