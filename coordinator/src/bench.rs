@@ -6,9 +6,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::Args;
-use l2l_proto::v1::coordinator_client::CoordinatorClient;
 use l2l_proto::v1::{FetchPhiRequest, LeaseRequest, RegisterRequest, SubmitRequest, Version};
-use tonic::transport::Channel;
+use l2l_worker::connect::{Client, ClientArgs, ClientSecurity, client, connect, endpoint};
 
 use crate::config::{Config, Mode};
 use crate::service::Server;
@@ -32,6 +31,9 @@ pub struct Bench {
     /// pinned to other cores); its φ must have the spec's default size.
     #[arg(long)]
     pub coordinator: Option<String>,
+    /// Token and TLS for --coordinator.
+    #[command(flatten)]
+    pub client: ClientArgs,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
@@ -68,7 +70,18 @@ pub async fn run(a: Bench) -> Result<()> {
         );
     }
     for &m in &a.workers {
-        let r = measure(m, a.seconds, a.unroll_ms, a.coordinator.as_deref()).await?;
+        let security = match &a.coordinator {
+            Some(url) => a.client.resolve(url)?,
+            None => ClientSecurity::default(),
+        };
+        let r = measure(
+            m,
+            a.seconds,
+            a.unroll_ms,
+            a.coordinator.as_deref(),
+            &security,
+        )
+        .await?;
         if a.json {
             println!(
                 "{}",
@@ -102,6 +115,7 @@ async fn measure(
     seconds: f64,
     unroll_ms: f64,
     external: Option<&str>,
+    security: &ClientSecurity,
 ) -> Result<Row> {
     let dir = tempfile_dir()?;
     let mut config = Config {
@@ -121,16 +135,18 @@ async fn measure(
     let (server, url) = match external {
         Some(url) => (None, url.to_string()),
         None => {
-            let server =
-                Server::start(Coordinator::new(config, None)?, ([127, 0, 0, 1], 0).into()).await?;
+            let server = Server::start(
+                Coordinator::new(config, None)?,
+                ([127, 0, 0, 1], 0).into(),
+                Default::default(),
+            )
+            .await?;
             let url = format!("http://{}", server.addr);
             (Some(server), url)
         }
     };
     let version_now = |url: String| async move {
-        let mut c = CoordinatorClient::connect(url)
-            .await
-            .context("cannot reach the coordinator")?;
+        let mut c = connect(&url, security, Duration::from_secs(30)).await?;
         let s = c
             .status(l2l_proto::v1::StatusRequest {})
             .await?
@@ -144,15 +160,12 @@ async fn measure(
     let mut tasks = Vec::new();
     for i in 0..workers {
         // One connection per simulated worker, as separate worker processes would have.
-        let channel = Channel::from_shared(url.clone())?
-            .tcp_nodelay(true)
-            .initial_stream_window_size(1 << 20)
-            .initial_connection_window_size(8 << 20)
+        let channel = endpoint(&url, security)?
             .connect()
             .await
             .context("cannot connect")?;
-        let client = CoordinatorClient::new(channel);
-        tasks.push(tokio::spawn(simulate(client, i, n, unroll, start, end)));
+        let c = client(channel, security);
+        tasks.push(tokio::spawn(simulate(c, i, n, unroll, start, end)));
     }
     let mut submits = Vec::new();
     let (mut fetches, mut accepted) = (0, 0);
@@ -195,7 +208,7 @@ fn tempfile_dir() -> Result<std::path::PathBuf> {
 /// One simulated worker: fetch φ when it changed, "compute", submit, repeat; lease anew
 /// after each trajectory.
 async fn simulate(
-    mut c: CoordinatorClient<Channel>,
+    mut c: Client,
     i: usize,
     n: usize,
     unroll: Duration,

@@ -128,6 +128,17 @@ pub fn load_newest(dir: &Path) -> Result<Option<(PathBuf, Snapshot)>> {
     Ok(None)
 }
 
+/// Fails with the path when the checkpoint directory cannot be written.
+pub fn check_writable(dir: &std::path::Path) -> Result<()> {
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create the run directory {}", dir.display()))?;
+    let probe = dir.join(".l2l-write-probe");
+    std::fs::write(&probe, b"ok")
+        .with_context(|| format!("the run directory {} is not writable", dir.display()))?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

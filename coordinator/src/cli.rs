@@ -65,6 +65,22 @@ pub struct Overrides {
     /// Checkpoint at least every this many seconds.
     #[arg(long)]
     pub checkpoint_every_seconds: Option<u64>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 0.0.0.0:9090).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// File holding the shared token workers must present (or set $L2L_TOKEN to the
+    /// token itself; never pass a token on the command line).
+    #[arg(long, env = l2l_proto::auth::TOKEN_FILE_ENV, value_name = "PATH")]
+    pub token_file: Option<PathBuf>,
+    /// PEM certificate (chain) of this coordinator; with --tls-key, serves TLS.
+    #[arg(long, value_name = "PATH")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, value_name = "PATH")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA certificate: require client certificates signed by it (mutual TLS).
+    #[arg(long, value_name = "PATH")]
+    pub tls_client_ca: Option<PathBuf>,
 }
 
 impl Overrides {
@@ -96,6 +112,18 @@ impl Overrides {
             truncation_steps => c.truncation_steps,
             checkpoint_every_updates => c.checkpoint_every_updates,
             checkpoint_every_seconds => c.checkpoint_every_seconds,
+        );
+        macro_rules! set_some {
+            ($($field:ident => $target:expr),* $(,)?) => {
+                $( if self.$field.is_some() { $target = self.$field.clone(); } )*
+            };
+        }
+        set_some!(
+            metrics_listen => c.metrics_listen,
+            token_file => c.security.token_file,
+            tls_cert => c.security.tls_cert,
+            tls_key => c.security.tls_key,
+            tls_client_ca => c.security.tls_client_ca,
         );
         if let Some(s) = self.seed {
             c.seed = s;

@@ -79,12 +79,30 @@ impl Default for InitConfig {
     }
 }
 
+/// Who may call the coordinator, and over what. The token itself never appears here:
+/// it is read from `token_file` or `$L2L_TOKEN`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SecurityConfig {
+    /// File holding the shared token every worker must present (unset: `$L2L_TOKEN`,
+    /// or no token).
+    pub token_file: Option<PathBuf>,
+    /// PEM certificate (chain) of the coordinator; with `tls_key`, serves TLS.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert`.
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA certificate; when set, every client must present a certificate it signed.
+    pub tls_client_ca: Option<PathBuf>,
+}
+
 /// Everything `l2l-coordinator serve` runs by.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// Address the gRPC service listens on (port 0 picks a free one).
     pub listen: SocketAddr,
+    /// Address of the Prometheus endpoint `/metrics` (unset: none).
+    pub metrics_listen: Option<SocketAddr>,
     /// Directory of checkpoints and the final φ; a run resumes from the newest checkpoint here.
     pub dir: PathBuf,
     /// Seed of the instance sampler.
@@ -109,6 +127,8 @@ pub struct Config {
     pub adam: AdamConfig,
     /// The aggregation rule.
     pub aggregation: AggregationConfig,
+    /// Token and TLS.
+    pub security: SecurityConfig,
     /// Problem families instances are sampled from, by weight.
     pub problems: Vec<FamilyConfig>,
 }
@@ -117,6 +137,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            metrics_listen: None,
             dir: PathBuf::from("l2l-run"),
             seed: 0,
             max_updates: 0,
@@ -129,6 +150,7 @@ impl Default for Config {
             init: InitConfig::default(),
             adam: AdamConfig::default(),
             aggregation: AggregationConfig::default(),
+            security: SecurityConfig::default(),
             problems: vec![FamilyConfig::default()],
         }
     }
@@ -192,6 +214,19 @@ impl Config {
         }
         if !(self.adam.lr > 0.0 && self.adam.lr.is_finite()) {
             bail!("adam.lr must be positive, got {}", self.adam.lr);
+        }
+        let sec = &self.security;
+        if sec.tls_cert.is_some() != sec.tls_key.is_some() {
+            bail!("security.tls_cert and security.tls_key go together: give both or neither");
+        }
+        if sec.tls_client_ca.is_some() && sec.tls_cert.is_none() {
+            bail!("security.tls_client_ca needs TLS: give security.tls_cert and tls_key too");
+        }
+        if self.metrics_listen == Some(self.listen) && self.listen.port() != 0 {
+            bail!(
+                "metrics_listen and listen are both {}; give metrics its own port",
+                self.listen
+            );
         }
         Ok(())
     }

@@ -8,12 +8,14 @@
 
 pub mod adam;
 pub mod aggregate;
+pub mod auth;
 pub mod bench;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod lease;
 pub mod local;
+pub mod metrics;
 pub mod refusal;
 pub mod sampler;
 pub mod service;

@@ -78,7 +78,7 @@ pub async fn run(args: Local) -> Result<LocalOutcome> {
         eprintln!("resuming from {} (version {})", path.display(), s.version);
     }
     let coordinator = Coordinator::new(config.clone(), resume.map(|(_, s)| s))?;
-    let server = Server::start(coordinator, config.listen).await?;
+    let server = Server::start(coordinator, config.listen, Default::default()).await?;
     let url = format!("http://{}", server.addr);
     let stop = Arc::new(AtomicBool::new(false));
     let mut handles = Vec::new();

@@ -4,11 +4,12 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use l2l_coordinator::auth::ServerSecurity;
 use l2l_coordinator::cli::{LogFormat, Overrides, init_logging};
 use l2l_coordinator::config::Config;
 use l2l_coordinator::service::Server;
 use l2l_coordinator::state::Coordinator;
-use l2l_coordinator::{bench, checkpoint, local, status};
+use l2l_coordinator::{bench, checkpoint, local, metrics, status};
 
 /// Meta-trains the l2l learned LSTM optimizer: holds φ and its Adam state, leases problem
 /// instances to workers (`l2l-worker run`), aggregates their meta-gradients, checkpoints.
@@ -77,11 +78,29 @@ async fn serve(o: Overrides) -> Result<()> {
     if let Some((path, s)) = &resume {
         tracing::info!(path = %path.display(), version = s.version, epoch = s.epoch + 1, "resuming");
     }
+    let security = ServerSecurity::resolve(&config.security)?;
+    if security.token.is_none() && !config.listen.ip().is_loopback() {
+        tracing::warn!(
+            listen = %config.listen,
+            "no token: anyone who can reach this port can submit gradients; \
+             set --token-file or $L2L_TOKEN (see the README's Deploy section)"
+        );
+    }
+    let (token, tls) = (security.token.is_some(), security.tls.is_some());
     let coordinator = Coordinator::new(config.clone(), resume.map(|(_, s)| s))?;
-    let server = Server::start(coordinator, config.listen).await?;
+    let server = Server::start(coordinator, config.listen, security).await?;
+    let metrics_task = match config.metrics_listen {
+        Some(addr) => {
+            let listener = l2l_worker::metrics::bind(addr).await?;
+            tracing::info!(addr = %listener.local_addr()?, "serving metrics at /metrics");
+            let registry = std::sync::Arc::new(metrics::registry(server.shared.clone()));
+            Some(tokio::spawn(l2l_worker::metrics::serve(listener, registry)))
+        }
+        None => None,
+    };
     // Tests and scripts read this line to learn the port when listening on port 0.
     println!("listening on {}", server.addr);
-    tracing::info!(addr = %server.addr, "serving");
+    tracing::info!(addr = %server.addr, token, tls, "serving");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("cannot install the SIGTERM handler")?;
     // After the last update, linger until every live worker has heard that the run is
@@ -102,6 +121,9 @@ async fn serve(o: Overrides) -> Result<()> {
                 }
             }
         }
+    }
+    if let Some(t) = metrics_task {
+        t.abort();
     }
     let phi = server.shared.lock().phi()?;
     let version = server.shared.lock().version();

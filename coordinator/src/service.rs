@@ -1,10 +1,16 @@
 //! The gRPC service: one lock on the [`Coordinator`] per request, plus a ticker task that
 //! expires leases, closes overdue sync rounds and writes checkpoints.
+//!
+//! Beside `l2l.v1.Coordinator` the server answers gRPC health checks
+//! (`grpc.health.v1.Health`, no token needed): service `""` is SERVING when the
+//! coordinator is ready (φ loaded, run directory writable, last checkpoint written) and
+//! service `liveness` while the process serves at all.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result};
 use l2l_proto::v1::coordinator_server::{Coordinator as Rpc, CoordinatorServer};
@@ -15,9 +21,26 @@ use l2l_proto::v1::{
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
 
+use crate::auth::{CheckToken, ServerSecurity};
 use crate::checkpoint;
 use crate::state::Coordinator;
+
+/// The health-check service name that reports liveness (the empty name reports readiness).
+pub const LIVENESS: &str = "liveness";
+
+/// Facts about the service that the coordinator's state does not hold.
+#[derive(Debug, Default)]
+pub struct ServiceStats {
+    /// Requests refused for a missing or wrong token.
+    pub unauthenticated: Arc<AtomicU64>,
+    /// When the last checkpoint was written.
+    pub last_checkpoint: Mutex<Option<SystemTime>>,
+    /// Whether the health check reports ready.
+    pub ready: AtomicBool,
+}
 
 /// The shared coordinator behind the gRPC service.
 #[derive(Clone)]
@@ -25,6 +48,8 @@ pub struct Shared {
     inner: Arc<Mutex<Coordinator>>,
     /// The current version step, for fetches that wait for the next φ.
     version: watch::Sender<u64>,
+    /// Readiness, checkpoint age and authentication refusals.
+    pub stats: Arc<ServiceStats>,
 }
 
 impl Shared {
@@ -34,6 +59,7 @@ impl Shared {
         Self {
             inner: Arc::new(Mutex::new(c)),
             version,
+            stats: Arc::default(),
         }
     }
 
@@ -149,18 +175,68 @@ pub struct Server {
     task: tokio::task::JoinHandle<Result<()>>,
 }
 
+/// Sets the readiness reported by health checks.
+async fn set_ready(health: &HealthReporter, stats: &ServiceStats, ready: bool) {
+    let was = stats.ready.swap(ready, Ordering::Relaxed);
+    let status = if ready {
+        ServingStatus::Serving
+    } else {
+        ServingStatus::NotServing
+    };
+    health.set_service_status("", status).await;
+    if was != ready {
+        tracing::info!(ready, "readiness changed");
+    }
+}
+
+/// Message size limits from φ's size: the largest request is a gradient (4 bytes per
+/// parameter), the largest reply φ's file; both with room for the envelope.
+fn message_limits(c: &Coordinator) -> (usize, usize) {
+    const SLACK: usize = 64 << 10;
+    let params = c.phi().map_or(0, |p| p.config.num_params());
+    let phi_file = c.fetch_phi(None).phi.len();
+    (params * 4 + SLACK, phi_file + SLACK)
+}
+
 impl Server {
-    /// Binds `listen`, serves `coordinator`, and ticks every 20 ms.
-    pub async fn start(coordinator: Coordinator, listen: SocketAddr) -> Result<Self> {
+    /// Binds `listen`, serves `coordinator` with `security`, and ticks every 20 ms.
+    pub async fn start(
+        coordinator: Coordinator,
+        listen: SocketAddr,
+        security: ServerSecurity,
+    ) -> Result<Self> {
         let listener = TcpListener::bind(listen)
             .await
             .with_context(|| format!("cannot listen on {listen}; is the port in use?"))?;
         let addr = listener.local_addr()?;
+        let (max_request, max_reply) = message_limits(&coordinator);
+        let dir = coordinator.config().dir.clone();
         let shared = Shared::new(coordinator);
         let (stop, mut stopped) = watch::channel(false);
         let svc = CoordinatorServer::new(shared.clone())
-            .max_decoding_message_size(64 << 20)
-            .max_encoding_message_size(64 << 20);
+            .max_decoding_message_size(max_request)
+            .max_encoding_message_size(max_reply);
+        let svc = tonic::service::interceptor::InterceptedService::new(
+            svc,
+            CheckToken::new(security.token, shared.stats.unauthenticated.clone()),
+        );
+        let (health, health_svc) = tonic_health::server::health_reporter();
+        health
+            .set_service_status(LIVENESS, ServingStatus::Serving)
+            .await;
+        match checkpoint::check_writable(&dir) {
+            Ok(()) => set_ready(&health, &shared.stats, true).await,
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "not ready: checkpoints cannot be written");
+                set_ready(&health, &shared.stats, false).await;
+            }
+        }
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = security.tls {
+            builder = builder
+                .tls_config(tls)
+                .context("bad TLS configuration: check the certificate and key files")?;
+        }
         let ticker = shared.clone();
         let mut tick_stop = stop.subscribe();
         let task = tokio::spawn(async move {
@@ -211,11 +287,18 @@ impl Server {
                             tracing::info!(version = v, path = %path.display(), "checkpoint written");
                             last_ckpt = now;
                             last_version = v;
+                            *ticker
+                                .stats
+                                .last_checkpoint
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner()) = Some(SystemTime::now());
+                            set_ready(&health, &ticker.stats, true).await;
                         }
                         // last_version stays, so it is tried again a second from now.
                         Err(e) => {
                             tracing::error!(error = %e, "checkpoint failed; retrying in 1 s");
                             retry_at = now + Duration::from_secs(1);
+                            set_ready(&health, &ticker.stats, false).await;
                         }
                     }
                 }
@@ -225,10 +308,11 @@ impl Server {
                 tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
             // Gradients are ~20 KB: larger HTTP/2 frames and windows mean one frame per
             // message and no WINDOW_UPDATE round per request.
-            let served = tonic::transport::Server::builder()
+            let served = builder
                 .initial_stream_window_size(1 << 20)
                 .initial_connection_window_size(8 << 20)
                 .max_frame_size(1 << 20)
+                .add_service(health_svc)
                 .add_service(svc)
                 .serve_with_incoming_shutdown(incoming, async move {
                     let _ = stopped.changed().await;

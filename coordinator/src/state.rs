@@ -33,12 +33,33 @@ pub struct Counters {
     pub staleness_sum: u64,
     /// Largest staleness accepted.
     pub staleness_max: u64,
+    /// Accepted gradients by staleness: one count per bound of [`STALENESS_BOUNDS`]
+    /// (staleness ≤ bound and above the previous one), then one for larger staleness.
+    #[serde(default)]
+    pub staleness_buckets: Vec<u64>,
     /// Leases that expired (their trajectories were dropped).
     #[serde(default)]
     pub leases_expired: u64,
     /// Mean meta-loss of the most recent updates, oldest first (at most
     /// [`META_LOSS_HISTORY`], so checkpoints stay small).
     pub meta_losses: Vec<f64>,
+}
+
+/// Upper bounds of the staleness histogram's buckets.
+pub const STALENESS_BOUNDS: [u64; 8] = [0, 1, 2, 4, 8, 16, 32, 64];
+
+impl Counters {
+    /// Counts an accepted gradient of this staleness.
+    fn record_staleness(&mut self, staleness: u64) {
+        self.staleness_sum += staleness;
+        self.staleness_max = self.staleness_max.max(staleness);
+        self.staleness_buckets.resize(STALENESS_BOUNDS.len() + 1, 0);
+        let i = STALENESS_BOUNDS
+            .iter()
+            .position(|b| staleness <= *b)
+            .unwrap_or(STALENESS_BOUNDS.len());
+        self.staleness_buckets[i] += 1;
+    }
 }
 
 /// How many recent per-update meta-losses the counters keep.
@@ -392,8 +413,7 @@ impl Coordinator {
             self.counters.trajectories_done += 1;
         }
         self.counters.accepted += 1;
-        self.counters.staleness_sum += staleness;
-        self.counters.staleness_max = self.counters.staleness_max.max(staleness);
+        self.counters.record_staleness(staleness);
         if let Some(w) = self.workers.get_mut(&req.worker_id) {
             w.accepted += 1;
         }

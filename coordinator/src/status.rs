@@ -3,15 +3,18 @@
 use anyhow::{Context, Result};
 use clap::Args;
 use l2l_proto::v1::StatusRequest;
-use l2l_proto::v1::coordinator_client::CoordinatorClient;
+use l2l_worker::connect::{ClientArgs, connect};
 use serde_json::json;
 
 /// Arguments of `status`.
 #[derive(Debug, Args)]
 pub struct Status {
-    /// The coordinator's URL, e.g. http://127.0.0.1:50051.
-    #[arg(long)]
+    /// The coordinator's URL, e.g. http://127.0.0.1:50051 (https:// for TLS).
+    #[arg(long, env = "L2L_COORDINATOR")]
     pub coordinator: String,
+    /// Token and TLS.
+    #[command(flatten)]
+    pub client: ClientArgs,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
@@ -19,9 +22,13 @@ pub struct Status {
 
 /// Fetches and prints the status.
 pub async fn run(a: Status) -> Result<()> {
-    let mut client = CoordinatorClient::connect(a.coordinator.clone())
-        .await
-        .with_context(|| format!("cannot reach the coordinator at {}", a.coordinator))?;
+    let security = a.client.resolve(&a.coordinator)?;
+    let mut client = connect(
+        &a.coordinator,
+        &security,
+        std::time::Duration::from_secs(30),
+    )
+    .await?;
     let s = client
         .status(StatusRequest {})
         .await

@@ -1,8 +1,11 @@
 //! The l2l wire contract: gRPC service `l2l.v1.Coordinator`, generated from
-//! `proto/l2l.proto`. Only generated code lives here.
-#![allow(missing_docs, clippy::all)]
+//! `proto/l2l.proto`, and how a caller presents the shared token ([`auth`]).
+#![allow(clippy::all)]
+
+pub mod auth;
 
 /// Package `l2l.v1`.
+#[allow(missing_docs)]
 pub mod v1 {
     tonic::include_proto!("l2l.v1");
 }

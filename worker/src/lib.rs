@@ -1,10 +1,13 @@
 //! The l2l worker as a library: the loop that joins a coordinator, leases optimizee
-//! instances, unrolls the learned optimizer and submits meta-gradients ([`run`]).
+//! instances, unrolls the learned optimizer and submits meta-gradients ([`run`]), how it
+//! connects ([`connect`]: token and TLS), and its Prometheus endpoint ([`metrics`]).
 //!
 //! The `l2l-worker` binary wraps it (`l2l-worker run`), and the coordinator's local
 //! single-node mode runs it in-process on threads of its own.
 #![warn(missing_docs)]
 
+pub mod connect;
+pub mod metrics;
 pub mod run;
 
 pub use run::{WorkerOptions, WorkerSummary, run_worker};

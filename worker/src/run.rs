@@ -9,12 +9,13 @@ use l2l_common::checkpoint::TensorFile;
 use l2l_common::checkpoint::{config_from, phi_from};
 use l2l_common::fused::{HostCarry, meta_grad};
 use l2l_common::{Phi, Quadratic, rng::Rng};
-use l2l_proto::v1::coordinator_client::CoordinatorClient;
 use l2l_proto::v1::{
     FetchPhiRequest, HeartbeatRequest, Instance, LeaseReply, LeaseRequest, RegisterRequest,
     SubmitRequest, Version,
 };
-use tonic::transport::Channel;
+
+use crate::connect::{Client, ClientSecurity, connect, fatal_refusal};
+use crate::metrics::WorkerMetrics;
 
 /// How a worker runs.
 #[derive(Debug, Clone)]
@@ -29,6 +30,10 @@ pub struct WorkerOptions {
     pub max_backoff: Duration,
     /// Seed of the backoff jitter.
     pub seed: u64,
+    /// The token and TLS settings.
+    pub security: ClientSecurity,
+    /// Where to count truncations and submissions, if anywhere.
+    pub metrics: Option<Arc<WorkerMetrics>>,
 }
 
 impl WorkerOptions {
@@ -40,6 +45,8 @@ impl WorkerOptions {
             min_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(5),
             seed: std::process::id() as u64,
+            security: ClientSecurity::default(),
+            metrics: None,
         }
     }
 }
@@ -88,7 +95,7 @@ fn is_transport(s: &tonic::Status) -> bool {
 struct Worker {
     opts: WorkerOptions,
     rt: tokio::runtime::Runtime,
-    client: Option<CoordinatorClient<Channel>>,
+    client: Option<Client>,
     id: u64,
     lease_timeout: Duration,
     wait_for_update: bool,
@@ -145,13 +152,17 @@ impl Worker {
         }
     }
 
-    /// Connects and registers, retrying with backoff until it works or stop is set.
-    fn join(&mut self) -> bool {
+    /// Connects and registers, retrying with backoff until it works or stop is set;
+    /// fails at once when the coordinator refuses this worker's credentials.
+    fn join(&mut self) -> Result<bool> {
         let mut attempt = 0;
         while !self.stopping() {
             match self.try_join() {
-                Ok(()) => return true,
+                Ok(()) => return Ok(true),
                 Err(e) => {
+                    if let Some(why) = e.downcast_ref::<tonic::Status>().and_then(fatal_refusal) {
+                        bail!(why);
+                    }
                     tracing::warn!(attempt, error = %e, "cannot join the coordinator; retrying");
                     self.client = None;
                     self.backoff(attempt);
@@ -159,17 +170,17 @@ impl Worker {
                 }
             }
         }
-        false
+        Ok(false)
     }
 
     fn try_join(&mut self) -> Result<()> {
         if self.client.is_none() {
-            let endpoint = Channel::from_shared(self.opts.coordinator.clone())
-                .with_context(|| format!("bad coordinator URL {:?}", self.opts.coordinator))?
-                .connect_timeout(Duration::from_secs(5))
-                .timeout(Duration::from_secs(30));
-            let ch = self.rt.block_on(endpoint.connect())?;
-            self.client = Some(CoordinatorClient::new(ch).max_decoding_message_size(64 << 20));
+            let client = self.rt.block_on(connect(
+                &self.opts.coordinator,
+                &self.opts.security,
+                Duration::from_secs(30),
+            ))?;
+            self.client = Some(client);
         }
         let mut c = self
             .client
@@ -192,7 +203,7 @@ impl Worker {
     fn main_loop(&mut self) -> Result<()> {
         let mut attempt = 0;
         'join: loop {
-            if !self.join() {
+            if !self.join()? {
                 return Ok(());
             }
             loop {
@@ -210,6 +221,9 @@ impl Worker {
                     Ok(l) => l.into_inner(),
                     Err(s) if reason(&s) == Some("finished") => return Ok(()),
                     Err(s) if reason(&s) == Some("unknown_worker") => continue 'join,
+                    Err(s) if fatal_refusal(&s).is_some() => {
+                        bail!(fatal_refusal(&s).unwrap_or_default())
+                    }
                     Err(s) => {
                         tracing::warn!(status = %s, "lease failed; reconnecting");
                         self.client = None;
@@ -299,6 +313,10 @@ impl Worker {
             let heartbeat = self.start_heartbeat(lease.lease_id);
             let out = meta_grad(phi, &problem, c, k * t, t);
             heartbeat.abort();
+            if let Some(m) = &self.opts.metrics {
+                m.truncations.inc();
+                m.unroll_seconds.observe(started.elapsed().as_secs_f64());
+            }
             let out = match out {
                 Ok(o) => o,
                 Err(e) => {
@@ -316,7 +334,11 @@ impl Worker {
                 unroll_seconds: started.elapsed().as_secs_f64(),
             };
             carry = Some(out.carry);
-            match self.submit(req) {
+            let submitted = self.submit(req);
+            if let Some(m) = &self.opts.metrics {
+                m.submission(submitted.as_ref().err().map_or("accepted", |r| r.as_str()));
+            }
+            match submitted {
                 Ok(()) => {
                     self.summary.accepted += 1;
                     // In sync mode the next truncation waits for the round to close, so
@@ -341,6 +363,9 @@ impl Worker {
             }
         }
         self.summary.trajectories += 1;
+        if let Some(m) = &self.opts.metrics {
+            m.trajectories.inc();
+        }
         Ok(Outcome::Release)
     }
 

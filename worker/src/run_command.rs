@@ -6,7 +6,10 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
+use l2l_worker::connect::ClientArgs;
+use l2l_worker::metrics::{WorkerMetrics, bind, serve};
 use l2l_worker::{WorkerOptions, run_worker};
+use prometheus_client::registry::Registry;
 
 /// Log output format.
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -20,11 +23,16 @@ enum LogFormat {
 /// Arguments of `run`.
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// The coordinator's URL, e.g. http://10.0.0.5:50051.
-    #[arg(long)]
+    /// The coordinator's URL, e.g. http://10.0.0.5:50051 (https:// for TLS).
+    #[arg(long, env = "L2L_COORDINATOR")]
     coordinator: String,
+    #[command(flatten)]
+    client: ClientArgs,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 0.0.0.0:9091).
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// Name shown in the coordinator's status [default: l2l-worker-<pid>].
-    #[arg(long)]
+    #[arg(long, env = "L2L_WORKER_NAME")]
     name: Option<String>,
     /// Longest reconnection backoff in ms (starts at 100 ms, doubles, ±50% jitter).
     #[arg(long, default_value_t = 5000)]
@@ -55,14 +63,36 @@ pub fn run(a: RunArgs) -> Result<()> {
             .build_global()
             .context("cannot set up the unroll threads")?;
     }
+    let name = a
+        .name
+        .unwrap_or_else(|| format!("l2l-worker-{}", std::process::id()));
+    let security = a.client.resolve(&a.coordinator)?;
     let stop = Arc::new(AtomicBool::new(false));
     let signals = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the signal handler")?;
+    let mut registry = Registry::default();
+    let metrics = WorkerMetrics::register(&mut registry, "cpu", &name);
+    let metrics_listener = match a.metrics_listen {
+        Some(addr) => {
+            let l = signals.block_on(bind(addr))?;
+            tracing::info!(addr = %l.local_addr()?, "serving metrics at /metrics");
+            Some(l)
+        }
+        None => None,
+    };
     let flag = stop.clone();
     let watcher = std::thread::spawn(move || {
         signals.block_on(async {
+            if let Some(l) = metrics_listener {
+                let registry = Arc::new(registry);
+                tokio::spawn(async move {
+                    if let Err(e) = serve(l, registry).await {
+                        tracing::error!(error = %e, "metrics endpoint stopped");
+                    }
+                });
+            }
             let Ok(mut term) =
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             else {
@@ -76,10 +106,9 @@ pub fn run(a: RunArgs) -> Result<()> {
             flag.store(true, Ordering::Relaxed);
         })
     });
-    let name = a
-        .name
-        .unwrap_or_else(|| format!("l2l-worker-{}", std::process::id()));
     let mut opts = WorkerOptions::new(a.coordinator, name);
+    opts.security = security;
+    opts.metrics = Some(metrics);
     opts.max_backoff = Duration::from_millis(a.max_backoff_ms.max(100));
     let summary = run_worker(opts, stop)?;
     drop(watcher);

@@ -134,6 +134,11 @@ fn async_accepts_within_the_staleness_bound() {
     );
     f.refused(f.req(3, 1), "stale"); // staleness 2
     assert_eq!(f.c.counters().staleness_max, 1);
+    assert_eq!(
+        f.c.counters().staleness_buckets,
+        [2, 1, 0, 0, 0, 0, 0, 0, 0],
+        "staleness 0, 0, 1 in the ≤0 and ≤1 buckets"
+    );
 }
 
 #[test]

@@ -1,0 +1,210 @@
+//! The coordinator's Prometheus metrics, read from its state at each scrape.
+
+use std::sync::atomic::Ordering;
+use std::time::{Instant, SystemTime};
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
+
+use crate::auth::UNAUTHENTICATED;
+use crate::service::Shared;
+use crate::state::STALENESS_BOUNDS;
+
+/// A registry (prefix `l2l_`) with the coordinator's metrics.
+pub fn registry(shared: Shared) -> Registry {
+    let mut r = Registry::with_prefix("l2l");
+    r.register_collector(Box::new(CoordinatorCollector { shared }));
+    r
+}
+
+/// Reads a snapshot of the coordinator on each scrape.
+struct CoordinatorCollector {
+    shared: Shared,
+}
+
+impl std::fmt::Debug for CoordinatorCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CoordinatorCollector")
+    }
+}
+
+fn gauge(e: &mut DescriptorEncoder, name: &str, help: &str, v: f64) -> std::fmt::Result {
+    let g = ConstGauge::new(v);
+    g.encode(e.encode_descriptor(name, help, None, g.metric_type())?)
+}
+
+fn counter(e: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> std::fmt::Result {
+    let c = ConstCounter::new(v);
+    c.encode(e.encode_descriptor(name, help, None, c.metric_type())?)
+}
+
+impl Collector for CoordinatorCollector {
+    fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
+        let now = Instant::now();
+        let (status, buckets, finished) = {
+            let c = self.shared.lock();
+            (
+                c.status(now),
+                c.counters().staleness_buckets.clone(),
+                c.finished(),
+            )
+        };
+        let stats = &self.shared.stats;
+        let v = status.version.unwrap_or_default();
+        gauge(
+            &mut e,
+            "version",
+            "Updates of φ applied in this run",
+            v.step as f64,
+        )?;
+        gauge(
+            &mut e,
+            "epoch",
+            "Restart epoch of the coordinator",
+            v.epoch as f64,
+        )?;
+        gauge(
+            &mut e,
+            "updates_per_second",
+            "Updates of φ per second, recent average",
+            status.updates_per_second,
+        )?;
+        counter(
+            &mut e,
+            "accepted",
+            "Meta-gradients accepted",
+            status.accepted,
+        )?;
+        {
+            let mut refused: Vec<(String, u64)> = status.refused.into_iter().collect();
+            refused.push((
+                UNAUTHENTICATED.to_string(),
+                stats.unauthenticated.load(Ordering::Relaxed),
+            ));
+            refused.sort();
+            let mut m = e.encode_descriptor(
+                "refused",
+                "Requests refused, by reason",
+                None,
+                MetricType::Counter,
+            )?;
+            for (reason, n) in refused {
+                let labels = [("reason", reason)];
+                ConstCounter::new(n).encode(m.encode_family(&labels)?)?;
+            }
+        }
+        gauge(
+            &mut e,
+            "live_workers",
+            "Workers seen within a lease timeout",
+            status.live_workers as f64,
+        )?;
+        gauge(
+            &mut e,
+            "live_leases",
+            "Leases not yet expired or finished",
+            status.live_leases as f64,
+        )?;
+        counter(
+            &mut e,
+            "leases_expired",
+            "Leases that expired",
+            status.leases_expired,
+        )?;
+        counter(
+            &mut e,
+            "trajectories",
+            "Trajectories whose every truncation was accepted",
+            status.trajectories_done,
+        )?;
+        {
+            // Counts per bucket, +Inf last (the encoder accumulates them).
+            let mut b: Vec<(f64, u64)> = STALENESS_BOUNDS
+                .iter()
+                .enumerate()
+                .map(|(i, ub)| (*ub as f64, buckets.get(i).copied().unwrap_or(0)))
+                .collect();
+            b.push((
+                f64::MAX,
+                buckets.get(STALENESS_BOUNDS.len()).copied().unwrap_or(0),
+            ));
+            let count: u64 = b.iter().map(|(_, n)| n).sum();
+            let sum = status.mean_staleness * status.accepted as f64;
+            let mut m = e.encode_descriptor(
+                "staleness",
+                "Staleness of accepted meta-gradients, in φ versions",
+                None,
+                MetricType::Histogram,
+            )?;
+            m.encode_histogram::<prometheus_client::encoding::NoLabelSet>(sum, count, &b, None)?;
+        }
+        if status.last_meta_loss.is_finite() {
+            gauge(
+                &mut e,
+                "meta_loss",
+                "Mean meta-loss of the gradients of the last update",
+                status.last_meta_loss,
+            )?;
+        }
+        let last = *stats
+            .last_checkpoint
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(t) = last {
+            let age = SystemTime::now().duration_since(t).unwrap_or_default();
+            gauge(
+                &mut e,
+                "checkpoint_age_seconds",
+                "Seconds since the last checkpoint was written",
+                age.as_secs_f64(),
+            )?;
+        }
+        gauge(
+            &mut e,
+            "ready",
+            "1 when ready (φ loaded, checkpoints writable), else 0",
+            f64::from(u8::from(stats.ready.load(Ordering::Relaxed))),
+        )?;
+        gauge(
+            &mut e,
+            "finished",
+            "1 when the run reached max_updates",
+            f64::from(u8::from(finished)),
+        )?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::state::Coordinator;
+
+    #[test]
+    fn a_fresh_coordinator_renders_its_metrics() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config {
+            dir: dir.path().into(),
+            ..Config::default()
+        };
+        let shared = Shared::new(Coordinator::new(config, None).unwrap());
+        shared.stats.unauthenticated.fetch_add(3, Ordering::Relaxed);
+        let text = l2l_worker::metrics::render(&registry(shared));
+        for line in [
+            "l2l_version 0.0\n",
+            "l2l_accepted_total 0\n",
+            "l2l_refused_total{reason=\"unauthenticated\"} 3\n",
+            "l2l_staleness_bucket{le=\"+Inf\"} 0\n",
+            "l2l_staleness_count 0\n",
+            "l2l_ready 0.0\n",
+            "# TYPE l2l_staleness histogram\n",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in\n{text}");
+        }
+    }
+}
