@@ -73,13 +73,13 @@ pub struct Overrides {
     #[arg(long, env = l2l_proto::auth::TOKEN_FILE_ENV, value_name = "PATH")]
     pub token_file: Option<PathBuf>,
     /// PEM certificate (chain) of this coordinator; with --tls-key, serves TLS.
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, env = "L2L_TLS_CERT", value_name = "PATH")]
     pub tls_cert: Option<PathBuf>,
     /// PEM private key of --tls-cert.
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, env = "L2L_TLS_KEY", value_name = "PATH")]
     pub tls_key: Option<PathBuf>,
     /// PEM CA certificate: require client certificates signed by it (mutual TLS).
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, env = "L2L_TLS_CLIENT_CA", value_name = "PATH")]
     pub tls_client_ca: Option<PathBuf>,
 }
 

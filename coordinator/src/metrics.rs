@@ -80,11 +80,13 @@ impl Collector for CoordinatorCollector {
             status.accepted,
         )?;
         {
-            let mut refused: Vec<(String, u64)> = status.refused.into_iter().collect();
-            refused.push((
+            // Always present, so alerts on it have a series from the start.
+            let mut refused = status.refused;
+            refused.insert(
                 UNAUTHENTICATED.to_string(),
                 stats.unauthenticated.load(Ordering::Relaxed),
-            ));
+            );
+            let mut refused: Vec<(String, u64)> = refused.into_iter().collect();
             refused.sort();
             let mut m = e.encode_descriptor(
                 "refused",

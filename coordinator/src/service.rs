@@ -161,7 +161,14 @@ impl Rpc for Shared {
     }
 
     async fn status(&self, _req: Request<StatusRequest>) -> Result<Response<StatusReply>, Status> {
-        Ok(Response::new(self.lock().status(Instant::now())))
+        let mut reply = self.lock().status(Instant::now());
+        let unauthenticated = self.stats.unauthenticated.load(Ordering::Relaxed);
+        if unauthenticated > 0 {
+            reply
+                .refused
+                .insert(crate::auth::UNAUTHENTICATED.into(), unauthenticated);
+        }
+        Ok(Response::new(reply))
     }
 }
 

@@ -97,24 +97,72 @@ impl Drop for Proc {
     }
 }
 
+/// Where a process runs: this machine's network, or a network namespace (a simulated
+/// host), with extra environment variables.
+#[derive(Debug, Clone, Default)]
+pub struct Host {
+    /// The namespace, if any.
+    pub netns: Option<String>,
+    /// Environment variables set for every process (e.g. `L2L_TOKEN_FILE`).
+    pub env: Vec<(String, String)>,
+}
+
+impl Host {
+    /// This machine, no extra environment.
+    pub fn local() -> Self {
+        Self::default()
+    }
+
+    /// A command running workspace binary `bin` on this host.
+    pub fn command(&self, bin: &str) -> Command {
+        let mut c = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(binary(bin));
+                c
+            }
+            None => Command::new(binary(bin)),
+        };
+        c.envs(self.env.iter().map(|(k, v)| (k, v)));
+        c
+    }
+}
+
 /// A coordinator started with `serve`, and the address it reported.
 pub struct Coordinator {
     /// The process.
     pub proc: Proc,
     /// Where it listens.
     pub addr: SocketAddr,
+    /// The URL clients use (`http://addr` unless given).
+    pub url: String,
+    /// Where `status` runs from.
+    pub host: Host,
 }
 
 impl Coordinator {
     /// Starts `l2l-coordinator serve --dir DIR --listen LISTEN ARGS...` and waits for its
     /// "listening on" line. Its log goes to `DIR/coordinator-<n>.log`.
     pub fn serve(dir: &Path, listen: &str, args: &[&str]) -> Self {
+        Self::serve_on(&Host::local(), None, dir, listen, args)
+    }
+
+    /// As [`Coordinator::serve`], on `host`, reached by clients at `url` (default
+    /// `http://` + the address it reports).
+    pub fn serve_on(
+        host: &Host,
+        url: Option<&str>,
+        dir: &Path,
+        listen: &str,
+        args: &[&str],
+    ) -> Self {
         std::fs::create_dir_all(dir).expect("run dir");
         let log = (0..)
             .map(|n| dir.join(format!("coordinator-{n}.log")))
             .find(|p| !p.exists())
             .expect("a free log name");
-        let mut child = Command::new(binary("l2l-coordinator"))
+        let mut child = host
+            .command("l2l-coordinator")
             .arg("serve")
             .args([
                 "--dir",
@@ -146,17 +194,30 @@ impl Coordinator {
                     std::fs::read_to_string(&log).unwrap_or_default()
                 )
             });
-        Self { proc, addr }
+        Self {
+            proc,
+            addr,
+            url: url.map_or_else(|| format!("http://{addr}"), String::from),
+            host: host.clone(),
+        }
     }
 
-    /// `http://addr`.
+    /// The URL clients use.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        self.url.clone()
     }
 
-    /// `l2l-coordinator status --json` for this coordinator.
+    /// `l2l-coordinator status --json` for this coordinator, run on its host.
     pub fn status(&self) -> serde_json::Value {
-        status(&self.url())
+        let out = self
+            .host
+            .command("l2l-coordinator")
+            .args(["status", "--json", "--coordinator", &self.url])
+            .output()
+            .expect("l2l-coordinator starts");
+        let (stdout, stderr) = text(&out);
+        assert!(out.status.success(), "status failed: {stderr}");
+        serde_json::from_str(&stdout).expect("status prints JSON")
     }
 
     /// Polls the status until `cond` holds, at most `limit`; returns that status.
@@ -191,7 +252,13 @@ pub fn status(url: &str) -> serde_json::Value {
 
 /// Starts `l2l-worker run --coordinator URL --name NAME --threads 1`, logging to `log`.
 pub fn start_worker(url: &str, name: &str, log: &Path) -> Proc {
-    let child = Command::new(binary("l2l-worker"))
+    start_worker_on(&Host::local(), url, name, log)
+}
+
+/// As [`start_worker`], on `host`.
+pub fn start_worker_on(host: &Host, url: &str, name: &str, log: &Path) -> Proc {
+    let child = host
+        .command("l2l-worker")
         .args([
             "run",
             "--coordinator",

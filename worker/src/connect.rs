@@ -30,13 +30,13 @@ pub struct ClientArgs {
     pub token_file: Option<PathBuf>,
     /// PEM CA certificate(s) that signed the coordinator's certificate (https URLs);
     /// without it the system's roots are used.
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, env = "L2L_TLS_CA", value_name = "PATH")]
     pub tls_ca: Option<PathBuf>,
     /// PEM client certificate, for a coordinator that requires mutual TLS.
-    #[arg(long, value_name = "PATH", requires = "tls_key")]
+    #[arg(long, env = "L2L_TLS_CERT", value_name = "PATH", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
     /// PEM private key of --tls-cert.
-    #[arg(long, value_name = "PATH", requires = "tls_cert")]
+    #[arg(long, env = "L2L_TLS_KEY", value_name = "PATH", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
     /// Name to check the coordinator's certificate against [default: the URL's host].
     #[arg(long, value_name = "NAME")]
