@@ -286,6 +286,19 @@ impl Phi {
         phi_from(&mut file, config)
     }
 
+    /// Reads φ from an optimizer file or from a coordinator checkpoint, whose Adam
+    /// moments (`adam.m`, `adam.v`) are skipped.
+    pub fn load_any(path: &Path) -> Result<Self, Error> {
+        let mut file = TensorFile::read(path)?;
+        let config = config_from(&file)?;
+        for moment in ["adam.m", "adam.v"] {
+            if let Some(shape) = file.shape(moment).map(<[usize]>::to_vec) {
+                file.take(moment, &shape)?;
+            }
+        }
+        phi_from(&mut file, config)
+    }
+
     /// Writes an optimizer file (spec §4.1) atomically, with `extra` metadata fields.
     pub fn save(&self, path: &Path, extra: HashMap<String, String>) -> Result<(), Error> {
         write_atomic(path, &encode_phi(self, extra)?)

@@ -45,4 +45,4 @@ pub use config::{OptimizerConfig, Preprocess};
 pub use error::Error;
 pub use lstm::{Lstm, LstmState};
 pub use phi::Phi;
-pub use problems::{Problem, Quadratic};
+pub use problems::{Mlp, MlpSpec, Problem, ProblemSpec, Quadratic};

@@ -59,6 +59,9 @@ pub struct Overrides {
     /// T, steps per truncation.
     #[arg(long)]
     pub truncation_steps: Option<u32>,
+    /// p of the meta-loss weights w_t ∝ t^p over a trajectory (0: all steps alike).
+    #[arg(long)]
+    pub meta_loss_weight_power: Option<f64>,
     /// Checkpoint every this many updates.
     #[arg(long)]
     pub checkpoint_every_updates: Option<u64>,
@@ -110,6 +113,7 @@ impl Overrides {
             preprocess => c.init.preprocess,
             trajectory_steps => c.trajectory_steps,
             truncation_steps => c.truncation_steps,
+            meta_loss_weight_power => c.meta_loss_weight_power,
             checkpoint_every_updates => c.checkpoint_every_updates,
             checkpoint_every_seconds => c.checkpoint_every_seconds,
         );

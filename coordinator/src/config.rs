@@ -113,6 +113,10 @@ pub struct Config {
     pub trajectory_steps: u32,
     /// T, steps per truncation (must divide S).
     pub truncation_steps: u32,
+    /// p of the meta-loss weights w_t ∝ t^p over a trajectory's steps t = 1..S, scaled
+    /// to mean 1 (spec §2): 0 weighs every step alike (the spec's default), 1 grows
+    /// linearly toward the end, against truncated training's short-horizon bias.
+    pub meta_loss_weight_power: f64,
     /// Milliseconds a lease lives without a heartbeat or submission.
     pub lease_timeout_ms: u64,
     /// Checkpoint every this many updates (0 = never by count).
@@ -143,6 +147,7 @@ impl Default for Config {
             max_updates: 0,
             trajectory_steps: 100,
             truncation_steps: 20,
+            meta_loss_weight_power: 0.0,
             lease_timeout_ms: 30_000,
             checkpoint_every_updates: 100,
             checkpoint_every_seconds: 60,
@@ -167,6 +172,20 @@ impl Config {
     /// The configuration as TOML, for the start-up log and checkpoints.
     pub fn to_toml(&self) -> String {
         toml::to_string(self).unwrap_or_else(|e| format!("# cannot print config: {e}"))
+    }
+
+    /// The meta-loss weight of each step 1..=S of a trajectory, mean 1; empty when all
+    /// are 1 (p = 0).
+    pub fn step_weights(&self) -> Vec<f32> {
+        let p = self.meta_loss_weight_power;
+        if p == 0.0 {
+            return Vec::new();
+        }
+        let raw: Vec<f64> = (1..=self.trajectory_steps)
+            .map(|t| (t as f64).powf(p))
+            .collect();
+        let mean = raw.iter().sum::<f64>() / raw.len().max(1) as f64;
+        raw.iter().map(|w| (w / mean) as f32).collect()
     }
 
     /// The optimizer configuration of a fresh φ.
@@ -198,6 +217,10 @@ impl Config {
         let (s, t) = (self.trajectory_steps, self.truncation_steps);
         if t == 0 || s == 0 || s % t != 0 {
             bail!("trajectory_steps ({s}) must be a positive multiple of truncation_steps ({t})");
+        }
+        let p = self.meta_loss_weight_power;
+        if !(p.is_finite() && (0.0..=8.0).contains(&p)) {
+            bail!("meta_loss_weight_power must be in 0..=8, got {p}");
         }
         if self.lease_timeout_ms == 0 {
             bail!("lease_timeout_ms must be positive");
@@ -259,5 +282,20 @@ mod tests {
         let mut c = Config::default();
         c.init.preprocess = "sign".into();
         assert!(c.validate().unwrap_err().to_string().contains("sign"));
+    }
+
+    #[test]
+    fn step_weights_grow_with_the_power_and_average_one() {
+        let mut c = Config {
+            trajectory_steps: 4,
+            truncation_steps: 2,
+            ..Config::default()
+        };
+        assert!(c.step_weights().is_empty(), "p = 0: all ones, sent as none");
+        c.meta_loss_weight_power = 1.0;
+        // t = 1..4, mean 2.5.
+        assert_eq!(c.step_weights(), [0.4, 0.8, 1.2, 1.6]);
+        c.meta_loss_weight_power = -1.0;
+        assert!(c.validate().is_err());
     }
 }

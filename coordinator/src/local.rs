@@ -32,6 +32,9 @@ pub struct Local {
     /// Fresh quadratics (128 × 10-d each) to report the comparison on.
     #[arg(long, default_value_t = 16)]
     pub eval_problems: usize,
+    /// MNIST-format IDX files for mlp problem families (the training split is used).
+    #[arg(long, env = "L2L_DATA", default_value = l2l_worker::DEFAULT_DATA)]
+    pub data: PathBuf,
     /// Configuration overrides (see `serve --help`).
     #[command(flatten)]
     pub overrides: Overrides,
@@ -61,8 +64,8 @@ pub struct LocalOutcome {
     pub phi_path: PathBuf,
     /// Mean meta-loss of each update, in order.
     pub meta_losses: Vec<f64>,
-    /// The evaluation at steps 20, 50, 100.
-    pub report: Report,
+    /// The evaluation at steps 20, 50, 100 (quadratic problem sets only).
+    pub report: Option<Report>,
 }
 
 /// Runs the local mode end to end.
@@ -85,6 +88,7 @@ pub async fn run(args: Local) -> Result<LocalOutcome> {
     for i in 0..args.workers {
         let mut opts = WorkerOptions::new(url.clone(), format!("local-{i}"));
         opts.seed = config.seed.wrapping_add(i as u64);
+        opts.data = args.data.clone();
         let stop = stop.clone();
         handles.push(
             std::thread::Builder::new()
@@ -162,11 +166,20 @@ pub async fn run(args: Local) -> Result<LocalOutcome> {
             ckpt.display()
         );
     }
-    let report =
-        tokio::task::spawn_blocking(move || evaluate(&phi, config.seed, args.eval_problems))
-            .await??;
     println!("learned optimizer φ written to {}", phi_path.display());
-    println!("{report}");
+    let report = if config.problems.iter().all(|p| p.family == "quadratic") {
+        let report =
+            tokio::task::spawn_blocking(move || evaluate(&phi, config.seed, args.eval_problems))
+                .await??;
+        println!("{report}");
+        Some(report)
+    } else {
+        println!(
+            "compare it with tuned SGD, RMSprop, Adam and NAG: l2l-worker eval --phi {} --problem mlp --out eval",
+            phi_path.display()
+        );
+        None
+    };
     Ok(LocalOutcome {
         phi_path,
         meta_losses,

@@ -1,6 +1,7 @@
 //! Sampling optimizee instances from weighted problem families: a family and a seed.
 
 use anyhow::{Result, bail};
+use l2l_common::problems::ProblemSpec;
 use l2l_common::rng::Rng;
 use l2l_proto::v1::Instance;
 use serde::{Deserialize, Serialize};
@@ -9,14 +10,18 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct FamilyConfig {
-    /// Family name; `quadratic` today.
+    /// Family name: `quadratic` or `mlp`.
     pub family: String,
     /// Relative sampling weight.
     pub weight: f64,
-    /// quadratic: number of functions B.
+    /// quadratic: number of functions B; mlp: examples per minibatch.
     pub batch: u32,
     /// quadratic: dimension d.
     pub dims: u32,
+    /// mlp: widths of the hidden layers.
+    pub hidden: Vec<u32>,
+    /// mlp: `sigmoid` or `relu`.
+    pub activation: String,
 }
 
 impl Default for FamilyConfig {
@@ -26,6 +31,8 @@ impl Default for FamilyConfig {
             weight: 1.0,
             batch: 128,
             dims: 10,
+            hidden: vec![20],
+            activation: "sigmoid".into(),
         }
     }
 }
@@ -33,26 +40,42 @@ impl Default for FamilyConfig {
 impl FamilyConfig {
     /// Refuses unknown families and impossible sizes.
     pub fn validate(&self) -> Result<()> {
-        if self.family != "quadratic" {
-            bail!(
-                "problem family {:?} is unknown: this build knows \"quadratic\"",
-                self.family
-            );
-        }
         if !(self.weight > 0.0 && self.weight.is_finite()) {
             bail!("problem family {}: weight must be positive", self.family);
         }
-        if self.batch == 0 || self.dims == 0 {
-            bail!("problem family quadratic: batch and dims must be at least 1");
-        }
+        self.spec()?;
         Ok(())
     }
 
-    fn params(&self) -> std::collections::HashMap<String, String> {
-        [("batch", self.batch), ("dims", self.dims)]
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+    /// The family as workers parse it (`family:key=value,...`, see [`ProblemSpec`]).
+    pub fn spec(&self) -> Result<ProblemSpec> {
+        let text = format!(
+            "{}:{}",
+            self.family,
+            self.params()
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        text.parse()
+            .map_err(|e| anyhow::anyhow!("[[problems]] family {:?}: {e}", self.family))
+    }
+
+    fn params(&self) -> std::collections::BTreeMap<String, String> {
+        let mut p = std::collections::BTreeMap::new();
+        p.insert("batch".into(), self.batch.to_string());
+        match self.family.as_str() {
+            "mlp" => {
+                let h: Vec<String> = self.hidden.iter().map(|h| h.to_string()).collect();
+                p.insert("hidden".into(), h.join("x"));
+                p.insert("act".into(), self.activation.clone());
+            }
+            _ => {
+                p.insert("dims".into(), self.dims.to_string());
+            }
+        }
+        p
     }
 }
 
@@ -92,7 +115,7 @@ impl Sampler {
         Instance {
             family: chosen.family.clone(),
             seed: self.rng.next_u64(),
-            params: chosen.params(),
+            params: chosen.params().into_iter().collect(),
         }
     }
 }
@@ -122,5 +145,23 @@ mod tests {
         assert!((small as i64 - 1000).abs() < 120, "{small}");
         let mut resumed = Sampler::new(fams, s.state());
         assert_eq!(s.next(), resumed.next());
+    }
+
+    #[test]
+    fn mlp_families_carry_their_shape_and_bad_ones_are_refused() {
+        let mut f = FamilyConfig {
+            family: "mlp".into(),
+            hidden: vec![20, 20],
+            activation: "relu".into(),
+            ..FamilyConfig::default()
+        };
+        f.validate().unwrap();
+        let i = Sampler::new(vec![f.clone()], 0).next();
+        assert_eq!(i.params["hidden"], "20x20");
+        assert_eq!(i.params["act"], "relu");
+        f.activation = "tanh".into();
+        assert!(f.validate().unwrap_err().to_string().contains("tanh"));
+        f.family = "conv".into();
+        assert!(f.validate().unwrap_err().to_string().contains("conv"));
     }
 }

@@ -282,7 +282,7 @@ impl Coordinator {
             instance: Some(instance),
             trajectory_steps: self.config.trajectory_steps,
             truncation_steps: self.config.truncation_steps,
-            step_weights: Vec::new(),
+            step_weights: self.config.step_weights(),
         })
     }
 

@@ -11,3 +11,7 @@ pub mod metrics;
 pub mod run;
 
 pub use run::{WorkerOptions, WorkerSummary, run_worker};
+
+/// Where Debian's `dataset-fashion-mnist` puts Fashion-MNIST: the default data directory
+/// of `mlp` problems.
+pub const DEFAULT_DATA: &str = "/usr/share/datasets/fashion-mnist";

@@ -1,10 +1,13 @@
 //! `l2l-worker`: runs the learned optimizer on this machine.
 //!
 //! Offline commands: `init-phi` makes a fresh φ, `gen-problem` a quadratic problem file,
-//! `meta-grad` one truncation's meta-gradient, `bench` times the unroll.
+//! `meta-grad` one truncation's meta-gradient, `bench` times the unroll, `eval` compares
+//! a learned optimizer with tuned hand-designed ones.
 
 mod bench;
+mod eval;
 mod offline;
+mod plot;
 mod run_command;
 
 use std::process::ExitCode;
@@ -68,6 +71,9 @@ enum Command {
     MetaGrad(offline::MetaGradArgs),
     /// Times the meta-gradient and the forward-only unroll; prints medians and peak memory.
     Bench(bench::Bench),
+    /// Evaluates a learned optimizer against SGD, RMSprop, Adam and NAG with tuned
+    /// learning rates on held-out problems; prints a table, writes CSV curves and a PNG.
+    Eval(eval::EvalArgs),
     /// Joins a coordinator and computes meta-gradients until its run is finished or
     /// SIGTERM/SIGINT arrives; reconnects by itself when the coordinator restarts.
     Run(run_command::RunArgs),
@@ -80,6 +86,7 @@ fn main() -> ExitCode {
         Command::GenProblem(a) => offline::gen_problem(a),
         Command::MetaGrad(a) => offline::meta_grad(a),
         Command::Bench(a) => bench::run(a),
+        Command::Eval(a) => eval::run(a),
         Command::Run(a) => run_command::run(a),
     };
     match result {

@@ -7,8 +7,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 use l2l_common::checkpoint::TensorFile;
 use l2l_common::checkpoint::{config_from, phi_from};
-use l2l_common::fused::{HostCarry, meta_grad};
-use l2l_common::{Phi, Quadratic, rng::Rng};
+use l2l_common::fused::{HostCarry, HostProblem, meta_grad, meta_grad_weighted};
+use l2l_common::problems::ProblemSpec;
+use l2l_common::problems::mnist::{Dataset, Split};
+use l2l_common::{Mlp, Phi, Quadratic, rng::Rng};
 use l2l_proto::v1::{
     FetchPhiRequest, HeartbeatRequest, Instance, LeaseReply, LeaseRequest, RegisterRequest,
     SubmitRequest, Version,
@@ -34,6 +36,8 @@ pub struct WorkerOptions {
     pub security: ClientSecurity,
     /// Where to count truncations and submissions, if anywhere.
     pub metrics: Option<Arc<WorkerMetrics>>,
+    /// MNIST-format data for `mlp` instances (its training split is used).
+    pub data: std::path::PathBuf,
 }
 
 impl WorkerOptions {
@@ -47,6 +51,7 @@ impl WorkerOptions {
             seed: std::process::id() as u64,
             security: ClientSecurity::default(),
             metrics: None,
+            data: std::path::PathBuf::from(crate::DEFAULT_DATA),
         }
     }
 }
@@ -107,6 +112,8 @@ struct Worker {
     jitter: Rng,
     stop: Arc<AtomicBool>,
     summary: WorkerSummary,
+    /// The training split, loaded on the first `mlp` lease.
+    data: Option<Arc<Dataset>>,
 }
 
 /// Runs a worker until the coordinator's run is finished or `stop` is set.
@@ -131,6 +138,7 @@ pub fn run_worker(opts: WorkerOptions, stop: Arc<AtomicBool>) -> Result<WorkerSu
         phi: None,
         stop,
         summary: WorkerSummary::default(),
+        data: None,
     };
     w.main_loop()?;
     Ok(w.summary)
@@ -277,7 +285,7 @@ impl Worker {
     fn trajectory(&mut self, lease: LeaseReply) -> Result<Outcome> {
         let span = tracing::info_span!("lease", id = lease.lease_id);
         let _g = span.enter();
-        let problem = match instance_problem(lease.instance.as_ref()) {
+        let problem = match self.instance_problem(lease.instance.as_ref()) {
             Ok(p) => p,
             Err(why) => {
                 tracing::error!(instance = ?lease.instance, "{why}");
@@ -307,11 +315,22 @@ impl Worker {
             };
             let c = carry
                 .take()
-                .unwrap_or_else(|| HostCarry::start(&phi.config, problem.theta0.clone()));
+                .unwrap_or_else(|| HostCarry::start(&phi.config, problem.1.clone()));
             let _t = tracing::debug_span!("truncation", k, version = version.step).entered();
             let started = Instant::now();
             let heartbeat = self.start_heartbeat(lease.lease_id);
-            let out = meta_grad(phi, &problem, c, k * t, t);
+            let out = if lease.step_weights.is_empty() {
+                meta_grad(phi, problem.0.as_ref(), c, k * t, t)
+            } else {
+                let Some(w) = lease.step_weights.get(k * t..(k + 1) * t) else {
+                    bail!(
+                        "the lease has {} step weights for {} steps; is this worker older than the coordinator?",
+                        lease.step_weights.len(),
+                        lease.trajectory_steps
+                    );
+                };
+                meta_grad_weighted(phi, problem.0.as_ref(), c, k * t, w)
+            };
             heartbeat.abort();
             if let Some(m) = &self.opts.metrics {
                 m.truncations.inc();
@@ -421,19 +440,45 @@ fn decode_phi(bytes: &[u8]) -> Result<Phi> {
     Ok(phi_from(&mut file, config)?)
 }
 
-/// Builds the instance's problem; refuses unknown families and unreadable parameters.
-fn instance_problem(instance: Option<&Instance>) -> Result<Quadratic, String> {
-    let i = instance.ok_or("the lease carries no instance")?;
-    if i.family != "quadratic" {
-        return Err(format!("unknown problem family {:?}", i.family));
+/// A leased problem and its θ₀.
+type Leased = (Box<dyn HostProblem + Send>, Vec<f32>);
+
+impl Worker {
+    /// Builds the instance's problem (loading the data on the first `mlp` lease);
+    /// refuses unknown families, unreadable parameters and missing data.
+    fn instance_problem(&mut self, instance: Option<&Instance>) -> Result<Leased, String> {
+        let i = instance.ok_or("the lease carries no instance")?;
+        match instance_spec(i)? {
+            ProblemSpec::Quadratic { batch, dims } => {
+                let q = Quadratic::from_seed(i.seed, batch, dims).map_err(|e| e.to_string())?;
+                let theta0 = q.theta0.clone();
+                Ok((Box::new(q), theta0))
+            }
+            ProblemSpec::Mlp(spec) => {
+                let data = match &self.data {
+                    Some(d) => d.clone(),
+                    None => {
+                        let d = Dataset::load(&self.opts.data, Split::Train)
+                            .map_err(|e| format!("cannot load the mlp training data: {e}"))?;
+                        tracing::info!(dir = %self.opts.data.display(), examples = d.len(), "training data loaded");
+                        self.data.insert(Arc::new(d)).clone()
+                    }
+                };
+                let m = Mlp::new(spec, data, i.seed).map_err(|e| e.to_string())?;
+                let theta0 = m.theta0.clone();
+                Ok((Box::new(m), theta0))
+            }
+        }
     }
-    let get = |k: &str, default: usize| match i.params.get(k) {
-        None => Ok(default),
-        Some(v) => v
-            .parse()
-            .map_err(|_| format!("quadratic parameter {k} = {v:?} is not a count")),
-    };
-    Quadratic::from_seed(i.seed, get("batch", 128)?, get("dims", 10)?).map_err(|e| e.to_string())
+}
+
+/// The instance's family and parameters as a [`ProblemSpec`].
+fn instance_spec(i: &Instance) -> Result<ProblemSpec, String> {
+    let mut params: Vec<String> = i.params.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    params.sort();
+    format!("{}:{}", i.family, params.join(","))
+        .parse()
+        .map_err(|e: l2l_common::Error| e.to_string())
 }
 
 #[cfg(test)]
@@ -447,20 +492,20 @@ mod tests {
             seed: 5,
             params: [("batch".to_string(), "3".to_string())].into(),
         };
-        let q = instance_problem(Some(&i)).unwrap();
         assert_eq!(
-            q,
-            Quadratic::from_seed(5, 3, 10).unwrap(),
+            instance_spec(&i).unwrap(),
+            ProblemSpec::Quadratic { batch: 3, dims: 10 },
             "dims defaults to 10"
         );
         i.params.insert("dims".into(), "ten".into());
-        assert!(
-            instance_problem(Some(&i))
-                .unwrap_err()
-                .contains("dims = \"ten\"")
-        );
+        assert!(instance_spec(&i).unwrap_err().contains("\"ten\""));
+        i.family = "conv".into();
+        assert!(instance_spec(&i).unwrap_err().contains("\"conv\""));
         i.family = "mlp".into();
-        assert!(instance_problem(Some(&i)).unwrap_err().contains("\"mlp\""));
-        assert!(instance_problem(None).is_err());
+        i.params = [("hidden".to_string(), "40".to_string())].into();
+        let ProblemSpec::Mlp(m) = instance_spec(&i).unwrap() else {
+            panic!("an mlp")
+        };
+        assert_eq!(m.hidden, [40]);
     }
 }

@@ -28,6 +28,9 @@ pub struct RunArgs {
     coordinator: String,
     #[command(flatten)]
     client: ClientArgs,
+    /// MNIST-format IDX files (plain or .gz) for mlp instances; the training split is used.
+    #[arg(long, env = "L2L_DATA", default_value = l2l_worker::DEFAULT_DATA)]
+    data: std::path::PathBuf,
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 0.0.0.0:9091).
     #[arg(long, value_name = "ADDR")]
     metrics_listen: Option<std::net::SocketAddr>,
@@ -108,6 +111,7 @@ pub fn run(a: RunArgs) -> Result<()> {
     });
     let mut opts = WorkerOptions::new(a.coordinator, name);
     opts.security = security;
+    opts.data = a.data;
     opts.metrics = Some(metrics);
     opts.max_backoff = Duration::from_millis(a.max_backoff_ms.max(100));
     let summary = run_worker(opts, stop)?;

@@ -112,7 +112,27 @@ pub fn meta_grad(
     start: usize,
     steps: usize,
 ) -> Result<FusedMetaGrad, Error> {
-    meta_grad_with(false, phi, problem, carry, start, steps)
+    meta_grad_with(false, phi, problem, carry, start, steps, None)
+}
+
+/// [`meta_grad`] of the weighted meta-loss L = (1/T) Σ w_t f_t(θ_t) (spec §2), with
+/// `weights[i]` the weight of step start+i+1; T = `weights.len()`.
+pub fn meta_grad_weighted(
+    phi: &Phi,
+    problem: &dyn HostProblem,
+    carry: HostCarry,
+    start: usize,
+    weights: &[f32],
+) -> Result<FusedMetaGrad, Error> {
+    meta_grad_with(
+        false,
+        phi,
+        problem,
+        carry,
+        start,
+        weights.len(),
+        Some(weights),
+    )
 }
 
 thread_local! {
@@ -135,9 +155,19 @@ pub(crate) fn meta_grad_with(
     carry: HostCarry,
     start: usize,
     steps: usize,
+    weights: Option<&[f32]>,
 ) -> Result<FusedMetaGrad, Error> {
     let mut records = RECORDS.with(|r| std::mem::take(&mut *r.borrow_mut()));
-    let out = run(portable, phi, problem, carry, start, steps, &mut records);
+    let out = run(
+        portable,
+        phi,
+        problem,
+        carry,
+        start,
+        steps,
+        weights,
+        &mut records,
+    );
     RECORDS.with(|r| *r.borrow_mut() = records);
     out
 }
@@ -149,8 +179,10 @@ fn run(
     carry: HostCarry,
     start: usize,
     steps: usize,
+    weights: Option<&[f32]>,
     records: &mut Vec<Vec<f32>>,
 ) -> Result<FusedMetaGrad, Error> {
+    let weight = |t: usize| weights.map_or(1.0, |w| w[t]);
     let cfg = phi.config;
     let n = problem.num_coords();
     if steps == 0 {
@@ -233,13 +265,14 @@ fn run(
         )));
     }
 
-    // ∂L/∂u_t = (1/T) Σ_{j=t+1..T} ∇f(θ_j), as suffix sums, t = 0..T-1.
+    // ∂L/∂u_t = (1/T) Σ_{j=t+1..T} w_j ∇f(θ_j), as suffix sums, t = 0..T-1.
     let inv_t = 1.0 / steps as f32;
     let mut du: Vec<Vec<f32>> = vec![vec![0f32; n_pad]; steps];
     let mut acc = vec![0f32; n_pad];
     for t in (0..steps).rev() {
+        let scale = inv_t * weight(t);
         for (a, gj) in acc.iter_mut().zip(&grads[t + 1]) {
-            *a += gj * inv_t;
+            *a += gj * scale;
         }
         du[t].copy_from_slice(&acc);
     }
@@ -282,7 +315,12 @@ fn run(
     let theta = theta_pad;
     Ok(FusedMetaGrad {
         grad,
-        meta_loss: losses.iter().sum::<f64>() / steps as f64,
+        meta_loss: losses
+            .iter()
+            .enumerate()
+            .map(|(t, l)| weight(t) as f64 * l)
+            .sum::<f64>()
+            / steps as f64,
         losses,
         carry: HostCarry { theta, h, c },
     })

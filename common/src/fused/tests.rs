@@ -175,7 +175,7 @@ fn portable_kernels_agree_with_the_dispatched_ones() {
     let q = Quadratic::from_seed(4, 20, 10).unwrap();
     let carry = HostCarry::start(&phi.config, q.theta0.clone());
     let fast = meta_grad(&phi, &q, carry.clone(), 0, 20).unwrap();
-    let portable = meta_grad_with(true, &phi, &q, carry.clone(), 0, 20).unwrap();
+    let portable = meta_grad_with(true, &phi, &q, carry.clone(), 0, 20, None).unwrap();
     let (want, _, _, _) = reference(&phi, &q, &carry, 0, 20);
     for ((a, b), w) in fast
         .grad
@@ -217,4 +217,37 @@ fn a_diverged_truncation_does_not_poison_the_next() {
     release_buffers();
     let fresh = meta_grad(&phi, &q9, carry, 0, 5).unwrap();
     assert_eq!(reused.grad, fresh.grad);
+}
+
+#[test]
+fn weighting_the_last_step_is_the_difference_of_two_plain_truncations() {
+    // With w = (0, …, 0, T), L = f(θ_T) = T·L_T − (T−1)·L_{T−1}, where L_k is the plain
+    // mean over the first k steps (the first T−1 steps of both runs are the same).
+    let phi = Phi::init(OptimizerConfig::default(), 8).unwrap();
+    let q = Quadratic::from_seed(9, 12, 10).unwrap();
+    let carry = HostCarry::start(&phi.config, q.theta0.clone());
+    let t = 6;
+    let long = meta_grad(&phi, &q, carry.clone(), 3, t).unwrap();
+    let short = meta_grad(&phi, &q, carry.clone(), 3, t - 1).unwrap();
+    let mut w = vec![0f32; t];
+    w[t - 1] = t as f32;
+    let last = meta_grad_weighted(&phi, &q, carry.clone(), 3, &w).unwrap();
+    assert!((last.meta_loss - long.losses[t - 1]).abs() < 1e-9);
+    for ((l, a), b) in last
+        .grad
+        .tensors
+        .iter()
+        .zip(&long.grad.tensors)
+        .zip(&short.grad.tensors)
+    {
+        let want: Vec<f64> = a
+            .iter()
+            .zip(b)
+            .map(|(a, b)| t as f64 * *a as f64 - (t - 1) as f64 * *b as f64)
+            .collect();
+        assert!(max_rel(l, &want) < 1e-3, "{}", max_rel(l, &want));
+    }
+    // All-ones weights are the plain meta-gradient, bit for bit.
+    let ones = meta_grad_weighted(&phi, &q, carry, 3, &vec![1.0; t]).unwrap();
+    assert_eq!(ones.grad, long.grad);
 }

@@ -1,9 +1,12 @@
 //! Optimizee problems: the functions the learned optimizer trains on (spec §3).
 
+pub mod mlp;
+pub mod mnist;
 pub mod quadratic;
 
 use burn::tensor::Tensor;
 
+pub use mlp::{Activation, Mlp, MlpSpec};
 pub use quadratic::Quadratic;
 
 /// An optimizee on a device: its loss and its gradient at step t.
@@ -19,4 +22,120 @@ pub trait Problem {
 
     /// ∇f_t(θ) `[N, 1]`, a constant: no autodiff graph reaches back through it.
     fn grad(&self, theta: Tensor<2>, step: usize) -> Tensor<2>;
+}
+
+/// A problem family with its hyper-parameters, as written on the command line:
+/// `quadratic`, `mlp`, or `mlp:hidden=40`, `mlp:hidden=20x20`, `mlp:act=relu`,
+/// `mlp:hidden=40,act=relu,batch=128`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProblemSpec {
+    /// B quadratics of d dimensions (spec §3.1).
+    Quadratic {
+        /// B.
+        batch: usize,
+        /// d.
+        dims: usize,
+    },
+    /// The MNIST network or a variant (spec §3.2).
+    Mlp(MlpSpec),
+}
+
+impl ProblemSpec {
+    /// A short name for tables and file names.
+    pub fn name(&self) -> String {
+        match self {
+            ProblemSpec::Quadratic { batch, dims } => format!("quadratic-{batch}x{dims}"),
+            ProblemSpec::Mlp(m) => m.name(),
+        }
+    }
+}
+
+impl std::str::FromStr for ProblemSpec {
+    type Err = crate::Error;
+    fn from_str(s: &str) -> Result<Self, crate::Error> {
+        let bad = |why: String| crate::Error::Config(format!("problem {s:?}: {why}"));
+        let (family, params) = s.split_once(':').unwrap_or((s, ""));
+        let pairs: Vec<(&str, &str)> = params
+            .split(',')
+            .filter(|p| !p.is_empty())
+            .map(|p| {
+                p.split_once('=')
+                    .ok_or_else(|| bad(format!("{p:?} is not key=value")))
+            })
+            .collect::<Result<_, _>>()?;
+        let count = |v: &str| {
+            v.parse::<usize>()
+                .ok()
+                .filter(|n| *n > 0)
+                .ok_or_else(|| bad(format!("{v:?} is not a positive count")))
+        };
+        match family {
+            "quadratic" => {
+                let (mut batch, mut dims) = (128, 10);
+                for (k, v) in pairs {
+                    match k {
+                        "batch" => batch = count(v)?,
+                        "dims" => dims = count(v)?,
+                        _ => {
+                            return Err(bad(format!(
+                                "unknown quadratic parameter {k:?} (batch, dims)"
+                            )));
+                        }
+                    }
+                }
+                Ok(ProblemSpec::Quadratic { batch, dims })
+            }
+            "mlp" => {
+                let mut m = MlpSpec::default();
+                for (k, v) in pairs {
+                    match k {
+                        "hidden" => m.hidden = v.split('x').map(count).collect::<Result<_, _>>()?,
+                        "act" | "activation" => m.activation = v.parse()?,
+                        "batch" => m.batch = count(v)?,
+                        _ => {
+                            return Err(bad(format!(
+                                "unknown mlp parameter {k:?} (hidden, act, batch)"
+                            )));
+                        }
+                    }
+                }
+                Ok(ProblemSpec::Mlp(m))
+            }
+            _ => Err(bad(format!(
+                "unknown family {family:?}; use quadratic or mlp"
+            ))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn problem_specs_parse_with_defaults_and_refuse_typos() {
+        assert_eq!(
+            "quadratic".parse::<ProblemSpec>().unwrap(),
+            ProblemSpec::Quadratic {
+                batch: 128,
+                dims: 10
+            }
+        );
+        let ProblemSpec::Mlp(m) = "mlp:hidden=20x20,act=relu".parse().unwrap() else {
+            panic!("an mlp")
+        };
+        assert_eq!(
+            (m.hidden, m.activation, m.batch),
+            (vec![20, 20], Activation::Relu, 128)
+        );
+        for bad in [
+            "mlp:hiden=40",
+            "mlp:hidden=0",
+            "mlp:act=tanh",
+            "conv",
+            "mlp:hidden",
+        ] {
+            assert!(bad.parse::<ProblemSpec>().is_err(), "{bad}");
+        }
+    }
 }

@@ -1,0 +1,297 @@
+//! MNIST-format data (IDX files, plain or gzip): the images and labels the `mlp`
+//! problem trains on (spec §3.2). MNIST itself, Fashion-MNIST, or any data set in
+//! that format.
+//!
+//! IDX: a big-endian header (two zero bytes, type code 0x08 for unsigned bytes, the
+//! number of dimensions, then each dimension as u32), then the values row-major.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use crate::Error;
+
+/// Which half of a data set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Split {
+    /// `train-*`: meta-training and tuning.
+    Train,
+    /// `t10k-*`: reporting.
+    Test,
+}
+
+impl Split {
+    /// The file-name prefix of this split.
+    pub fn prefix(self) -> &'static str {
+        match self {
+            Split::Train => "train",
+            Split::Test => "t10k",
+        }
+    }
+}
+
+/// Images (as bytes, 0..=255) and their labels.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Dataset {
+    /// Pixels per image (784 for 28×28).
+    pub pixels: usize,
+    /// All images, row-major, `len() × pixels` bytes.
+    pub images: Vec<u8>,
+    /// One label per image, 0..=9.
+    pub labels: Vec<u8>,
+}
+
+/// Reads an IDX file's bytes, un-gzipping when the file starts with the gzip magic.
+fn read_bytes(path: &Path) -> Result<Vec<u8>, Error> {
+    let io = |error| Error::Io {
+        path: path.to_path_buf(),
+        error,
+    };
+    let raw = std::fs::read(path).map_err(io)?;
+    if raw.starts_with(&[0x1f, 0x8b]) {
+        let mut out = Vec::new();
+        flate2::read::GzDecoder::new(&raw[..])
+            .read_to_end(&mut out)
+            .map_err(|e| Error::format(path, format!("not a valid gzip file: {e}")))?;
+        Ok(out)
+    } else {
+        Ok(raw)
+    }
+}
+
+/// Parses an IDX file of unsigned bytes: its dimensions and its values.
+pub fn parse_idx(path: &Path, bytes: &[u8]) -> Result<(Vec<usize>, Vec<u8>), Error> {
+    let bad = |why: String| Error::format(path, why);
+    if bytes.len() < 4 {
+        return Err(bad(format!(
+            "{} bytes: too short for an IDX header",
+            bytes.len()
+        )));
+    }
+    if bytes[0] != 0 || bytes[1] != 0 {
+        return Err(bad("not an IDX file (the first two bytes must be 0)".into()));
+    }
+    if bytes[2] != 0x08 {
+        return Err(bad(format!(
+            "IDX type code 0x{:02x}; only unsigned bytes (0x08) are supported",
+            bytes[2]
+        )));
+    }
+    let ndim = bytes[3] as usize;
+    let header = 4 + 4 * ndim;
+    if ndim == 0 || bytes.len() < header {
+        return Err(bad(format!("IDX header of {ndim} dimensions is cut short")));
+    }
+    let dims: Vec<usize> = (0..ndim)
+        .map(|i| {
+            let b = &bytes[4 + 4 * i..8 + 4 * i];
+            u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize
+        })
+        .collect();
+    let want = dims
+        .iter()
+        .try_fold(1usize, |a, d| a.checked_mul(*d))
+        .ok_or_else(|| bad(format!("dimensions {dims:?} overflow")))?;
+    let have = bytes.len() - header;
+    if have != want {
+        return Err(bad(format!(
+            "dimensions {dims:?} need {want} values but the file holds {have}{}",
+            if have < want { " (truncated?)" } else { "" }
+        )));
+    }
+    Ok((dims, bytes[header..].to_vec()))
+}
+
+/// The path of `<prefix>-<kind>-idx<n>-ubyte`, with or without `.gz`.
+fn find(dir: &Path, split: Split, kind: &str, n: u8) -> Result<PathBuf, Error> {
+    let name = format!("{}-{kind}-idx{n}-ubyte", split.prefix());
+    for candidate in [name.clone(), format!("{name}.gz")] {
+        let p = dir.join(&candidate);
+        if p.is_file() {
+            return Ok(p);
+        }
+    }
+    Err(Error::Io {
+        path: dir.join(format!("{name}[.gz]")),
+        error: std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "no such file: point --data at a directory with MNIST-format IDX files \
+             (e.g. /usr/share/datasets/fashion-mnist from Debian's dataset-fashion-mnist)",
+        ),
+    })
+}
+
+impl Dataset {
+    /// Reads one split from `dir` (`train-images-idx3-ubyte[.gz]`, `train-labels-idx1-ubyte[.gz]`,
+    /// or `t10k-...`), refusing files that disagree with each other.
+    pub fn load(dir: &Path, split: Split) -> Result<Self, Error> {
+        let ip = find(dir, split, "images", 3)?;
+        let lp = find(dir, split, "labels", 1)?;
+        let (idims, images) = parse_idx(&ip, &read_bytes(&ip)?)?;
+        let (ldims, labels) = parse_idx(&lp, &read_bytes(&lp)?)?;
+        Self::from_parts(&ip, &idims, images, &lp, &ldims, labels)
+    }
+
+    /// Checks parsed images `[n, rows, cols]` against labels `[n]`.
+    pub fn from_parts(
+        ip: &Path,
+        idims: &[usize],
+        images: Vec<u8>,
+        lp: &Path,
+        ldims: &[usize],
+        labels: Vec<u8>,
+    ) -> Result<Self, Error> {
+        if idims.len() != 3 {
+            return Err(Error::format(
+                ip,
+                format!("images must have 3 dimensions [n, rows, cols], got {idims:?}"),
+            ));
+        }
+        if ldims.len() != 1 {
+            return Err(Error::format(
+                lp,
+                format!("labels must have 1 dimension [n], got {ldims:?}"),
+            ));
+        }
+        if idims[0] != ldims[0] {
+            return Err(Error::format(
+                lp,
+                format!(
+                    "{} labels for {} images in {}: the files do not belong together",
+                    ldims[0],
+                    idims[0],
+                    ip.display()
+                ),
+            ));
+        }
+        if idims[0] == 0 {
+            return Err(Error::format(ip, "the file holds no images"));
+        }
+        if let Some(l) = labels.iter().find(|l| **l > 9) {
+            return Err(Error::format(lp, format!("label {l} is not a class 0..=9")));
+        }
+        Ok(Self {
+            pixels: idims[1] * idims[2],
+            images,
+            labels,
+        })
+    }
+
+    /// Number of examples.
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    /// Whether there are no examples.
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+
+    /// Image `i` scaled to [0, 1].
+    pub fn image(&self, i: usize) -> impl Iterator<Item = f32> + '_ {
+        self.images[i * self.pixels..(i + 1) * self.pixels]
+            .iter()
+            .map(|b| *b as f32 / 255.0)
+    }
+}
+
+/// Encodes values as an IDX file of unsigned bytes (for tests and small data sets).
+pub fn encode_idx(dims: &[usize], values: &[u8]) -> Vec<u8> {
+    let mut out = vec![0, 0, 0x08, dims.len() as u8];
+    for d in dims {
+        out.extend_from_slice(&(*d as u32).to_be_bytes());
+    }
+    out.extend_from_slice(values);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, bytes: &[u8], gzip: bool) {
+        let data = if gzip {
+            use std::io::Write;
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            e.write_all(bytes).unwrap();
+            e.finish().unwrap()
+        } else {
+            bytes.to_vec()
+        };
+        std::fs::write(dir.join(name), data).unwrap();
+    }
+
+    #[test]
+    fn plain_and_gzip_idx_files_load_and_scale() {
+        let dir = tempfile::tempdir().unwrap();
+        let pixels: Vec<u8> = (0..2 * 2 * 3).map(|i| (i * 20) as u8).collect();
+        write(
+            dir.path(),
+            "train-images-idx3-ubyte.gz",
+            &encode_idx(&[2, 2, 3], &pixels),
+            true,
+        );
+        write(
+            dir.path(),
+            "train-labels-idx1-ubyte",
+            &encode_idx(&[2], &[7, 1]),
+            false,
+        );
+        let d = Dataset::load(dir.path(), Split::Train).unwrap();
+        assert_eq!((d.len(), d.pixels), (2, 6));
+        assert_eq!(d.labels, [7, 1]);
+        let second: Vec<f32> = d.image(1).collect();
+        assert_eq!(second[0], 120.0 / 255.0);
+        assert_eq!(second[5], 220.0 / 255.0);
+    }
+
+    #[test]
+    fn truncated_mismatched_and_foreign_files_are_refused_by_name() {
+        let p = Path::new("x.idx");
+        let good = encode_idx(&[2, 2, 2], &[0; 8]);
+        let e = parse_idx(p, &good[..good.len() - 1])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("need 8 values but the file holds 7 (truncated?)"),
+            "{e}"
+        );
+        let e = parse_idx(p, &good[..6]).unwrap_err().to_string();
+        assert!(e.contains("cut short"), "{e}");
+        let e = parse_idx(p, b"\x89PNG....").unwrap_err().to_string();
+        assert!(e.contains("not an IDX file"), "{e}");
+        let mut float = good.clone();
+        float[2] = 0x0d;
+        let e = parse_idx(p, &float).unwrap_err().to_string();
+        assert!(e.contains("0x0d"), "{e}");
+
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "t10k-images-idx3-ubyte", &good, false);
+        write(
+            dir.path(),
+            "t10k-labels-idx1-ubyte",
+            &encode_idx(&[3], &[0, 1, 2]),
+            false,
+        );
+        let e = Dataset::load(dir.path(), Split::Test)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("3 labels for 2 images"), "{e}");
+        let e = Dataset::load(dir.path(), Split::Train)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("train-images-idx3-ubyte[.gz]") && e.contains("--data"),
+            "{e}"
+        );
+        write(
+            dir.path(),
+            "t10k-labels-idx1-ubyte",
+            &encode_idx(&[2], &[0, 12]),
+            false,
+        );
+        let e = Dataset::load(dir.path(), Split::Test)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("label 12"), "{e}");
+    }
+}

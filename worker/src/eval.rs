@@ -1,0 +1,417 @@
+//! `eval`: the learned optimizer against SGD, RMSprop, Adam and NAG, each with its
+//! learning rate tuned, on held-out problems: a table, CSV curves and a PNG plot.
+//!
+//! Problems are drawn from seeds: the tuning set and the report set are disjoint seed
+//! ranges, and for `mlp` the tuning set draws its minibatches from the training split,
+//! the report set from the test split.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use l2l_common::baselines::{Baseline, Tuned, log_grid, tune};
+use l2l_common::eval::host_learned_curve;
+use l2l_common::fused::HostProblem;
+use l2l_common::problems::ProblemSpec;
+use l2l_common::problems::mnist::{Dataset, Split};
+use l2l_common::{Mlp, Phi, Quadratic};
+use l2l_worker::DEFAULT_DATA;
+use rayon::prelude::*;
+
+use crate::plot::{Series, plot_curves};
+
+/// Arguments of `eval`.
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// The learned optimizer φ: an l2l-lstm/1 file, or a coordinator checkpoint.
+    #[arg(long)]
+    phi: PathBuf,
+    /// The problem: quadratic, mlp, or a variant such as mlp:hidden=40,
+    /// mlp:hidden=20x20, mlp:act=relu.
+    #[arg(long, default_value = "quadratic")]
+    problem: ProblemSpec,
+    /// MNIST-format IDX files (plain or .gz) for mlp problems.
+    #[arg(long, env = "L2L_DATA", default_value = DEFAULT_DATA)]
+    data: PathBuf,
+    /// Optimizee steps per run.
+    #[arg(long, default_value_t = 100)]
+    steps: usize,
+    /// Problems in the report set.
+    #[arg(long, default_value_t = 50)]
+    runs: usize,
+    /// Problems in the tuning set (disjoint from the report set).
+    #[arg(long, default_value_t = 10)]
+    tune_runs: usize,
+    /// log10 of the smallest learning rate of the tuning grid.
+    #[arg(long, default_value_t = -4.0, allow_hyphen_values = true)]
+    grid_lo: f64,
+    /// log10 of the largest learning rate of the tuning grid.
+    #[arg(long, default_value_t = 0.5, allow_hyphen_values = true)]
+    grid_hi: f64,
+    /// Learning rates in the tuning grid.
+    #[arg(long, default_value_t = 10)]
+    grid_points: usize,
+    /// Steps shown in the table [default: steps/5, steps/2, steps].
+    #[arg(long, value_delimiter = ',')]
+    at: Vec<usize>,
+    /// Baselines to compare with.
+    #[arg(long, value_delimiter = ',', default_value = "sgd,rmsprop,adam,nag")]
+    baselines: Vec<Baseline>,
+    /// Seed of the problem sets.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Directory for curves.csv, summary.csv and loss.png.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+/// A held-out problem and its θ₀.
+struct Instance {
+    problem: Box<dyn HostProblem + Send>,
+    theta0: Vec<f32>,
+}
+
+/// Seeds of the report set and of the tuning set: disjoint ranges.
+const REPORT_SEEDS: u64 = 0x5245_504f_5254_0000;
+const TUNE_SEEDS: u64 = 0x5455_4e45_0000_0000;
+
+fn instances(
+    spec: &ProblemSpec,
+    data: Option<&Arc<Dataset>>,
+    base: u64,
+    count: usize,
+) -> Result<Vec<Instance>> {
+    (0..count as u64)
+        .map(|i| {
+            let seed = base.wrapping_add(i);
+            Ok(match spec {
+                ProblemSpec::Quadratic { batch, dims } => {
+                    let q = Quadratic::from_seed(seed, *batch, *dims)?;
+                    Instance {
+                        theta0: q.theta0.clone(),
+                        problem: Box::new(q),
+                    }
+                }
+                ProblemSpec::Mlp(m) => {
+                    let data = data.context("mlp problems need data")?;
+                    let p = Mlp::new(m.clone(), data.clone(), seed)?;
+                    Instance {
+                        theta0: p.theta0.clone(),
+                        problem: Box::new(p),
+                    }
+                }
+            })
+        })
+        .collect()
+}
+
+/// Per-step statistics of a set of curves.
+struct Stats {
+    mean: Vec<f64>,
+    std: Vec<f64>,
+    p10: Vec<f64>,
+    p90: Vec<f64>,
+    /// Mean over runs of each run's mean loss over steps 1..=S.
+    mean_over_steps: f64,
+}
+
+fn stats(curves: &[Vec<f64>]) -> Stats {
+    let steps = curves[0].len();
+    let n = curves.len() as f64;
+    let mut s = Stats {
+        mean: vec![0.0; steps],
+        std: vec![0.0; steps],
+        p10: vec![0.0; steps],
+        p90: vec![0.0; steps],
+        mean_over_steps: 0.0,
+    };
+    for t in 0..steps {
+        let mut col: Vec<f64> = curves.iter().map(|c| c[t]).collect();
+        let mean = col.iter().sum::<f64>() / n;
+        s.mean[t] = mean;
+        s.std[t] = (col.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n).sqrt();
+        col.sort_by(f64::total_cmp);
+        let q = |p: f64| col[((col.len() - 1) as f64 * p).round() as usize];
+        s.p10[t] = q(0.1);
+        s.p90[t] = q(0.9);
+    }
+    s.mean_over_steps = curves
+        .iter()
+        .map(|c| c[1..].iter().sum::<f64>() / (steps - 1).max(1) as f64)
+        .sum::<f64>()
+        / n;
+    s
+}
+
+fn bar(len: u64, what: &str) -> ProgressBar {
+    let b = ProgressBar::new(len);
+    b.set_style(
+        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    b.set_message(what.to_string());
+    b
+}
+
+/// One row of the report: an optimizer, its rate, its curves.
+struct Row {
+    name: String,
+    lr: Option<f64>,
+    curves: Vec<Vec<f64>>,
+}
+
+/// Runs the evaluation and writes its files.
+pub fn run(a: EvalArgs) -> Result<()> {
+    if a.steps == 0 || a.runs == 0 || a.tune_runs == 0 || a.grid_points == 0 {
+        bail!("--steps, --runs, --tune-runs and --grid-points must be positive");
+    }
+    let at: Vec<usize> = if a.at.is_empty() {
+        let mut v = vec![a.steps / 5, a.steps / 2, a.steps];
+        v.retain(|t| *t > 0);
+        v.dedup();
+        v
+    } else {
+        a.at.clone()
+    };
+    if let Some(t) = at.iter().find(|t| **t > a.steps) {
+        bail!("--at {t} is beyond --steps {}", a.steps);
+    }
+    let phi = Phi::load_any(&a.phi).context("cannot load φ (--phi)")?;
+    let (tune_data, report_data) = match &a.problem {
+        ProblemSpec::Mlp(_) => {
+            let train =
+                Dataset::load(&a.data, Split::Train).context("cannot load the training split")?;
+            let test = Dataset::load(&a.data, Split::Test).context("cannot load the test split")?;
+            (Some(Arc::new(train)), Some(Arc::new(test)))
+        }
+        ProblemSpec::Quadratic { .. } => (None, None),
+    };
+    let tune_set = instances(
+        &a.problem,
+        tune_data.as_ref(),
+        a.seed ^ TUNE_SEEDS,
+        a.tune_runs,
+    )?;
+    let report = instances(
+        &a.problem,
+        report_data.as_ref(),
+        a.seed ^ REPORT_SEEDS,
+        a.runs,
+    )?;
+    std::fs::create_dir_all(&a.out)
+        .with_context(|| format!("cannot create the output directory {}", a.out.display()))?;
+
+    // Tune every baseline on the tuning set.
+    let grid = log_grid(a.grid_lo, a.grid_hi, a.grid_points);
+    let progress = bar(
+        (a.baselines.len() * grid.len()) as u64,
+        "tuning learning rates",
+    );
+    let pairs: Vec<(&dyn HostProblem, &[f32])> = tune_set
+        .iter()
+        .map(|i| (i.problem.as_ref() as &dyn HostProblem, i.theta0.as_slice()))
+        .collect();
+    let tuned: Vec<Tuned> = a
+        .baselines
+        .iter()
+        .map(|b| {
+            let per_rate: Vec<Tuned> = grid
+                .par_iter()
+                .map(|lr| {
+                    let t = tune(*b, &pairs, &[*lr], a.steps);
+                    progress.inc(1);
+                    t
+                })
+                .collect();
+            per_rate
+                .into_iter()
+                .fold(None, |best: Option<Tuned>, t| match best {
+                    Some(b) if b.final_loss <= t.final_loss => Some(b),
+                    _ => Some(t),
+                })
+                .expect("a non-empty grid")
+        })
+        .collect();
+    progress.finish_and_clear();
+
+    // The report set: the learned optimizer, then each tuned baseline.
+    let progress = bar((a.runs * (1 + tuned.len())) as u64, "report runs");
+    let mut rows = vec![Row {
+        name: "learned".into(),
+        lr: None,
+        curves: report
+            .iter()
+            .map(|i| {
+                let c = host_learned_curve(&phi, i.problem.as_ref(), &i.theta0, a.steps);
+                progress.inc(1);
+                c
+            })
+            .collect::<Result<_, _>>()?,
+    }];
+    for t in &tuned {
+        rows.push(Row {
+            name: t.baseline.name().into(),
+            lr: Some(t.lr),
+            curves: report
+                .par_iter()
+                .map(|i| {
+                    let c = t
+                        .baseline
+                        .curve(i.problem.as_ref(), &i.theta0, t.lr, a.steps);
+                    progress.inc(1);
+                    c
+                })
+                .collect(),
+        });
+    }
+    progress.finish_and_clear();
+
+    let all: Vec<(&Row, Stats)> = rows.iter().map(|r| (r, stats(&r.curves))).collect();
+    let source = match &a.problem {
+        ProblemSpec::Mlp(_) => format!(
+            " (minibatches from the test split of {}; rates tuned on the training split)",
+            a.data.display()
+        ),
+        ProblemSpec::Quadratic { .. } => String::new(),
+    };
+    let title = format!(
+        "{}: {} held-out problems, rates tuned on {} others{source}",
+        a.problem.name(),
+        a.runs,
+        a.tune_runs
+    );
+    let table = render_table(&title, &all, &at, a.steps);
+    print!("{table}");
+    std::fs::write(a.out.join("table.txt"), &table)?;
+    write_csvs(&a.out, &all)?;
+    let series: Vec<Series> = all
+        .iter()
+        .map(|(r, s)| Series {
+            name: match r.lr {
+                Some(lr) => format!("{} (lr {})", r.name, rate(lr)),
+                None => r.name.clone(),
+            },
+            mean: s.mean.clone(),
+            low: s.p10.clone(),
+            high: s.p90.clone(),
+        })
+        .collect();
+    let png = a.out.join("loss.png");
+    match plot_curves(&png, &a.problem.name(), &series) {
+        Ok(()) => println!(
+            "wrote {}, {}, {} and {}",
+            a.out.join("table.txt").display(),
+            a.out.join("curves.csv").display(),
+            a.out.join("summary.csv").display(),
+            png.display()
+        ),
+        Err(e) => {
+            println!(
+                "wrote {}, {} and {}",
+                a.out.join("table.txt").display(),
+                a.out.join("curves.csv").display(),
+                a.out.join("summary.csv").display()
+            );
+            return Err(e.context("the table and CSVs were written, but not the plot"));
+        }
+    }
+    Ok(())
+}
+
+/// A learning rate with three significant digits.
+fn rate(lr: f64) -> String {
+    let decimals = (2.0 - lr.log10().floor()).max(0.0) as usize;
+    format!("{lr:.decimals$}")
+}
+
+fn render_table(title: &str, all: &[(&Row, Stats)], at: &[usize], steps: usize) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "{title}");
+    let _ = write!(out, "{:<10} {:>9}", "optimizer", "lr");
+    for t in at {
+        let _ = write!(out, " {:>21}", format!("step {t}"));
+    }
+    let _ = writeln!(out, " {:>12}", format!("mean 1..{steps}"));
+    for (r, s) in all {
+        let lr = r.lr.map_or("-".to_string(), rate);
+        let _ = write!(out, "{:<10} {:>9}", r.name, lr);
+        for t in at {
+            let _ = write!(
+                out,
+                " {:>21}",
+                format!("{:.4} ± {:.4}", s.mean[*t], s.std[*t])
+            );
+        }
+        let _ = writeln!(out, " {:>12.4}", s.mean_over_steps);
+    }
+    // The learned optimizer against the best baseline at each reported step.
+    let learned = &all[0];
+    for t in at
+        .iter()
+        .copied()
+        .chain([steps])
+        .collect::<std::collections::BTreeSet<_>>()
+    {
+        let Some((best, bs)) = all[1..]
+            .iter()
+            .min_by(|x, y| x.1.mean[t].total_cmp(&y.1.mean[t]))
+        else {
+            continue;
+        };
+        let wins = learned
+            .0
+            .curves
+            .iter()
+            .zip(&best.curves)
+            .filter(|(l, b)| l[t] < b[t])
+            .count();
+        let _ = writeln!(
+            out,
+            "step {t}: learned/best baseline ({}) = {:.3}; learned lower on {wins} of {} problems",
+            best.name,
+            learned.1.mean[t] / bs.mean[t],
+            learned.0.curves.len()
+        );
+    }
+    if let Some((best, bs)) = all[1..]
+        .iter()
+        .min_by(|x, y| x.1.mean_over_steps.total_cmp(&y.1.mean_over_steps))
+    {
+        let _ = writeln!(
+            out,
+            "mean over steps 1..{steps}: learned/best baseline ({}) = {:.3}",
+            best.name,
+            learned.1.mean_over_steps / bs.mean_over_steps
+        );
+    }
+    out
+}
+
+fn write_csvs(dir: &Path, all: &[(&Row, Stats)]) -> Result<()> {
+    let mut curves = String::from("optimizer,lr,run,step,loss\n");
+    let mut summary = String::from("optimizer,lr,step,mean,std,p10,p90\n");
+    for (r, s) in all {
+        let lr = r.lr.map_or(String::new(), |lr| format!("{lr}"));
+        for (run, c) in r.curves.iter().enumerate() {
+            for (t, v) in c.iter().enumerate() {
+                let _ = writeln!(curves, "{},{lr},{run},{t},{v}", r.name);
+            }
+        }
+        for t in 0..s.mean.len() {
+            let _ = writeln!(
+                summary,
+                "{},{lr},{t},{},{},{},{}",
+                r.name, s.mean[t], s.std[t], s.p10[t], s.p90[t]
+            );
+        }
+    }
+    for (name, text) in [("curves.csv", curves), ("summary.csv", summary)] {
+        let p = dir.join(name);
+        std::fs::write(&p, text).with_context(|| format!("cannot write {}", p.display()))?;
+    }
+    Ok(())
+}
