@@ -262,3 +262,107 @@ fn bad_input_is_refused_with_a_message() {
         "no output is written when the command fails"
     );
 }
+
+/// Writes a small MNIST-format data set: `n` 4×4 images per split, labels 0..=9.
+fn tiny_idx(dir: &Path, n: usize) {
+    use l2l_common::problems::mnist::encode_idx;
+    for split in ["train", "t10k"] {
+        let pixels: Vec<u8> = (0..n * 16).map(|i| ((i * 37) % 256) as u8).collect();
+        let labels: Vec<u8> = (0..n).map(|i| (i % 10) as u8).collect();
+        std::fs::write(
+            dir.join(format!("{split}-images-idx3-ubyte")),
+            encode_idx(&[n, 4, 4], &pixels),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join(format!("{split}-labels-idx1-ubyte")),
+            encode_idx(&[n], &labels),
+        )
+        .unwrap();
+    }
+}
+
+#[test]
+fn eval_writes_a_table_csvs_and_a_png() {
+    let dir = tempfile::tempdir().unwrap();
+    let phi = dir.path().join("phi");
+    let out = worker(&[
+        "init-phi",
+        "--preprocess",
+        "log_sign",
+        "--seed",
+        "1",
+        "--out",
+        s(&phi),
+    ]);
+    assert!(out.status.success(), "{:?}", text(&out));
+    tiny_idx(dir.path(), 30);
+    for (problem, name) in [
+        ("quadratic:batch=4", "quadratic-4x10"),
+        ("mlp:hidden=3,batch=8", "mlp-3-sigmoid"),
+    ] {
+        let out_dir = dir.path().join(name);
+        let out = worker(&[
+            "eval",
+            "--phi",
+            s(&phi),
+            "--problem",
+            problem,
+            "--data",
+            s(dir.path()),
+            "--steps",
+            "10",
+            "--runs",
+            "3",
+            "--tune-runs",
+            "2",
+            "--grid-points",
+            "4",
+            "--out",
+            s(&out_dir),
+        ]);
+        let (stdout, stderr) = text(&out);
+        assert!(out.status.success(), "{problem}: {stderr}");
+        for row in [
+            "learned",
+            "sgd",
+            "rmsprop",
+            "adam",
+            "nag",
+            "step 10: learned/best baseline",
+        ] {
+            assert!(stdout.contains(row), "{problem}: no {row:?} in\n{stdout}");
+        }
+        assert!(stdout.starts_with(name), "{stdout}");
+        let curves = std::fs::read_to_string(out_dir.join("curves.csv")).unwrap();
+        assert!(curves.starts_with("optimizer,lr,run,step,loss\n"));
+        // 5 optimizers × 3 runs × 11 points, plus the header.
+        assert_eq!(curves.lines().count(), 1 + 5 * 3 * 11, "{problem}");
+        let summary = std::fs::read_to_string(out_dir.join("summary.csv")).unwrap();
+        assert_eq!(summary.lines().count(), 1 + 5 * 11, "{problem}");
+        let png = std::fs::read(out_dir.join("loss.png")).unwrap();
+        assert!(
+            png.starts_with(b"\x89PNG\r\n\x1a\n"),
+            "{problem}: not a PNG"
+        );
+        // IHDR: width and height, big-endian, at bytes 16..24.
+        assert_eq!(&png[16..24], &[0, 0, 3, 232, 0, 0, 2, 138], "1000 × 650");
+    }
+    // A data directory without the files is refused with what to do.
+    let out = worker(&[
+        "eval",
+        "--phi",
+        s(&phi),
+        "--problem",
+        "mlp",
+        "--data",
+        "/nonexistent",
+        "--out",
+        s(&dir.path().join("x")),
+    ]);
+    let (_, stderr) = text(&out);
+    assert!(
+        !out.status.success() && stderr.contains("--data"),
+        "{stderr}"
+    );
+}

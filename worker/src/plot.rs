@@ -54,8 +54,26 @@ fn font() -> Result<()> {
     .map_err(|e| anyhow!(e))
 }
 
+/// Width and height of the plot in pixels.
+const SIZE: (u32, u32) = (1000, 650);
+
 /// Draws `series` into a 1000×650 PNG at `path`.
 pub fn plot_curves(path: &Path, title: &str, series: &[Series]) -> Result<()> {
+    let mut pixels = vec![0u8; (SIZE.0 * SIZE.1 * 3) as usize];
+    draw_curves(&mut pixels, path, title, series)?;
+    // Encoded here rather than by plotters, for the smaller files of best compression.
+    let file = std::fs::File::create(path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    let mut enc = png::Encoder::new(std::io::BufWriter::new(file), SIZE.0, SIZE.1);
+    enc.set_color(png::ColorType::Rgb);
+    enc.set_depth(png::BitDepth::Eight);
+    enc.set_compression(png::Compression::Best);
+    enc.write_header()
+        .and_then(|mut w| w.write_image_data(&pixels))
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+fn draw_curves(pixels: &mut [u8], path: &Path, title: &str, series: &[Series]) -> Result<()> {
     font()?;
     let steps = series
         .first()
@@ -71,7 +89,7 @@ pub fn plot_curves(path: &Path, title: &str, series: &[Series]) -> Result<()> {
         bail!("no positive finite loss to plot");
     }
     let clamp = |v: f64| if v.is_finite() { v.clamp(lo, hi) } else { hi };
-    let root = BitMapBackend::new(path, (1000, 650)).into_drawing_area();
+    let root = BitMapBackend::with_buffer(pixels, SIZE).into_drawing_area();
     let draw = |e: &dyn std::fmt::Display| anyhow!("cannot draw {}: {e}", path.display());
     root.fill(&WHITE).map_err(|e| draw(&e))?;
     let mut chart = ChartBuilder::on(&root)
@@ -86,6 +104,7 @@ pub fn plot_curves(path: &Path, title: &str, series: &[Series]) -> Result<()> {
         .x_desc("step")
         .y_desc("loss (log scale)")
         .label_style(("sans-serif", 16))
+        .y_labels(8)
         .x_label_formatter(&|v| format!("{v:.0}"))
         .y_label_formatter(&|v| format!("{v:.3}"))
         .draw()
