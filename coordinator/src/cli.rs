@@ -53,6 +53,9 @@ pub struct Overrides {
     /// Preprocessing of a fresh φ: identity or log_sign.
     #[arg(long)]
     pub preprocess: Option<String>,
+    /// Start a fresh run from this φ (optimizer file or checkpoint) instead of new weights.
+    #[arg(long, value_name = "PATH")]
+    pub init_phi: Option<PathBuf>,
     /// S, optimizee steps per trajectory.
     #[arg(long)]
     pub trajectory_steps: Option<u32>,
@@ -124,6 +127,7 @@ impl Overrides {
         }
         set_some!(
             metrics_listen => c.metrics_listen,
+            init_phi => c.init.phi,
             token_file => c.security.token_file,
             tls_cert => c.security.tls_cert,
             tls_key => c.security.tls_key,

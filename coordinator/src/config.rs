@@ -64,6 +64,9 @@ pub struct InitConfig {
     pub out_scale: f64,
     /// Seed of φ's initial weights.
     pub seed: u64,
+    /// Start from this φ (an optimizer file or a coordinator checkpoint) instead of fresh
+    /// weights; its own configuration then replaces the fields above.
+    pub phi: Option<PathBuf>,
 }
 
 impl Default for InitConfig {
@@ -75,6 +78,7 @@ impl Default for InitConfig {
             k: 10.0,
             out_scale: 0.0,
             seed: 0,
+            phi: None,
         }
     }
 }

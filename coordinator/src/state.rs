@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use bytes::Bytes;
 use l2l_common::{OptimizerConfig, Phi};
 use l2l_proto::v1::{
@@ -132,9 +132,13 @@ impl Coordinator {
                 ..s
             },
             None => {
-                let optimizer = config.optimizer()?;
-                let phi = Phi::init(optimizer, config.init.seed)?;
-                let n = optimizer.num_params();
+                let phi = match &config.init.phi {
+                    Some(path) => Phi::load_any(path).with_context(|| {
+                        format!("cannot start from init.phi {}", path.display())
+                    })?,
+                    None => Phi::init(config.optimizer()?, config.init.seed)?,
+                };
+                let n = phi.config.num_params();
                 Snapshot {
                     phi,
                     adam: Adam::new(config.adam, n),

@@ -49,10 +49,10 @@ pub struct EvalArgs {
     #[arg(long, default_value_t = -4.0, allow_hyphen_values = true)]
     grid_lo: f64,
     /// log10 of the largest learning rate of the tuning grid.
-    #[arg(long, default_value_t = 0.5, allow_hyphen_values = true)]
+    #[arg(long, default_value_t = 1.0, allow_hyphen_values = true)]
     grid_hi: f64,
     /// Learning rates in the tuning grid.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 11)]
     grid_points: usize,
     /// Steps shown in the table [default: steps/5, steps/2, steps].
     #[arg(long, value_delimiter = ',')]
@@ -237,6 +237,15 @@ pub fn run(a: EvalArgs) -> Result<()> {
         })
         .collect();
     progress.finish_and_clear();
+    for t in &tuned {
+        if grid.len() > 1 && (t.lr == grid[0] || t.lr == grid[grid.len() - 1]) {
+            eprintln!(
+                "note: {}'s best rate {} is at the edge of the grid; widen it with --grid-lo/--grid-hi",
+                t.baseline.name(),
+                rate(t.lr)
+            );
+        }
+    }
 
     // The report set: the learned optimizer, then each tuned baseline.
     let progress = bar((a.runs * (1 + tuned.len())) as u64, "report runs");

@@ -62,8 +62,8 @@ pub fn plot_curves(path: &Path, title: &str, series: &[Series]) -> Result<()> {
     let mut pixels = vec![0u8; (SIZE.0 * SIZE.1 * 3) as usize];
     draw_curves(&mut pixels, path, title, series)?;
     // Encoded here rather than by plotters, for the smaller files of best compression.
-    let file = std::fs::File::create(path)
-        .with_context(|| format!("cannot create {}", path.display()))?;
+    let file =
+        std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
     let mut enc = png::Encoder::new(std::io::BufWriter::new(file), SIZE.0, SIZE.1);
     enc.set_color(png::ColorType::Rgb);
     enc.set_depth(png::BitDepth::Eight);

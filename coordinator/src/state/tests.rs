@@ -4,6 +4,7 @@ use std::time::{Duration, Instant};
 
 use l2l_proto::v1::{SubmitRequest, Version};
 
+use l2l_common::OptimizerConfig;
 use l2l_common::wire::f32_to_le_bytes;
 
 use super::*;
@@ -279,4 +280,33 @@ fn snapshot_resumes_with_a_new_epoch_and_the_same_next_step() {
     resumed.submit(&req, t).unwrap();
     assert_eq!(f.c.phi, resumed.phi);
     assert_eq!(f.c.adam, resumed.adam);
+}
+
+#[test]
+fn a_fresh_run_can_start_from_a_given_phi() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("start.safetensors");
+    let start = Phi::init(
+        OptimizerConfig {
+            hidden: 6,
+            ..OptimizerConfig::new(l2l_common::Preprocess::Identity)
+        },
+        9,
+    )
+    .unwrap();
+    start.save(&path, Default::default()).unwrap();
+    let mut cfg = config(Mode::Sync, 1);
+    cfg.init.phi = Some(path.clone());
+    let c = Coordinator::new(cfg.clone(), None).unwrap();
+    assert_eq!(
+        c.phi().unwrap(),
+        start,
+        "φ and its configuration come from the file"
+    );
+    cfg.init.phi = Some(dir.path().join("missing"));
+    let Err(e) = Coordinator::new(cfg, None) else {
+        panic!("a missing init.phi must be refused")
+    };
+    let e = format!("{e:#}");
+    assert!(e.contains("init.phi") && e.contains("missing"), "{e}");
 }
