@@ -269,43 +269,6 @@ impl Mlp {
         }
         loss * inv
     }
-
-    /// Classification accuracy of θ on `data` (every example).
-    pub fn accuracy(&self, theta: &[f32], data: &Dataset) -> f64 {
-        let layers = self.spec.layers(data.pixels);
-        let mut right = 0usize;
-        for i in 0..data.len() {
-            let mut a: Vec<f32> = data.image(i).collect();
-            let mut off = 0;
-            for (l, (ni, no)) in layers.iter().copied().enumerate() {
-                let (w, b) = (
-                    &theta[off..off + ni * no],
-                    &theta[off + ni * no..off + ni * no + no],
-                );
-                off += ni * no + no;
-                let mut z = b.to_vec();
-                for (k, av) in a.iter().enumerate() {
-                    for (zj, wj) in z.iter_mut().zip(&w[k * no..(k + 1) * no]) {
-                        *zj += av * wj;
-                    }
-                }
-                if l + 1 < layers.len() {
-                    z.iter_mut().for_each(|v| {
-                        *v = match self.spec.activation {
-                            Activation::Sigmoid => 1.0 / (1.0 + (-*v).exp()),
-                            Activation::Relu => v.max(0.0),
-                        }
-                    });
-                }
-                a = z;
-            }
-            let best = (0..CLASSES)
-                .max_by(|x, y| a[*x].total_cmp(&a[*y]))
-                .unwrap_or(0);
-            right += usize::from(best == data.labels[i] as usize);
-        }
-        right as f64 / data.len().max(1) as f64
-    }
 }
 
 impl HostProblem for Mlp {
