@@ -128,24 +128,30 @@ pub struct Tuned {
 }
 
 /// Picks the rate of `grid` with the lowest mean final loss over `problems` (each with
-/// its θ₀) after `steps` steps; ties go to the smaller rate.
+/// its θ₀) after `steps` steps; ties go to the earlier rate. Rates run in parallel.
 pub fn tune(
     baseline: Baseline,
     problems: &[(&dyn HostProblem, &[f32])],
     grid: &[f64],
     steps: usize,
 ) -> Tuned {
+    use rayon::prelude::*;
+    let means: Vec<f64> = grid
+        .par_iter()
+        .map(|&lr| {
+            problems
+                .iter()
+                .map(|(p, th0)| baseline.curve(*p, th0, lr, steps)[steps])
+                .sum::<f64>()
+                / problems.len().max(1) as f64
+        })
+        .collect();
     let mut best = Tuned {
         baseline,
         lr: grid.first().copied().unwrap_or(0.0),
         final_loss: f64::INFINITY,
     };
-    for &lr in grid {
-        let mean = problems
-            .iter()
-            .map(|(p, th0)| baseline.curve(*p, th0, lr, steps)[steps])
-            .sum::<f64>()
-            / problems.len().max(1) as f64;
+    for (&lr, &mean) in grid.iter().zip(&means) {
         if mean < best.final_loss {
             best = Tuned {
                 baseline,

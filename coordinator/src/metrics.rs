@@ -45,11 +45,12 @@ fn counter(e: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> std::fm
 impl Collector for CoordinatorCollector {
     fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
         let now = Instant::now();
-        let (status, buckets, finished) = {
+        let (status, buckets, staleness_sum, finished) = {
             let c = self.shared.lock();
             (
                 c.status(now),
                 c.counters().staleness_buckets.clone(),
+                c.counters().staleness_sum,
                 c.finished(),
             )
         };
@@ -135,7 +136,7 @@ impl Collector for CoordinatorCollector {
                 buckets.get(STALENESS_BOUNDS.len()).copied().unwrap_or(0),
             ));
             let count: u64 = b.iter().map(|(_, n)| n).sum();
-            let sum = status.mean_staleness * status.accepted as f64;
+            let sum = staleness_sum as f64;
             let mut m = e.encode_descriptor(
                 "staleness",
                 "Staleness of accepted meta-gradients, in φ versions",

@@ -207,10 +207,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
 
     // Tune every baseline on the tuning set.
     let grid = log_grid(a.grid_lo, a.grid_hi, a.grid_points);
-    let progress = bar(
-        (a.baselines.len() * grid.len()) as u64,
-        "tuning learning rates",
-    );
+    let progress = bar(a.baselines.len() as u64, "tuning learning rates");
     let pairs: Vec<(&dyn HostProblem, &[f32])> = tune_set
         .iter()
         .map(|i| (i.problem.as_ref() as &dyn HostProblem, i.theta0.as_slice()))
@@ -219,21 +216,9 @@ pub fn run(a: EvalArgs) -> Result<()> {
         .baselines
         .iter()
         .map(|b| {
-            let per_rate: Vec<Tuned> = grid
-                .par_iter()
-                .map(|lr| {
-                    let t = tune(*b, &pairs, &[*lr], a.steps);
-                    progress.inc(1);
-                    t
-                })
-                .collect();
-            per_rate
-                .into_iter()
-                .fold(None, |best: Option<Tuned>, t| match best {
-                    Some(b) if b.final_loss <= t.final_loss => Some(b),
-                    _ => Some(t),
-                })
-                .expect("a non-empty grid")
+            let t = tune(*b, &pairs, &grid, a.steps);
+            progress.inc(1);
+            t
         })
         .collect();
     progress.finish_and_clear();

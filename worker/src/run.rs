@@ -229,10 +229,10 @@ impl Worker {
                     Ok(l) => l.into_inner(),
                     Err(s) if reason(&s) == Some("finished") => return Ok(()),
                     Err(s) if reason(&s) == Some("unknown_worker") => continue 'join,
-                    Err(s) if fatal_refusal(&s).is_some() => {
-                        bail!(fatal_refusal(&s).unwrap_or_default())
-                    }
                     Err(s) => {
+                        if let Some(why) = fatal_refusal(&s) {
+                            bail!(why);
+                        }
                         tracing::warn!(status = %s, "lease failed; reconnecting");
                         self.client = None;
                         self.backoff(attempt);
