@@ -4,7 +4,7 @@ use burn::tensor::Tensor;
 
 use crate::lstm::{Lstm, LstmState};
 use crate::problems::Problem;
-use crate::tensor::to_f64;
+use crate::tensor::{from_f32, to_f64};
 use crate::{Error, Phi};
 
 /// Where an optimizee trajectory stands between truncations: θ_t and the LSTM state.
@@ -89,21 +89,53 @@ pub fn meta_grad(
     steps: usize,
 ) -> Result<MetaGrad, Error> {
     let raw = meta_grad_tensors(lstm, problem, carry, start, steps)?;
+    download(lstm, raw, None)
+}
+
+/// [`meta_grad`] of the weighted meta-loss L = (1/T) Σ w_t f_t(θ_t) (spec §2), with
+/// `weights[i]` the weight of step start+i+1; T = `weights.len()`.
+pub fn meta_grad_weighted(
+    lstm: &Lstm,
+    problem: &dyn Problem,
+    carry: Carry,
+    start: usize,
+    weights: &[f32],
+) -> Result<MetaGrad, Error> {
+    let raw = raw_meta_grad(lstm, problem, carry, start, weights.len(), Some(weights))?;
+    download(lstm, raw, Some(weights))
+}
+
+/// Brings a meta-gradient to the host; the meta-loss is weighted as the gradient was.
+fn download(lstm: &Lstm, raw: RawMetaGrad, weights: Option<&[f32]>) -> Result<MetaGrad, Error> {
     let grad = raw
         .grad
         .iter()
         .map(crate::tensor::to_f32)
         .collect::<Result<Vec<_>, _>>()?;
     let losses = to_f64(&raw.losses)?;
+    if let Some(t) = losses.iter().position(|l| !l.is_finite()) {
+        return Err(Error::NonFinite(format!(
+            "the optimizee's loss is {} after {} steps of the truncation; the optimizee blew up under this φ",
+            losses[t],
+            t + 1
+        )));
+    }
     let grad = Phi::from_tensors(lstm.config, grad).map_err(|e| match e {
         Error::NonFinite(what) => Error::NonFinite(format!(
             "the meta-gradient diverged ({what}); the optimizee blew up under this φ"
         )),
         other => other,
     })?;
+    let weight = |t: usize| weights.map_or(1.0, |w| w[t] as f64);
+    let meta_loss = losses
+        .iter()
+        .enumerate()
+        .map(|(t, l)| weight(t) * l)
+        .sum::<f64>()
+        / losses.len() as f64;
     Ok(MetaGrad {
         grad,
-        meta_loss: losses.iter().sum::<f64>() / steps as f64,
+        meta_loss,
         losses,
         carry: raw.carry,
     })
@@ -128,6 +160,17 @@ pub fn meta_grad_tensors(
     start: usize,
     steps: usize,
 ) -> Result<RawMetaGrad, Error> {
+    raw_meta_grad(lstm, problem, carry, start, steps, None)
+}
+
+fn raw_meta_grad(
+    lstm: &Lstm,
+    problem: &dyn Problem,
+    carry: Carry,
+    start: usize,
+    steps: usize,
+    weights: Option<&[f32]>,
+) -> Result<RawMetaGrad, Error> {
     if steps == 0 {
         return Err(Error::Config("a truncation needs at least one step".into()));
     }
@@ -142,7 +185,14 @@ pub fn meta_grad_tensors(
         state: carry.state,
     };
     let run = unroll(&lstm, problem, carry, start, steps);
-    let grads = run.losses.clone().mean().backward();
+    let meta_loss = match weights {
+        None => run.losses.clone().mean(),
+        Some(w) => {
+            let w = from_f32(w, [steps], &run.losses.device(), run.losses.dtype());
+            (run.losses.clone() * w).mean()
+        }
+    };
+    let grads = meta_loss.backward();
     let grad = lstm
         .params()
         .into_iter()

@@ -15,7 +15,7 @@ use l2l_common::burn::tensor::{DType, Device};
 use l2l_common::eval::learned_curve;
 use l2l_common::rng::Rng;
 use l2l_common::{Lstm, Phi, Quadratic};
-use l2l_worker::{WorkerOptions, run_worker};
+use l2l_worker::{Backend, Engine, WorkerOptions, run_worker};
 
 use crate::checkpoint;
 use crate::cli::Overrides;
@@ -35,6 +35,10 @@ pub struct Local {
     /// MNIST-format IDX files for mlp problem families (the training split is used).
     #[arg(long, env = "L2L_DATA", default_value = l2l_worker::DEFAULT_DATA)]
     pub data: PathBuf,
+    /// Where the workers' unrolls run: `cpu` (fused CPU kernels), `flex` (burn on the
+    /// CPU) or `wgpu` (burn on the GPU; needs a build with `--features wgpu`).
+    #[arg(long, env = "L2L_BACKEND", value_enum, default_value_t = Backend::Cpu)]
+    pub backend: Backend,
     /// Configuration overrides (see `serve --help`).
     #[command(flatten)]
     pub overrides: Overrides,
@@ -76,6 +80,12 @@ pub async fn run(args: Local) -> Result<LocalOutcome> {
         args.workers,
         config.to_toml()
     );
+    // Opened before anything starts, so a missing GPU is an error here and not a run
+    // whose workers never come.
+    let engine =
+        Engine::open(args.backend).with_context(|| format!("--backend {}", args.backend))?;
+    eprintln!("workers compute on {}", engine.describe());
+    drop(engine);
     let resume = checkpoint::load_newest(&config.dir)?;
     if let Some((path, s)) = &resume {
         eprintln!("resuming from {} (version {})", path.display(), s.version);
@@ -89,6 +99,7 @@ pub async fn run(args: Local) -> Result<LocalOutcome> {
         let mut opts = WorkerOptions::new(url.clone(), format!("local-{i}"));
         opts.seed = config.seed.wrapping_add(i as u64);
         opts.data = args.data.clone();
+        opts.backend = args.backend;
         let stop = stop.clone();
         handles.push(
             std::thread::Builder::new()

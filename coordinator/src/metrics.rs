@@ -37,6 +37,24 @@ fn gauge(e: &mut DescriptorEncoder, name: &str, help: &str, v: f64) -> std::fmt:
     g.encode(e.encode_descriptor(name, help, None, g.metric_type())?)
 }
 
+/// A worker's backend kind from the text it registered with ("wgpu (NVIDIA H100)" →
+/// "wgpu"): letters, digits and `_` only, at most 16, "unknown" when nothing is left.
+fn backend_kind(reported: &str) -> String {
+    let kind: String = reported
+        .split_whitespace()
+        .next()
+        .unwrap_or("")
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
+        .take(16)
+        .collect();
+    if kind.is_empty() {
+        "unknown".into()
+    } else {
+        kind.to_ascii_lowercase()
+    }
+}
+
 fn counter(e: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> std::fmt::Result {
     let c = ConstCounter::new(v);
     c.encode(e.encode_descriptor(name, help, None, c.metric_type())?)
@@ -45,13 +63,14 @@ fn counter(e: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> std::fm
 impl Collector for CoordinatorCollector {
     fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
         let now = Instant::now();
-        let (status, buckets, staleness_sum, finished) = {
+        let (status, buckets, staleness_sum, finished, live_ms) = {
             let c = self.shared.lock();
             (
                 c.status(now),
                 c.counters().staleness_buckets.clone(),
                 c.counters().staleness_sum,
                 c.finished(),
+                c.config().lease_timeout_ms as f64,
             )
         };
         let stats = &self.shared.stats;
@@ -106,6 +125,26 @@ impl Collector for CoordinatorCollector {
             "Workers seen within a lease timeout",
             status.live_workers as f64,
         )?;
+        {
+            // By the backend's name (the first word a worker reports: cpu, flex, wgpu).
+            let mut by: std::collections::BTreeMap<String, u64> =
+                ["cpu", "flex", "wgpu"].map(|b| (b.to_string(), 0)).into();
+            for w in &status.workers {
+                if w.seconds_since_seen * 1e3 < live_ms {
+                    *by.entry(backend_kind(&w.backend)).or_default() += 1;
+                }
+            }
+            let mut m = e.encode_descriptor(
+                "live_workers_by_backend",
+                "Workers seen within a lease timeout, by backend",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (backend, n) in by {
+                let labels = [("backend", backend)];
+                ConstGauge::new(n as f64).encode(m.encode_family(&labels)?)?;
+            }
+        }
         gauge(
             &mut e,
             "live_leases",
@@ -197,6 +236,18 @@ mod tests {
         };
         let shared = Shared::new(Coordinator::new(config, None).unwrap());
         shared.stats.unauthenticated.fetch_add(3, Ordering::Relaxed);
+        {
+            let mut c = shared.lock();
+            let now = Instant::now();
+            c.register("g1".into(), "wgpu (NVIDIA H100 PCIe)".into(), now);
+            c.register(
+                "g2".into(),
+                "wgpu (llvmpipe (LLVM 15.0.6, 256 bits))".into(),
+                now,
+            );
+            c.register("c1".into(), "cpu (fused kernels, 16 threads)".into(), now);
+            c.register("odd".into(), "\"}\n{evil=".into(), now);
+        }
         let text = l2l_worker::metrics::render(&registry(shared));
         for line in [
             "l2l_version 0.0\n",
@@ -206,6 +257,10 @@ mod tests {
             "l2l_staleness_count 0\n",
             "l2l_ready 0.0\n",
             "# TYPE l2l_staleness histogram\n",
+            "l2l_live_workers_by_backend{backend=\"wgpu\"} 2.0\n",
+            "l2l_live_workers_by_backend{backend=\"cpu\"} 1.0\n",
+            "l2l_live_workers_by_backend{backend=\"flex\"} 0.0\n",
+            "l2l_live_workers_by_backend{backend=\"unknown\"} 1.0\n",
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }

@@ -13,16 +13,19 @@ use std::time::{Duration, Instant};
 ///
 /// `cargo test -p l2l-tests` alone would not rebuild other packages' binaries, and a
 /// stale binary would test old code; so each test process runs `cargo build --bins`
-/// once (a no-op when `cargo test --workspace` already built them). Tests live in
-/// `target/<profile>/deps/`; the binaries sit one level up.
+/// once (a no-op when `cargo test --workspace` already built them), with the GPU
+/// feature when this crate has it (`--all-features`), so nothing is built twice. Tests
+/// live in `target/<profile>/deps/`; the binaries sit one level up.
 pub fn binary(name: &str) -> PathBuf {
     static BUILD: Once = Once::new();
     BUILD.call_once(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args(["build", "--bins", "--workspace"])
-            .status()
-            .expect("cargo runs");
+        let mut build = Command::new(cargo);
+        build.args(["build", "--bins", "--workspace"]);
+        if cfg!(feature = "wgpu") {
+            build.arg("--all-features");
+        }
+        let status = build.status().expect("cargo runs");
         assert!(status.success(), "building the workspace binaries failed");
     });
     let exe = std::env::current_exe().expect("the test binary knows its own path");

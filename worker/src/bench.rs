@@ -1,16 +1,16 @@
-//! `bench`: times the meta-gradient and the forward-only unroll on quadratics.
+//! `bench`: times the meta-gradient and the forward-only unroll on quadratics, on each
+//! backend asked for.
 
 use std::time::Instant;
 
 use anyhow::{Result, bail};
 use clap::Args;
-use l2l_common::burn::tensor::{DType, Device};
-use l2l_common::fused::{self, HostCarry};
-use l2l_common::unroll::{Carry, meta_grad, unroll};
-use l2l_common::{Lstm, LstmState, OptimizerConfig, Phi, Preprocess, Quadratic};
+use l2l_common::fused;
+use l2l_common::{OptimizerConfig, Phi, Preprocess, Quadratic};
+use l2l_worker::backend::{Backend, Engine, Optimizee};
 use serde_json::json;
 
-use crate::{Impl, PreprocessArg};
+use crate::PreprocessArg;
 
 /// Arguments of `bench`.
 #[derive(Debug, Args)]
@@ -33,10 +33,11 @@ pub struct Bench {
     /// One JSON object per measurement on stdout instead of a table.
     #[arg(long)]
     json: bool,
-    /// Implementations to time [default: both]: `fused` (the hand-differentiated CPU
-    /// kernels the worker uses) and `burn` (the plain burn composition, the reference).
-    #[arg(long = "impl", value_enum, value_delimiter = ',')]
-    implementation: Vec<Impl>,
+    /// Backends to time [default: cpu,flex]: `cpu` (the fused kernels workers use on a
+    /// CPU), `flex` (the burn composition on the CPU, the reference) and `wgpu` (the same
+    /// composition on the GPU; needs a build with `--features wgpu`).
+    #[arg(long, alias = "impl", value_enum, value_delimiter = ',')]
+    backend: Vec<Backend>,
 }
 
 /// FLOPs of one meta-gradient per coordinate-step for the paper's 2×20 LSTM (forward and
@@ -69,24 +70,29 @@ pub fn run(a: Bench) -> Result<()> {
     } else {
         a.preprocess.iter().map(|p| (*p).into()).collect()
     };
-    let impls = if a.implementation.is_empty() {
-        vec![Impl::Fused, Impl::Burn]
+    let backends = if a.backend.is_empty() {
+        vec![Backend::Cpu, Backend::Flex]
     } else {
-        a.implementation.clone()
+        a.backend.clone()
     };
+    let engines = backends
+        .iter()
+        .map(|b| Engine::open(*b).map_err(|e| anyhow::anyhow!("--backend {b}: {e}")))
+        .collect::<Result<Vec<_>>>()?;
     let steps = a.steps as usize;
     if !a.json {
         println!(
-            "l2l-worker bench: CPU, float32, T = {steps}, {} runs after {} warm-up, {} threads",
-            a.runs,
-            a.warmup,
-            rayon::current_num_threads()
+            "l2l-worker bench: float32, T = {steps}, {} runs after {} warm-up",
+            a.runs, a.warmup,
         );
+        for e in &engines {
+            println!("  {}: {}", e.backend(), e.adapter());
+        }
         println!(
-            "{:<9} {:>8} {:<6} {:<10} {:>10} {:>10} {:>10} {:>8} {:>12}",
+            "{:<9} {:>8} {:<7} {:<10} {:>10} {:>10} {:>10} {:>8} {:>12}",
             "preproc",
             "N",
-            "impl",
+            "backend",
             "what",
             "median_ms",
             "min_ms",
@@ -99,22 +105,24 @@ pub fn run(a: Bench) -> Result<()> {
         let phi = Phi::init(OptimizerConfig::new(preprocess), 1)?;
         for &n in &a.n {
             let quad = Quadratic::from_seed(2, n / 10, 10)?;
-            for &imp in &impls {
-                // The fused path has no forward-only variant: evaluation runs on burn.
-                let whats: &[What] = match imp {
-                    Impl::Fused => &[What::MetaGrad],
-                    Impl::Burn => &[What::MetaGrad, What::Forward],
+            for engine in &engines {
+                // The fused path has no forward-only variant.
+                let whats: &[What] = match engine.backend() {
+                    Backend::Cpu => &[What::MetaGrad],
+                    Backend::Flex | Backend::Wgpu => &[What::MetaGrad, What::Forward],
                 };
+                let loaded = engine.load(Optimizee::Quadratic(quad.clone()));
                 for &what in whats {
-                    let (times, peak) = measure(&phi, &quad, steps, imp, what, a.warmup, a.runs)?;
+                    let (times, peak) =
+                        measure(engine, &phi, &loaded, steps, what, a.warmup, a.runs)?;
                     let median = times[times.len() / 2];
                     let gflops = (what == What::MetaGrad)
                         .then(|| FLOP_PER_COORD_STEP * (n * steps) as f64 / (median * 1e-3) / 1e9);
                     if a.json {
                         let row = json!({
                             "what": what.name(), "n": n, "steps": steps,
-                            "preprocess": preprocess.name(), "impl": imp.name(),
-                            "backend": match imp { Impl::Fused => "cpu", Impl::Burn => "flex" },
+                            "preprocess": preprocess.name(),
+                            "backend": engine.backend().name(), "adapter": engine.adapter(),
                             "median_ms": median, "min_ms": times[0],
                             "max_ms": times[times.len() - 1], "runs": times.len(),
                             "gflops": gflops, "peak_rss_mb": peak,
@@ -122,10 +130,10 @@ pub fn run(a: Bench) -> Result<()> {
                         println!("{row}");
                     } else {
                         println!(
-                            "{:<9} {:>8} {:<6} {:<10} {:>10.2} {:>10.2} {:>10.2} {:>8} {:>12.1}",
+                            "{:<9} {:>8} {:<7} {:<10} {:>10.2} {:>10.2} {:>10.2} {:>8} {:>12.1}",
                             preprocess.name(),
                             n,
-                            imp.name(),
+                            engine.backend().name(),
                             what.name(),
                             median,
                             times[0],
@@ -142,40 +150,27 @@ pub fn run(a: Bench) -> Result<()> {
 }
 
 /// Sorted times in ms of `runs` repetitions, and the peak RSS in MB while they ran.
+///
+/// Each repetition is what a worker does per truncation: φ to the device, the unroll
+/// from θ₀, and the results back to the host (which waits for the device to finish).
 fn measure(
+    engine: &Engine,
     phi: &Phi,
-    quad: &Quadratic,
+    problem: &l2l_worker::backend::Loaded,
     steps: usize,
-    imp: Impl,
     what: What,
     warmup: u32,
     runs: u32,
 ) -> Result<(Vec<f64>, f64)> {
-    let dtype = DType::F32;
-    let dev = match what {
-        What::MetaGrad => Device::flex().autodiff(),
-        What::Forward => Device::flex(),
-    };
-    let lstm = Lstm::new(phi, &dev, dtype);
-    let problem = quad.on(&dev, dtype);
     let once = || -> Result<f64> {
-        let carry = Carry {
-            theta: quad.theta0(&dev, dtype),
-            state: LstmState::zeros(&phi.config, quad.num_coords(), &dev, dtype),
-        };
+        let state = engine.start(phi, problem);
         let start = Instant::now();
-        match (imp, what) {
-            (Impl::Fused, _) => {
-                let carry = HostCarry::start(&phi.config, quad.theta0.clone());
-                fused::meta_grad(phi, quad, carry, 0, steps)?;
+        match what {
+            What::MetaGrad => {
+                engine.truncation(phi, problem, state, 0, steps, None)?;
             }
-            (Impl::Burn, What::MetaGrad) => {
-                meta_grad(&lstm, &problem, carry, 0, steps)?;
-            }
-            (Impl::Burn, What::Forward) => {
-                let run = unroll(&lstm, &problem, carry, 0, steps);
-                // Reading the losses back waits for the computation to finish.
-                l2l_common::tensor::to_f64(&run.losses)?;
+            What::Forward => {
+                engine.curve(phi, problem, steps)?;
             }
         }
         Ok(start.elapsed().as_secs_f64() * 1e3)

@@ -13,12 +13,12 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use l2l_common::baselines::{Baseline, Tuned, log_grid, tune};
-use l2l_common::eval::host_learned_curve;
 use l2l_common::fused::HostProblem;
 use l2l_common::problems::ProblemSpec;
 use l2l_common::problems::mnist::{Dataset, Split};
 use l2l_common::{Mlp, Phi, Quadratic};
 use l2l_worker::DEFAULT_DATA;
+use l2l_worker::backend::{Backend, Engine, Optimizee};
 use rayon::prelude::*;
 
 use crate::plot::{Series, plot_curves};
@@ -66,12 +66,10 @@ pub struct EvalArgs {
     /// Directory for curves.csv, summary.csv and loss.png.
     #[arg(long)]
     out: PathBuf,
-}
-
-/// A held-out problem and its θ₀.
-struct Instance {
-    problem: Box<dyn HostProblem + Send>,
-    theta0: Vec<f32>,
+    /// Where the learned optimizer runs: `cpu`, `flex` or `wgpu` (needs a build with
+    /// `--features wgpu`). The baselines run on the CPU.
+    #[arg(long, value_enum, default_value_t = Backend::Cpu)]
+    backend: Backend,
 }
 
 /// Seeds of the report set and of the tuning set: disjoint ranges.
@@ -83,25 +81,17 @@ fn instances(
     data: Option<&Arc<Dataset>>,
     base: u64,
     count: usize,
-) -> Result<Vec<Instance>> {
+) -> Result<Vec<Optimizee>> {
     (0..count as u64)
         .map(|i| {
             let seed = base.wrapping_add(i);
             Ok(match spec {
                 ProblemSpec::Quadratic { batch, dims } => {
-                    let q = Quadratic::from_seed(seed, *batch, *dims)?;
-                    Instance {
-                        theta0: q.theta0.clone(),
-                        problem: Box::new(q),
-                    }
+                    Optimizee::Quadratic(Quadratic::from_seed(seed, *batch, *dims)?)
                 }
                 ProblemSpec::Mlp(m) => {
                     let data = data.context("mlp problems need data")?;
-                    let p = Mlp::new(m.clone(), data.clone(), seed)?;
-                    Instance {
-                        theta0: p.theta0.clone(),
-                        problem: Box::new(p),
-                    }
+                    Optimizee::Mlp(Mlp::new(m.clone(), data.clone(), seed)?)
                 }
             })
         })
@@ -181,6 +171,8 @@ pub fn run(a: EvalArgs) -> Result<()> {
         bail!("--at {t} is beyond --steps {}", a.steps);
     }
     let phi = Phi::load_any(&a.phi).context("cannot load φ (--phi)")?;
+    let engine = Engine::open(a.backend).with_context(|| format!("--backend {}", a.backend))?;
+    eprintln!("learned optimizer on {}", engine.describe());
     let (tune_data, report_data) = match &a.problem {
         ProblemSpec::Mlp(_) => {
             let train =
@@ -210,7 +202,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
     let progress = bar(a.baselines.len() as u64, "tuning learning rates");
     let pairs: Vec<(&dyn HostProblem, &[f32])> = tune_set
         .iter()
-        .map(|i| (i.problem.as_ref() as &dyn HostProblem, i.theta0.as_slice()))
+        .map(|o| (o.host() as &dyn HostProblem, o.theta0()))
         .collect();
     let tuned: Vec<Tuned> = a
         .baselines
@@ -240,7 +232,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
         curves: report
             .iter()
             .map(|i| {
-                let c = host_learned_curve(&phi, i.problem.as_ref(), &i.theta0, a.steps);
+                let c = engine.curve(&phi, &engine.load(i.clone()), a.steps);
                 progress.inc(1);
                 c
             })
@@ -253,9 +245,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
             curves: report
                 .par_iter()
                 .map(|i| {
-                    let c = t
-                        .baseline
-                        .curve(i.problem.as_ref(), &i.theta0, t.lr, a.steps);
+                    let c = t.baseline.curve(i.host(), i.theta0(), t.lr, a.steps);
                     progress.inc(1);
                     c
                 })

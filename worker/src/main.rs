@@ -43,24 +43,6 @@ impl From<PreprocessArg> for Preprocess {
     }
 }
 
-/// Which meta-gradient implementation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum Impl {
-    /// Hand-differentiated, fused CPU kernels (`l2l_common::fused`).
-    Fused,
-    /// The LSTM composed from burn tensor ops with burn's autodiff.
-    Burn,
-}
-
-impl Impl {
-    fn name(self) -> &'static str {
-        match self {
-            Impl::Fused => "fused",
-            Impl::Burn => "burn",
-        }
-    }
-}
-
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Writes a freshly initialised optimizer φ (spec §1.6) to a file.

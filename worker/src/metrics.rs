@@ -30,9 +30,14 @@ pub struct WorkerMetrics {
 }
 
 impl WorkerMetrics {
-    /// Fresh metrics, registered in `registry` with the worker's `backend` and `name`
-    /// as an info metric.
-    pub fn register(registry: &mut Registry, backend: &str, name: &str) -> Arc<Self> {
+    /// Fresh metrics, registered in `registry` with the worker's `backend`, the `adapter`
+    /// it runs on and its `name` as an info metric.
+    pub fn register(
+        registry: &mut Registry,
+        backend: &str,
+        adapter: &str,
+        name: &str,
+    ) -> Arc<Self> {
         let m = Arc::new(Self {
             truncations: Counter::default(),
             // 0.5 ms .. 16 s.
@@ -63,9 +68,10 @@ impl WorkerMetrics {
         );
         sub.register(
             "build",
-            "The worker's backend and name",
+            "The worker's backend, adapter and name",
             Info::new(vec![
                 ("backend".to_string(), backend.to_string()),
+                ("adapter".to_string(), adapter.to_string()),
                 ("name".to_string(), name.to_string()),
                 ("version".to_string(), env!("CARGO_PKG_VERSION").to_string()),
             ]),
@@ -126,7 +132,7 @@ mod tests {
     #[test]
     fn worker_metrics_render_with_their_labels() {
         let mut r = Registry::default();
-        let m = WorkerMetrics::register(&mut r, "cpu", "w1");
+        let m = WorkerMetrics::register(&mut r, "cpu", "fused kernels, 2 threads", "w1");
         m.truncations.inc();
         m.unroll_seconds.observe(0.003);
         m.submission("accepted");
@@ -147,7 +153,7 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("l2l_worker_build_info{backend=\"cpu\",name=\"w1\""),
+            text.contains("l2l_worker_build_info{backend=\"cpu\",adapter=\"fused kernels, 2 threads\",name=\"w1\""),
             "{text}"
         );
         assert!(text.ends_with("# EOF\n"));

@@ -5,12 +5,10 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
-use l2l_common::burn::tensor::{DType, Device};
-use l2l_common::fused::{self, HostCarry};
-use l2l_common::unroll::{Carry, meta_grad as compute_meta_grad};
-use l2l_common::{Lstm, LstmState, MetaGradFile, OptimizerConfig, Phi, Preprocess, Quadratic};
+use l2l_common::{MetaGradFile, OptimizerConfig, Phi, Preprocess, Quadratic};
+use l2l_worker::backend::{Backend, Engine, Optimizee};
 
-use crate::{Impl, PreprocessArg};
+use crate::PreprocessArg;
 
 /// Arguments of `init-phi`.
 #[derive(Debug, Args)]
@@ -122,41 +120,30 @@ pub struct MetaGradArgs {
     /// Where to write ∂L/∂φ (same names and shapes as φ; meta_loss and steps in metadata).
     #[arg(long)]
     out: PathBuf,
-    /// Implementation: `fused` (hand-differentiated CPU kernels) or `burn` (the plain burn
-    /// composition with autodiff, the reference).
-    #[arg(long = "impl", value_enum, default_value_t = Impl::Fused)]
-    implementation: Impl,
+    /// Where to compute: `cpu` (fused CPU kernels), `flex` (the burn composition on the
+    /// CPU, the reference) or `wgpu` (the burn composition on the GPU; needs a build with
+    /// `--features wgpu`).
+    #[arg(long, alias = "impl", value_enum, default_value_t = Backend::Cpu)]
+    backend: Backend,
 }
 
-/// `meta-grad`: one truncation from zero state and θ_0, in float32 on the CPU.
+/// `meta-grad`: one truncation from zero state and θ_0, in float32.
 pub fn meta_grad(a: MetaGradArgs) -> Result<()> {
     let phi = Phi::load(&a.phi).context("cannot load φ (--phi)")?;
     let quad = Quadratic::load(&a.problem).context("cannot load the problem (--problem)")?;
     let steps = a.steps as usize;
-    let (grad, meta_loss) = match a.implementation {
-        Impl::Fused => {
-            let carry = HostCarry::start(&phi.config, quad.theta0.clone());
-            let out = fused::meta_grad(&phi, &quad, carry, 0, steps)?;
-            (out.grad, out.meta_loss)
-        }
-        Impl::Burn => {
-            let (dev, dtype) = (Device::flex().autodiff(), DType::F32);
-            let carry = Carry {
-                theta: quad.theta0(&dev, dtype),
-                state: LstmState::zeros(&phi.config, quad.num_coords(), &dev, dtype),
-            };
-            let lstm = Lstm::new(&phi, &dev, dtype);
-            let out = compute_meta_grad(&lstm, &quad.on(&dev, dtype), carry, 0, steps)?;
-            (out.grad, out.meta_loss)
-        }
-    };
+    let engine = Engine::open(a.backend).with_context(|| format!("--backend {}", a.backend))?;
+    eprintln!("backend {}", engine.describe());
+    let problem = engine.load(Optimizee::Quadratic(quad));
+    let state = engine.start(&phi, &problem);
+    let out = engine.truncation(&phi, &problem, state, 0, steps, None)?;
     MetaGradFile {
-        grad,
-        meta_loss,
+        grad: out.grad,
+        meta_loss: out.meta_loss,
         steps,
     }
     .save(&a.out)?;
-    println!("meta_loss {meta_loss:.9e}");
+    println!("meta_loss {:.9e}", out.meta_loss);
     println!("wrote {}", a.out.display());
     Ok(())
 }

@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 use l2l_common::checkpoint::TensorFile;
 use l2l_common::checkpoint::{config_from, phi_from};
-use l2l_common::fused::{HostCarry, HostProblem, meta_grad, meta_grad_weighted};
 use l2l_common::problems::ProblemSpec;
 use l2l_common::problems::mnist::{Dataset, Split};
 use l2l_common::{Mlp, Phi, Quadratic, rng::Rng};
@@ -16,6 +15,7 @@ use l2l_proto::v1::{
     SubmitRequest, Version,
 };
 
+use crate::backend::{Backend, Engine, Loaded, Optimizee};
 use crate::connect::{Client, ClientSecurity, connect, fatal_refusal};
 use crate::metrics::WorkerMetrics;
 
@@ -38,6 +38,8 @@ pub struct WorkerOptions {
     pub metrics: Option<Arc<WorkerMetrics>>,
     /// MNIST-format data for `mlp` instances (its training split is used).
     pub data: std::path::PathBuf,
+    /// Where the unrolls run.
+    pub backend: Backend,
 }
 
 impl WorkerOptions {
@@ -52,6 +54,7 @@ impl WorkerOptions {
             security: ClientSecurity::default(),
             metrics: None,
             data: std::path::PathBuf::from(crate::DEFAULT_DATA),
+            backend: Backend::Cpu,
         }
     }
 }
@@ -114,13 +117,18 @@ struct Worker {
     summary: WorkerSummary,
     /// The training split, loaded on the first `mlp` lease.
     data: Option<Arc<Dataset>>,
+    /// The backend the unrolls run on.
+    engine: Engine,
 }
 
 /// Runs a worker until the coordinator's run is finished or `stop` is set.
 ///
 /// Blocking: the unroll runs on the calling thread; RPCs and heartbeats run on a small
-/// runtime of the worker's own.
+/// runtime of the worker's own. Fails at once when the backend cannot be opened.
 pub fn run_worker(opts: WorkerOptions, stop: Arc<AtomicBool>) -> Result<WorkerSummary> {
+    let engine = Engine::open(opts.backend)
+        .with_context(|| format!("cannot open the {} backend", opts.backend))?;
+    tracing::info!(backend = %engine.backend(), adapter = engine.adapter(), "backend opened");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -139,6 +147,7 @@ pub fn run_worker(opts: WorkerOptions, stop: Arc<AtomicBool>) -> Result<WorkerSu
         stop,
         summary: WorkerSummary::default(),
         data: None,
+        engine,
     };
     w.main_loop()?;
     Ok(w.summary)
@@ -198,7 +207,7 @@ impl Worker {
             .rt
             .block_on(c.register(RegisterRequest {
                 name: self.opts.name.clone(),
-                backend: "cpu".into(),
+                backend: self.engine.describe(),
             }))?
             .into_inner();
         self.id = reply.worker_id;
@@ -315,12 +324,12 @@ impl Worker {
             };
             let c = carry
                 .take()
-                .unwrap_or_else(|| HostCarry::start(&phi.config, problem.1.clone()));
+                .unwrap_or_else(|| self.engine.start(phi, &problem));
             let _t = tracing::debug_span!("truncation", k, version = version.step).entered();
             let started = Instant::now();
             let heartbeat = self.start_heartbeat(lease.lease_id);
-            let out = if lease.step_weights.is_empty() {
-                meta_grad(phi, problem.0.as_ref(), c, k * t, t)
+            let weights = if lease.step_weights.is_empty() {
+                None
             } else {
                 let Some(w) = lease.step_weights.get(k * t..(k + 1) * t) else {
                     bail!(
@@ -329,8 +338,9 @@ impl Worker {
                         lease.trajectory_steps
                     );
                 };
-                meta_grad_weighted(phi, problem.0.as_ref(), c, k * t, w)
+                Some(w)
             };
+            let out = self.engine.truncation(phi, &problem, c, k * t, t, weights);
             heartbeat.abort();
             if let Some(m) = &self.opts.metrics {
                 m.truncations.inc();
@@ -352,7 +362,7 @@ impl Worker {
                 meta_loss: out.meta_loss,
                 unroll_seconds: started.elapsed().as_secs_f64(),
             };
-            carry = Some(out.carry);
+            carry = Some(out.state);
             let submitted = self.submit(req);
             if let Some(m) = &self.opts.metrics {
                 m.submission(submitted.as_ref().err().map_or("accepted", |r| r.as_str()));
@@ -440,20 +450,15 @@ fn decode_phi(bytes: &[u8]) -> Result<Phi> {
     Ok(phi_from(&mut file, config)?)
 }
 
-/// A leased problem and its θ₀.
-type Leased = (Box<dyn HostProblem + Send>, Vec<f32>);
-
 impl Worker {
-    /// Builds the instance's problem (loading the data on the first `mlp` lease);
-    /// refuses unknown families, unreadable parameters and missing data.
-    fn instance_problem(&mut self, instance: Option<&Instance>) -> Result<Leased, String> {
+    /// Builds the instance's problem on the backend (loading the data on the first `mlp`
+    /// lease); refuses unknown families, unreadable parameters and missing data.
+    fn instance_problem(&mut self, instance: Option<&Instance>) -> Result<Loaded, String> {
         let i = instance.ok_or("the lease carries no instance")?;
-        match instance_spec(i)? {
-            ProblemSpec::Quadratic { batch, dims } => {
-                let q = Quadratic::from_seed(i.seed, batch, dims).map_err(|e| e.to_string())?;
-                let theta0 = q.theta0.clone();
-                Ok((Box::new(q), theta0))
-            }
+        let optimizee = match instance_spec(i)? {
+            ProblemSpec::Quadratic { batch, dims } => Optimizee::Quadratic(
+                Quadratic::from_seed(i.seed, batch, dims).map_err(|e| e.to_string())?,
+            ),
             ProblemSpec::Mlp(spec) => {
                 let data = match &self.data {
                     Some(d) => d.clone(),
@@ -464,11 +469,10 @@ impl Worker {
                         self.data.insert(Arc::new(d)).clone()
                     }
                 };
-                let m = Mlp::new(spec, data, i.seed).map_err(|e| e.to_string())?;
-                let theta0 = m.theta0.clone();
-                Ok((Box::new(m), theta0))
+                Optimizee::Mlp(Mlp::new(spec, data, i.seed).map_err(|e| e.to_string())?)
             }
-        }
+        };
+        Ok(self.engine.load(optimizee))
     }
 }
 

@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use l2l_worker::connect::ClientArgs;
 use l2l_worker::metrics::{WorkerMetrics, bind, serve};
-use l2l_worker::{WorkerOptions, run_worker};
+use l2l_worker::{Backend, Engine, WorkerOptions, run_worker};
 use prometheus_client::registry::Registry;
 
 /// Log output format.
@@ -43,6 +43,11 @@ pub struct RunArgs {
     /// Log format on stderr (RUST_LOG sets the level, default info).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// Where the unrolls run: `cpu` (fused CPU kernels), `flex` (burn on the CPU, the
+    /// reference) or `wgpu` (burn on the GPU: Vulkan, Metal, DX12; needs a build with
+    /// `--features wgpu` and the GPU's Vulkan driver).
+    #[arg(long, env = "L2L_BACKEND", value_enum, default_value_t = Backend::Cpu)]
+    backend: Backend,
     /// Threads for the unroll [default: one per CPU core]; lower it when several workers
     /// share a machine.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=4096))]
@@ -75,8 +80,13 @@ pub fn run(a: RunArgs) -> Result<()> {
         .enable_all()
         .build()
         .context("cannot start the signal handler")?;
+    // Opened here to fail before connecting and to label the metrics; the worker loop
+    // opens it again (a wgpu adapter is opened once per process and shared).
+    let engine = Engine::open(a.backend).with_context(|| format!("--backend {}", a.backend))?;
+    tracing::info!(backend = %a.backend, adapter = engine.adapter(), "backend ready");
     let mut registry = Registry::default();
-    let metrics = WorkerMetrics::register(&mut registry, "cpu", &name);
+    let metrics = WorkerMetrics::register(&mut registry, a.backend.name(), engine.adapter(), &name);
+    drop(engine);
     let metrics_listener = match a.metrics_listen {
         Some(addr) => {
             let l = signals.block_on(bind(addr))?;
@@ -112,6 +122,7 @@ pub fn run(a: RunArgs) -> Result<()> {
     let mut opts = WorkerOptions::new(a.coordinator, name);
     opts.security = security;
     opts.data = a.data;
+    opts.backend = a.backend;
     opts.metrics = Some(metrics);
     opts.max_backoff = Duration::from_millis(a.max_backoff_ms.max(100));
     let summary = run_worker(opts, stop)?;

@@ -1,12 +1,14 @@
 //! Optimizee problems: the functions the learned optimizer trains on (spec §3).
 
 pub mod mlp;
+pub mod mlp_on;
 pub mod mnist;
 pub mod quadratic;
 
 use burn::tensor::Tensor;
 
 pub use mlp::{Activation, Mlp, MlpSpec};
+pub use mlp_on::{DatasetOn, MlpOn};
 pub use quadratic::Quadratic;
 
 /// An optimizee on a device: its loss and its gradient at step t.

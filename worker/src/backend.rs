@@ -1,0 +1,485 @@
+//! Where a worker's unrolls run: the fused CPU kernels, burn's flex CPU backend, or burn
+//! wgpu on a GPU (Vulkan, Metal, DX12), behind one interface ([`Engine`]).
+//!
+//! `cpu` is the hand-differentiated path of [`l2l_common::fused`], the fastest on a CPU.
+//! `flex` and `wgpu` run the burn composition of [`l2l_common::unroll`] with autodiff on
+//! their device; the problem (quadratic or MNIST network) runs there too, and θ and the
+//! LSTM state stay there between a trajectory's truncations. All three compute the same
+//! meta-gradient (tested to float32 rounding).
+
+use std::sync::{Arc, Mutex};
+
+use l2l_common::burn::tensor::{DType, Device};
+use l2l_common::fused::{self, HostCarry, HostProblem};
+use l2l_common::problems::mnist::Dataset;
+use l2l_common::problems::{DatasetOn, Problem};
+use l2l_common::unroll::{self, Carry};
+use l2l_common::{Error, Lstm, LstmState, Mlp, Phi, Quadratic, eval};
+
+/// A backend as named on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Backend {
+    /// Hand-differentiated fused kernels on the CPU: the fastest CPU path.
+    #[value(alias = "fused")]
+    Cpu,
+    /// burn's flex CPU backend with autodiff: the reference composition.
+    #[value(alias = "burn")]
+    Flex,
+    /// burn wgpu on a GPU (Vulkan, Metal or DX12); needs a build with `--features wgpu`.
+    Wgpu,
+}
+
+impl Backend {
+    /// The name on the command line and in metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Cpu => "cpu",
+            Backend::Flex => "flex",
+            Backend::Wgpu => "wgpu",
+        }
+    }
+
+    /// Whether this build can open the backend at all.
+    pub fn compiled(self) -> bool {
+        self != Backend::Wgpu || cfg!(feature = "wgpu")
+    }
+}
+
+impl std::fmt::Display for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Why a backend cannot be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// The binary was built without the `wgpu` feature.
+    #[error(
+        "this l2l-worker was built without GPU support; rebuild it with \
+         `cargo build --release -p l2l-worker --features wgpu` (or use the GPU image, \
+         deploy/Dockerfile with --build-arg FEATURES=wgpu), or choose --backend cpu"
+    )]
+    NotCompiled,
+    /// wgpu found no adapter, or the adapter refused to open.
+    #[error(
+        "wgpu found no usable GPU adapter ({0}). Install the Vulkan driver of this machine's \
+         GPU (NVIDIA: the proprietary driver's Vulkan ICD, and in containers \
+         NVIDIA_DRIVER_CAPABILITIES=compute,utility,graphics; AMD and Intel: Debian's \
+         mesa-vulkan-drivers) and check that `vulkaninfo --summary` lists it. Without a \
+         GPU, mesa-vulkan-drivers' lavapipe is a (slow) CPU adapter for testing; or choose \
+         --backend cpu"
+    )]
+    NoAdapter(String),
+}
+
+/// An opened backend: its device and the adapter it runs on.
+#[derive(Debug)]
+pub struct Engine {
+    backend: Backend,
+    /// The autodiff device of `flex` and `wgpu`; `None` for `cpu`.
+    device: Option<Device>,
+    adapter: String,
+    /// The last data set put on the device, shared by every `mlp` instance on it.
+    data: Mutex<Option<(Arc<Dataset>, DatasetOn)>>,
+}
+
+/// A problem instance as the worker leases it.
+#[derive(Debug, Clone)]
+pub enum Optimizee {
+    /// A batch of quadratics.
+    Quadratic(Quadratic),
+    /// An MNIST network.
+    Mlp(Mlp),
+}
+
+impl Optimizee {
+    /// The instance on the host.
+    pub fn host(&self) -> &(dyn HostProblem + Send) {
+        match self {
+            Optimizee::Quadratic(q) => q,
+            Optimizee::Mlp(m) => m,
+        }
+    }
+
+    /// θ₀.
+    pub fn theta0(&self) -> &[f32] {
+        match self {
+            Optimizee::Quadratic(q) => &q.theta0,
+            Optimizee::Mlp(m) => &m.theta0,
+        }
+    }
+}
+
+/// An instance made ready on an engine's device.
+pub struct Loaded {
+    optimizee: Optimizee,
+    device: Option<Box<dyn Problem + Send>>,
+}
+
+impl Loaded {
+    /// The instance as leased.
+    pub fn optimizee(&self) -> &Optimizee {
+        &self.optimizee
+    }
+}
+
+/// Where a trajectory stands between truncations, on the engine's side.
+// One lives per trajectory and moves once per truncation: boxing saves nothing.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone)]
+pub enum State {
+    /// θ and the LSTM state in host memory (`cpu`).
+    Host(HostCarry),
+    /// θ and the LSTM state on the device (`flex`, `wgpu`).
+    Device(Carry),
+}
+
+/// A truncation's result, on the host but for the carried state.
+#[derive(Debug, Clone)]
+pub struct Truncation {
+    /// ∂L/∂φ in spec order and shapes.
+    pub grad: Phi,
+    /// L = (1/T) Σ w_t f_t(θ_t).
+    pub meta_loss: f64,
+    /// f_t(θ_t) of every step.
+    pub losses: Vec<f64>,
+    /// Where the trajectory ended, for the next truncation.
+    pub state: State,
+}
+
+impl Engine {
+    /// Opens `backend`: for `wgpu`, finds and opens the adapter (once per process).
+    pub fn open(backend: Backend) -> Result<Self, BackendError> {
+        let (device, adapter) = match backend {
+            Backend::Cpu => (
+                None,
+                format!("fused kernels, {} threads", rayon::current_num_threads()),
+            ),
+            Backend::Flex => (Some(Device::flex().autodiff()), "burn flex".to_string()),
+            Backend::Wgpu => {
+                let (device, adapter) = open_wgpu()?;
+                (Some(device.autodiff()), adapter)
+            }
+        };
+        Ok(Self {
+            backend,
+            device,
+            adapter,
+            data: Mutex::new(None),
+        })
+    }
+
+    /// The backend this engine runs.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// What the unrolls run on: the adapter's name for `wgpu`.
+    pub fn adapter(&self) -> &str {
+        &self.adapter
+    }
+
+    /// `backend (adapter)`, as the worker reports itself to the coordinator.
+    pub fn describe(&self) -> String {
+        format!("{} ({})", self.backend, self.adapter)
+    }
+
+    /// Makes `optimizee` ready on the device (copying its data set there on first use).
+    pub fn load(&self, optimizee: Optimizee) -> Loaded {
+        let device = self.device.as_ref().map(|dev| -> Box<dyn Problem + Send> {
+            match &optimizee {
+                Optimizee::Quadratic(q) => Box::new(q.on(dev, DType::F32)),
+                Optimizee::Mlp(m) => Box::new(m.on(&self.data_on(&m.data, dev))),
+            }
+        });
+        Loaded { optimizee, device }
+    }
+
+    /// The device copy of `data`, made once while the worker leases from one data set.
+    fn data_on(&self, data: &Arc<Dataset>, dev: &Device) -> DatasetOn {
+        let mut held = self.data.lock().unwrap_or_else(|p| p.into_inner());
+        match &*held {
+            Some((d, on)) if Arc::ptr_eq(d, data) => on.clone(),
+            _ => {
+                let on = DatasetOn::new(data, dev, DType::F32);
+                *held = Some((data.clone(), on.clone()));
+                on
+            }
+        }
+    }
+
+    /// θ₀ and zero LSTM state: the start of a trajectory.
+    pub fn start(&self, phi: &Phi, p: &Loaded) -> State {
+        let theta0 = p.optimizee.theta0();
+        match &self.device {
+            None => State::Host(HostCarry::start(&phi.config, theta0.to_vec())),
+            Some(dev) => State::Device(Carry {
+                theta: l2l_common::tensor::from_f32(theta0, [theta0.len(), 1], dev, DType::F32),
+                state: LstmState::zeros(&phi.config, theta0.len(), dev, DType::F32),
+            }),
+        }
+    }
+
+    /// One truncation of T steps from `state` at step `start`: T = `steps`, or with
+    /// `weights` the weighted meta-loss over `weights.len()` steps.
+    pub fn truncation(
+        &self,
+        phi: &Phi,
+        p: &Loaded,
+        state: State,
+        start: usize,
+        steps: usize,
+        weights: Option<&[f32]>,
+    ) -> Result<Truncation, Error> {
+        match (state, &self.device, &p.device) {
+            (State::Host(carry), None, _) => {
+                let out = match weights {
+                    None => fused::meta_grad(phi, p.optimizee.host(), carry, start, steps)?,
+                    Some(w) => fused::meta_grad_weighted(phi, p.optimizee.host(), carry, start, w)?,
+                };
+                Ok(Truncation {
+                    grad: out.grad,
+                    meta_loss: out.meta_loss,
+                    losses: out.losses,
+                    state: State::Host(out.carry),
+                })
+            }
+            (State::Device(carry), Some(dev), Some(problem)) => {
+                let lstm = Lstm::new(phi, dev, DType::F32);
+                let out = match weights {
+                    None => unroll::meta_grad(&lstm, problem.as_ref(), carry, start, steps)?,
+                    Some(w) => {
+                        unroll::meta_grad_weighted(&lstm, problem.as_ref(), carry, start, w)?
+                    }
+                };
+                Ok(Truncation {
+                    grad: out.grad,
+                    meta_loss: out.meta_loss,
+                    losses: out.losses,
+                    state: State::Device(out.carry),
+                })
+            }
+            _ => Err(Error::Config(
+                "a trajectory's state and instance must come from the engine that runs it".into(),
+            )),
+        }
+    }
+
+    /// f(θ_t) for t = 0 ..= steps under the learned optimizer from θ₀, state carried
+    /// throughout; once a loss is not finite the rest of the curve is +∞.
+    pub fn curve(&self, phi: &Phi, p: &Loaded, steps: usize) -> Result<Vec<f64>, Error> {
+        let (Some(dev), Some(problem)) = (&self.device, &p.device) else {
+            return eval::host_learned_curve(phi, p.optimizee.host(), p.optimizee.theta0(), steps);
+        };
+        // Forward only: nothing requires a gradient, so no graph is kept.
+        let lstm = Lstm::new(phi, dev, DType::F32);
+        let theta0 = p.optimizee.theta0();
+        let theta0 = l2l_common::tensor::from_f32(theta0, [theta0.len(), 1], dev, DType::F32);
+        let mut curve =
+            eval::learned_curve(&lstm, problem.as_ref(), theta0, steps, dev, DType::F32)?;
+        if let Some(t) = curve.iter().position(|l| !l.is_finite()) {
+            curve[t..].iter_mut().for_each(|l| *l = f64::INFINITY);
+        }
+        Ok(curve)
+    }
+}
+
+/// Whether a Vulkan driver is installed at all: an ICD manifest where the Vulkan loader
+/// looks, or one named by `VK_ICD_FILENAMES` / `VK_DRIVER_FILES`.
+pub fn vulkan_driver_installed() -> bool {
+    std::env::var_os("VK_ICD_FILENAMES").is_some()
+        || std::env::var_os("VK_DRIVER_FILES").is_some()
+        || [
+            "/usr/share/vulkan/icd.d",
+            "/etc/vulkan/icd.d",
+            "/usr/local/share/vulkan/icd.d",
+        ]
+        .iter()
+        .any(|d| std::fs::read_dir(d).is_ok_and(|mut e| e.next().is_some()))
+}
+
+/// The wgpu device and its adapter's name, opened once per process (wgpu's runtime
+/// cannot be initialised twice).
+#[cfg(feature = "wgpu")]
+fn open_wgpu() -> Result<(Device, String), BackendError> {
+    use std::sync::OnceLock;
+    static OPENED: OnceLock<Result<(Device, String), String>> = OnceLock::new();
+    OPENED
+        .get_or_init(|| {
+            // A driver that misbehaves may panic inside wgpu rather than return an error.
+            let opened = std::panic::catch_unwind(|| {
+                let device = Device::wgpu_options().init().map_err(|e| e.to_string())?;
+                let name = device
+                    .identity()
+                    .map_or_else(|| "unnamed adapter".to_string(), |i| i.name);
+                Ok::<_, String>((device, name))
+            });
+            match opened {
+                Ok(r) => r,
+                Err(panic) => Err(panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "wgpu panicked while opening the adapter".into())),
+            }
+        })
+        .clone()
+        .map_err(BackendError::NoAdapter)
+}
+
+#[cfg(not(feature = "wgpu"))]
+fn open_wgpu() -> Result<(Device, String), BackendError> {
+    Err(BackendError::NotCompiled)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use l2l_common::problems::MlpSpec;
+    use l2l_common::problems::mnist::Dataset;
+    use l2l_common::rng::Rng;
+    use l2l_common::{OptimizerConfig, Preprocess};
+
+    use super::*;
+
+    /// max|a − b| / max|b| over one tensor.
+    fn rel(a: &[f32], b: &[f32]) -> f64 {
+        let diff = a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs() as f64)
+            .fold(0.0, f64::max);
+        let scale = b.iter().map(|y| y.abs() as f64).fold(0.0, f64::max);
+        diff / scale
+    }
+
+    /// A small data set with every pixel drawn, for an MLP that runs anywhere quickly.
+    fn tiny_data() -> Arc<Dataset> {
+        let mut rng = Rng::new(4);
+        Arc::new(Dataset {
+            pixels: 12,
+            images: (0..40 * 12).map(|_| rng.below(256) as u8).collect(),
+            labels: (0..40).map(|i| (i * 3 % 10) as u8).collect(),
+        })
+    }
+
+    /// The problems every backend is checked on: a quadratic, and a sigmoid MLP with
+    /// weighted steps (the MNIST recipe's meta-loss).
+    fn cases() -> Vec<(Optimizee, Option<Vec<f32>>)> {
+        let spec = MlpSpec {
+            hidden: vec![8],
+            batch: 16,
+            ..MlpSpec::default()
+        };
+        vec![
+            (
+                Optimizee::Quadratic(Quadratic::from_seed(3, 12, 10).unwrap()),
+                None,
+            ),
+            (
+                Optimizee::Mlp(Mlp::new(spec, tiny_data(), 6).unwrap()),
+                Some((1..=6).map(|t| t as f32 / 3.5).collect()),
+            ),
+        ]
+    }
+
+    /// Two truncations on `engine` and on the fused CPU path, state carried between them:
+    /// every tensor of both meta-gradients within `tol` (max|diff| / max|ref|), and the
+    /// losses of the second one too (so the carried θ and LSTM state agree).
+    pub(crate) fn agrees_with_cpu(engine: &Engine, tol: f64) {
+        let cpu = Engine::open(Backend::Cpu).unwrap();
+        let mut worst = 0f64;
+        for preprocess in [Preprocess::LogSign, Preprocess::Identity] {
+            let phi = Phi::init(OptimizerConfig::new(preprocess), 7).unwrap();
+            for (optimizee, weights) in cases() {
+                let steps = weights.as_ref().map_or(5, Vec::len);
+                let name = match &optimizee {
+                    Optimizee::Quadratic(_) => "quadratic",
+                    Optimizee::Mlp(_) => "mlp",
+                };
+                let (a, b) = (engine.load(optimizee.clone()), cpu.load(optimizee));
+                let (mut sa, mut sb) = (engine.start(&phi, &a), cpu.start(&phi, &b));
+                for k in 0..2 {
+                    let w = weights.as_deref();
+                    let ta = engine
+                        .truncation(&phi, &a, sa, k * steps, steps, w)
+                        .unwrap();
+                    let tb = cpu.truncation(&phi, &b, sb, k * steps, steps, w).unwrap();
+                    let what = format!("{} {preprocess} {name} truncation {k}", engine.backend());
+                    for (i, (ga, gb)) in ta.grad.tensors.iter().zip(&tb.grad.tensors).enumerate() {
+                        let r = rel(ga, gb);
+                        worst = worst.max(r);
+                        assert!(r <= tol, "{what}: tensor {i} off by {r:.2e}");
+                    }
+                    assert!(tb.grad.tensors.iter().flatten().any(|v| *v != 0.0));
+                    for (la, lb) in ta.losses.iter().zip(&tb.losses) {
+                        assert!(
+                            (la - lb).abs() <= tol * lb.abs(),
+                            "{what}: loss {la} vs {lb}"
+                        );
+                    }
+                    let m = (ta.meta_loss - tb.meta_loss).abs();
+                    assert!(
+                        m <= tol * tb.meta_loss.abs(),
+                        "{what}: meta-loss off by {m}"
+                    );
+                    (sa, sb) = (ta.state, tb.state);
+                }
+            }
+        }
+        eprintln!(
+            "{}: worst tensor max|diff|/max|ref| {worst:.2e}",
+            engine.backend()
+        );
+    }
+
+    #[test]
+    fn flex_meta_gradients_match_the_fused_cpu_path() {
+        agrees_with_cpu(&Engine::open(Backend::Flex).unwrap(), 1e-4);
+    }
+
+    #[test]
+    fn curves_agree_across_backends() {
+        let phi = Phi::init(OptimizerConfig::new(Preprocess::LogSign), 2).unwrap();
+        let (cpu, flex) = (
+            Engine::open(Backend::Cpu).unwrap(),
+            Engine::open(Backend::Flex).unwrap(),
+        );
+        for (o, _) in cases() {
+            let a = cpu.curve(&phi, &cpu.load(o.clone()), 30).unwrap();
+            let b = flex.curve(&phi, &flex.load(o), 30).unwrap();
+            assert_eq!(a.len(), 31);
+            for (x, y) in a.iter().zip(&b) {
+                assert!((x - y).abs() <= 1e-4 * x.abs(), "{x} vs {y}");
+            }
+        }
+    }
+
+    #[cfg(not(feature = "wgpu"))]
+    #[test]
+    fn wgpu_without_the_feature_says_how_to_build_it() {
+        let e = Engine::open(Backend::Wgpu).unwrap_err().to_string();
+        assert!(e.contains("--features wgpu"), "{e}");
+    }
+
+    /// The spec's acceptance test for GPU workers: wgpu's meta-gradients equal the CPU
+    /// ones to 1e-3 per tensor, for both preprocess modes, on both problem families.
+    /// Runs on any Vulkan driver (lavapipe in CI); skipped, saying what to install, only
+    /// where no Vulkan driver is installed at all.
+    #[cfg(feature = "wgpu")]
+    #[test]
+    fn wgpu_meta_gradients_match_the_cpu_backend() {
+        if !vulkan_driver_installed() {
+            eprintln!(
+                "SKIPPED: no Vulkan driver is installed; `apt-get install mesa-vulkan-drivers` \
+                 (lavapipe, a CPU Vulkan driver) runs this test on any machine"
+            );
+            return;
+        }
+        let engine = Engine::open(Backend::Wgpu).unwrap_or_else(|e| panic!("{e}"));
+        eprintln!("wgpu adapter: {}", engine.adapter());
+        agrees_with_cpu(&engine, 1e-3);
+    }
+}
