@@ -38,7 +38,9 @@ const HOST_CHUNK: usize = 20;
 /// throughout; once a loss is not finite the rest of the curve is +∞.
 ///
 /// Runs the fused meta-gradient in chunks of 20 steps and keeps only its losses: the
-/// gradient work is wasted, but the losses are exactly what meta-training optimizes.
+/// gradient work is wasted, but the losses are exactly what meta-training optimizes. A
+/// chunk that blows up is run again one step at a time, so the curve keeps every finite
+/// loss before the blow-up, as [`learned_curve`] does.
 pub fn host_learned_curve(
     phi: &Phi,
     problem: &dyn HostProblem,
@@ -49,18 +51,64 @@ pub fn host_learned_curve(
     let mut out = vec![problem.eval(theta0, 0, &mut g)];
     let mut carry = HostCarry::start(&phi.config, theta0.to_vec());
     let mut t = 0;
+    let mut chunk = HOST_CHUNK;
     while t < steps {
-        let k = HOST_CHUNK.min(steps - t);
-        match fused::meta_grad(phi, problem, carry, t, k) {
+        let k = chunk.min(steps - t);
+        match fused::meta_grad(phi, problem, carry.clone(), t, k) {
             Ok(r) => {
                 out.extend(&r.losses);
                 carry = r.carry;
+                t += k;
             }
+            Err(Error::NonFinite(_)) if k > 1 => chunk = 1,
             Err(Error::NonFinite(_)) => break,
             Err(e) => return Err(e),
         }
-        t += k;
     }
     out.resize(steps + 1, f64::INFINITY);
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{OptimizerConfig, Preprocess, Quadratic};
+
+    /// A quadratic whose loss is NaN from step `from` on.
+    struct BreaksAt {
+        q: Quadratic,
+        from: usize,
+    }
+
+    impl HostProblem for BreaksAt {
+        fn num_coords(&self) -> usize {
+            self.q.num_coords()
+        }
+        fn eval(&self, theta: &[f32], step: usize, grad: &mut [f32]) -> f64 {
+            let f = self.q.eval(theta, step, grad);
+            if step >= self.from { f64::NAN } else { f }
+        }
+    }
+
+    /// The curve keeps every loss before the first non-finite one, also inside the
+    /// 20-step chunk where it happens, and is +∞ from there on.
+    #[test]
+    fn a_host_curve_ends_at_the_step_that_blew_up() {
+        let phi = Phi::init(OptimizerConfig::new(Preprocess::LogSign), 3).unwrap();
+        let q = Quadratic::from_seed(2, 3, 10).unwrap();
+        let whole = host_learned_curve(&phi, &q, &q.theta0, 50).unwrap();
+        assert!(whole.iter().all(|l| l.is_finite()));
+        let broken = BreaksAt {
+            q: q.clone(),
+            from: 27,
+        };
+        let curve = host_learned_curve(&phi, &broken, &q.theta0, 50).unwrap();
+        assert_eq!(curve.len(), 51);
+        assert_eq!(&curve[..27], &whole[..27], "the same losses up to step 26");
+        assert!(
+            curve[27..].iter().all(|l| *l == f64::INFINITY),
+            "{:?}",
+            &curve[20..30]
+        );
+    }
 }

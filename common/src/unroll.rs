@@ -70,7 +70,7 @@ pub fn unroll(
 pub struct MetaGrad {
     /// ∂L/∂φ in spec order and shapes.
     pub grad: Phi,
-    /// L = (1/T) Σ f_t(θ_t), t = s+1 ..= s+T.
+    /// L = (1/T) Σ w_t f_t(θ_t), t = s+1 ..= s+T (w_t = 1 unless weighted).
     pub meta_loss: f64,
     /// f_t(θ_t) of every step, for progress and evaluation.
     pub losses: Vec<f64>,

@@ -38,20 +38,13 @@ fn gauge(e: &mut DescriptorEncoder, name: &str, help: &str, v: f64) -> std::fmt:
 }
 
 /// A worker's backend kind from the text it registered with ("wgpu (NVIDIA H100)" →
-/// "wgpu"): letters, digits and `_` only, at most 16, "unknown" when nothing is left.
-fn backend_kind(reported: &str) -> String {
-    let kind: String = reported
-        .split_whitespace()
-        .next()
-        .unwrap_or("")
-        .chars()
-        .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
-        .take(16)
-        .collect();
-    if kind.is_empty() {
-        "unknown".into()
-    } else {
-        kind.to_ascii_lowercase()
+/// "wgpu"); anything but the known kinds is "other", so label values stay few.
+fn backend_kind(reported: &str) -> &'static str {
+    match reported.split_whitespace().next().unwrap_or("") {
+        "cpu" => "cpu",
+        "flex" => "flex",
+        "wgpu" => "wgpu",
+        _ => "other",
     }
 }
 
@@ -126,9 +119,9 @@ impl Collector for CoordinatorCollector {
             status.live_workers as f64,
         )?;
         {
-            // By the backend's name (the first word a worker reports: cpu, flex, wgpu).
-            let mut by: std::collections::BTreeMap<String, u64> =
-                ["cpu", "flex", "wgpu"].map(|b| (b.to_string(), 0)).into();
+            // By the backend's kind (the first word a worker reports: cpu, flex, wgpu).
+            let mut by: std::collections::BTreeMap<&str, u64> =
+                ["cpu", "flex", "wgpu"].map(|b| (b, 0)).into();
             for w in &status.workers {
                 if w.seconds_since_seen * 1e3 < live_ms {
                     *by.entry(backend_kind(&w.backend)).or_default() += 1;
@@ -260,7 +253,7 @@ mod tests {
             "l2l_live_workers_by_backend{backend=\"wgpu\"} 2.0\n",
             "l2l_live_workers_by_backend{backend=\"cpu\"} 1.0\n",
             "l2l_live_workers_by_backend{backend=\"flex\"} 0.0\n",
-            "l2l_live_workers_by_backend{backend=\"unknown\"} 1.0\n",
+            "l2l_live_workers_by_backend{backend=\"other\"} 1.0\n",
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }

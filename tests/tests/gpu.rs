@@ -14,6 +14,14 @@ fn s(p: &Path) -> &str {
     p.to_str().expect("temp paths are UTF-8")
 }
 
+/// One test at a time: on lavapipe they share the machine's cores, and a GPU worker slowed
+/// by its neighbours' kernel compilation could miss the end of its run.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// False (after saying what to install) where no Vulkan driver is installed at all.
 fn have_vulkan() -> bool {
     let ok = vulkan_driver_installed();
@@ -29,6 +37,7 @@ fn have_vulkan() -> bool {
 /// `meta-grad --backend wgpu` writes the CPU backend's meta-gradient (1e-3 per tensor).
 #[test]
 fn meta_grad_on_wgpu_matches_the_cpu_file() {
+    let _one = serial();
     if !have_vulkan() {
         return;
     }
@@ -97,6 +106,7 @@ fn meta_grad_on_wgpu_matches_the_cpu_file() {
 /// install, not a panic, and writes nothing.
 #[test]
 fn no_adapter_is_a_clear_error() {
+    let _one = serial();
     let dir = tempfile::tempdir().unwrap();
     let p = |n: &str| dir.path().join(n);
     let ok = |args: &[&str]| assert!(worker(args).status.success(), "{args:?}");
@@ -158,6 +168,7 @@ fn no_adapter_is_a_clear_error() {
 /// `bench --backend wgpu` prints the same rows as on the CPU, naming the adapter.
 #[test]
 fn bench_runs_on_wgpu() {
+    let _one = serial();
     if !have_vulkan() {
         return;
     }
@@ -195,6 +206,7 @@ fn bench_runs_on_wgpu() {
 /// the GPU worker's backend and adapter.
 #[test]
 fn gpu_and_cpu_workers_train_together() {
+    let _one = serial();
     if !have_vulkan() {
         return;
     }

@@ -77,6 +77,35 @@ fn init_gen_meta_grad_pipeline() {
         .parse()
         .unwrap();
     assert!((printed - file.meta_loss).abs() <= 1e-8 * file.meta_loss.abs());
+
+    // The burn composition on the CPU, named the old way (`--impl burn`, now an alias of
+    // `--backend flex`), writes the same meta-gradient.
+    let flex = dir.path().join("grad-flex");
+    let out = worker(&[
+        "meta-grad",
+        "--phi",
+        s(&phi),
+        "--problem",
+        s(&prob),
+        "--steps",
+        "5",
+        "--impl",
+        "burn",
+        "--out",
+        s(&flex),
+    ]);
+    assert!(out.status.success(), "{:?}", text(&out));
+    assert!(text(&out).1.contains("backend flex ("), "{:?}", text(&out));
+    let flex = MetaGradFile::load(&flex).unwrap();
+    for (a, b) in flex.grad.tensors.iter().zip(&file.grad.tensors) {
+        let scale = b.iter().map(|v| v.abs()).fold(0f32, f32::max);
+        let diff = a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(diff <= 1e-4 * scale, "{diff} vs {scale}");
+    }
 }
 
 #[test]

@@ -56,9 +56,10 @@ impl std::fmt::Display for Backend {
 pub enum BackendError {
     /// The binary was built without the `wgpu` feature.
     #[error(
-        "this l2l-worker was built without GPU support; rebuild it with \
-         `cargo build --release -p l2l-worker --features wgpu` (or use the GPU image, \
-         deploy/Dockerfile with --build-arg FEATURES=wgpu), or choose --backend cpu"
+        "this binary was built without GPU support; rebuild it with the wgpu feature \
+         (`cargo build --release -p l2l-worker --features wgpu`, or `-p l2l-coordinator` \
+         for `local`; the GPU image: deploy/Dockerfile with \
+         --build-arg FEATURES=l2l-worker/wgpu), or choose --backend cpu"
     )]
     NotCompiled,
     /// wgpu found no adapter, or the adapter refused to open.
@@ -246,13 +247,21 @@ impl Engine {
                 })
             }
             (State::Device(carry), Some(dev), Some(problem)) => {
+                check_carry(&carry, phi, problem.num_coords(), dev)?;
                 let lstm = Lstm::new(phi, dev, DType::F32);
-                let out = match weights {
-                    None => unroll::meta_grad(&lstm, problem.as_ref(), carry, start, steps)?,
-                    Some(w) => {
-                        unroll::meta_grad_weighted(&lstm, problem.as_ref(), carry, start, w)?
-                    }
-                };
+                // burn reports device failures (out of memory, a lost device) by panicking;
+                // a worker drops the trajectory instead of dying.
+                let run = std::panic::AssertUnwindSafe(|| match weights {
+                    None => unroll::meta_grad(&lstm, problem.as_ref(), carry, start, steps),
+                    Some(w) => unroll::meta_grad_weighted(&lstm, problem.as_ref(), carry, start, w),
+                });
+                let out = std::panic::catch_unwind(run).map_err(|p| {
+                    Error::Backend(format!(
+                        "the {} device failed: {}",
+                        self.backend,
+                        panic_text(&*p)
+                    ))
+                })??;
                 Ok(Truncation {
                     grad: out.grad,
                     meta_loss: out.meta_loss,
@@ -285,11 +294,48 @@ impl Engine {
     }
 }
 
+/// Refuses a carried state that does not fit φ and the problem, or lives elsewhere (a
+/// coordinator restarted with another φ shape; a state from another engine).
+fn check_carry(carry: &Carry, phi: &Phi, n: usize, dev: &Device) -> Result<(), Error> {
+    let cfg = &phi.config;
+    let fits = carry.theta.dims() == [n, 1]
+        && carry.state.h.len() == cfg.layers
+        && carry.state.c.len() == cfg.layers
+        && carry
+            .state
+            .h
+            .iter()
+            .chain(&carry.state.c)
+            .all(|t| t.dims() == [n, cfg.hidden]);
+    if !fits {
+        return Err(Error::Shape(format!(
+            "the trajectory's state does not fit {n} coordinates × {} layers × H = {}",
+            cfg.layers, cfg.hidden
+        )));
+    }
+    if carry.theta.device().inner() != dev.clone().inner() {
+        return Err(Error::Config(
+            "the trajectory's state lives on another device than this engine's".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// A panic's message, for an error.
+fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<String>()
+        .cloned()
+        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "a panic without a message".into())
+}
+
 /// Whether a Vulkan driver is installed at all: an ICD manifest where the Vulkan loader
-/// looks, or one named by `VK_ICD_FILENAMES` / `VK_DRIVER_FILES`.
+/// looks, or an existing one named by `VK_ICD_FILENAMES` / `VK_DRIVER_FILES`.
 pub fn vulkan_driver_installed() -> bool {
-    std::env::var_os("VK_ICD_FILENAMES").is_some()
-        || std::env::var_os("VK_DRIVER_FILES").is_some()
+    let named = ["VK_ICD_FILENAMES", "VK_DRIVER_FILES"].iter().any(|v| {
+        std::env::var_os(v).is_some_and(|files| std::env::split_paths(&files).any(|f| f.is_file()))
+    });
+    named
         || [
             "/usr/share/vulkan/icd.d",
             "/etc/vulkan/icd.d",
@@ -317,11 +363,7 @@ fn open_wgpu() -> Result<(Device, String), BackendError> {
             });
             match opened {
                 Ok(r) => r,
-                Err(panic) => Err(panic
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_else(|| "wgpu panicked while opening the adapter".into())),
+                Err(panic) => Err(format!("wgpu panicked: {}", panic_text(&*panic))),
             }
         })
         .clone()

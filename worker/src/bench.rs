@@ -163,13 +163,13 @@ fn measure(
     runs: u32,
 ) -> Result<(Vec<f64>, f64)> {
     let once = || -> Result<f64> {
-        let state = engine.start(phi, problem);
+        let state = (what == What::MetaGrad).then(|| engine.start(phi, problem));
         let start = Instant::now();
-        match what {
-            What::MetaGrad => {
+        match state {
+            Some(state) => {
                 engine.truncation(phi, problem, state, 0, steps, None)?;
             }
-            What::Forward => {
+            None => {
                 engine.curve(phi, problem, steps)?;
             }
         }

@@ -1,8 +1,8 @@
 //! The MNIST network of [`Mlp`] on a burn device, for unrolls off the host (a GPU).
 //!
 //! The same function as [`Mlp::loss_grad`]: the same θ layout, minibatches and loss; the
-//! data set's images are put on the device once ([`DatasetOn`]) and every step's minibatch
-//! is gathered there from its indices. The loss is built from tensor ops (so autodiff
+//! data set's images and one-hot labels are put on the device once ([`DatasetOn`]) and
+//! every step's minibatch is gathered there from its indices (the only upload per step). The loss is built from tensor ops (so autodiff
 //! reaches θ through it); the gradient is backpropagated by hand off the graph, a constant
 //! as spec §2 asks.
 
@@ -14,22 +14,25 @@ use crate::problems::mlp::{Activation, CLASSES, Mlp};
 use crate::problems::mnist::Dataset;
 use crate::tensor::from_f32;
 
-/// A data set's images, scaled to [0, 1], as a `[examples, pixels]` tensor on a device.
+/// A data set on a device: images scaled to [0, 1] `[examples, pixels]` and one-hot
+/// labels `[examples, 10]`.
 #[derive(Debug, Clone)]
 pub struct DatasetOn {
     images: Tensor<2>,
-    labels: Vec<u8>,
-    dtype: DType,
+    onehot: Tensor<2>,
 }
 
 impl DatasetOn {
     /// Copies `data` to `device` (once per data set: a worker shares it between leases).
     pub fn new(data: &Dataset, device: &Device, dtype: DType) -> Self {
         let values: Vec<f32> = (0..data.len()).flat_map(|i| data.image(i)).collect();
+        let mut onehot = vec![0f32; data.len() * CLASSES];
+        for (i, y) in data.labels.iter().enumerate() {
+            onehot[i * CLASSES + *y as usize] = 1.0;
+        }
         Self {
             images: from_f32(&values, [data.len(), data.pixels], device, dtype),
-            labels: data.labels.clone(),
-            dtype,
+            onehot: from_f32(&onehot, [data.len(), CLASSES], device, dtype),
         }
     }
 }
@@ -49,11 +52,6 @@ impl Mlp {
             data: data.clone(),
         }
     }
-
-    /// θ₀ as a column `[N, 1]`.
-    pub fn theta0_on(&self, device: &Device, dtype: DType) -> Tensor<2> {
-        from_f32(&self.theta0, [self.theta0.len(), 1], device, dtype)
-    }
 }
 
 /// One layer's weights `[inputs, outputs]` and bias `[1, outputs]`, cut from θ.
@@ -62,21 +60,14 @@ type Layer = (Tensor<2>, Tensor<2>);
 impl MlpOn {
     /// Step `step`'s inputs `[rows, pixels]` and one-hot labels `[rows, 10]`.
     fn batch(&self, step: usize, inner: bool) -> (Tensor<2>, Tensor<2>) {
-        let idx = self.mlp.batch(step);
-        let rows = idx.len();
-        let mut onehot = vec![0f32; rows * CLASSES];
-        for (r, i) in idx.iter().enumerate() {
-            onehot[r * CLASSES + self.data.labels[*i] as usize] = 1.0;
+        let idx: Vec<i64> = self.mlp.batch(step).iter().map(|i| *i as i64).collect();
+        let (mut images, mut onehot) = (self.data.images.clone(), self.data.onehot.clone());
+        if inner {
+            (images, onehot) = (images.inner(), onehot.inner());
         }
-        let images = if inner {
-            self.data.images.clone().inner()
-        } else {
-            self.data.images.clone()
-        };
-        let idx: Vec<i64> = idx.iter().map(|i| *i as i64).collect();
+        let rows = idx.len();
         let idx = Tensor::<1, Int>::from_data(TensorData::new(idx, [rows]), &images.device());
-        let onehot = from_f32(&onehot, [rows, CLASSES], &images.device(), self.data.dtype);
-        (images.select(0, idx), onehot)
+        (images.select(0, idx.clone()), onehot.select(0, idx))
     }
 
     /// Every layer's parameters as views of θ `[N, 1]`.
