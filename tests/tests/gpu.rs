@@ -34,6 +34,36 @@ fn have_vulkan() -> bool {
     ok
 }
 
+/// Writes `DIR/phi` (a fresh φ with `preprocess`) and `DIR/prob` (`batch` quadratics).
+fn inputs(dir: &Path, preprocess: &str, batch: usize) {
+    let (phi, prob) = (dir.join("phi"), dir.join("prob"));
+    let batch = batch.to_string();
+    for args in [
+        &[
+            "init-phi",
+            "--preprocess",
+            preprocess,
+            "--seed",
+            "3",
+            "--out",
+            s(&phi),
+        ][..],
+        &[
+            "gen-problem",
+            "quadratic",
+            "--batch",
+            &batch,
+            "--seed",
+            "9",
+            "--out",
+            s(&prob),
+        ],
+    ] {
+        let out = worker(args);
+        assert!(out.status.success(), "{args:?}: {:?}", text(&out));
+    }
+}
+
 /// `meta-grad --backend wgpu` writes the CPU backend's meta-gradient (1e-3 per tensor).
 #[test]
 fn meta_grad_on_wgpu_matches_the_cpu_file() {
@@ -48,25 +78,7 @@ fn meta_grad_on_wgpu_matches_the_cpu_file() {
         assert!(out.status.success(), "{args:?}: {:?}", text(&out));
         text(&out)
     };
-    ok(&[
-        "init-phi",
-        "--preprocess",
-        "log_sign",
-        "--seed",
-        "3",
-        "--out",
-        s(&p("phi")),
-    ]);
-    ok(&[
-        "gen-problem",
-        "quadratic",
-        "--batch",
-        "8",
-        "--seed",
-        "9",
-        "--out",
-        s(&p("prob")),
-    ]);
+    inputs(dir.path(), "log_sign", 8);
     let mut files = Vec::new();
     for backend in ["cpu", "wgpu"] {
         let out = p(backend);
@@ -109,26 +121,7 @@ fn no_adapter_is_a_clear_error() {
     let _one = serial();
     let dir = tempfile::tempdir().unwrap();
     let p = |n: &str| dir.path().join(n);
-    let ok = |args: &[&str]| assert!(worker(args).status.success(), "{args:?}");
-    ok(&[
-        "init-phi",
-        "--preprocess",
-        "identity",
-        "--seed",
-        "3",
-        "--out",
-        s(&p("phi")),
-    ]);
-    ok(&[
-        "gen-problem",
-        "quadratic",
-        "--batch",
-        "2",
-        "--seed",
-        "9",
-        "--out",
-        s(&p("prob")),
-    ]);
+    inputs(dir.path(), "identity", 2);
     let out = Host::local()
         .command("l2l-worker")
         .args([

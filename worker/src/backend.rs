@@ -38,11 +38,6 @@ impl Backend {
             Backend::Wgpu => "wgpu",
         }
     }
-
-    /// Whether this build can open the backend at all.
-    pub fn compiled(self) -> bool {
-        self != Backend::Wgpu || cfg!(feature = "wgpu")
-    }
 }
 
 impl std::fmt::Display for Backend {
@@ -116,13 +111,6 @@ impl Optimizee {
 pub struct Loaded {
     optimizee: Optimizee,
     device: Option<Box<dyn Problem + Send>>,
-}
-
-impl Loaded {
-    /// The instance as leased.
-    pub fn optimizee(&self) -> &Optimizee {
-        &self.optimizee
-    }
 }
 
 /// Where a trajectory stands between truncations, on the engine's side.
