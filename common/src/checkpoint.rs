@@ -17,6 +17,10 @@ use crate::{Error, OptimizerConfig, Phi, Preprocess};
 /// The format tag of optimizer and meta-gradient files.
 pub const FORMAT: &str = "l2l-lstm/1";
 
+/// Largest file [`TensorFile::read`] reads: a checkpoint of the largest φ accepted
+/// ([`crate::config::MAX_PARAMS`] values, three tensors' worth) with room for its header.
+pub const MAX_FILE_BYTES: u64 = 1 << 30;
+
 /// A safetensors file read whole: its metadata and float32 tensors.
 #[derive(Debug)]
 pub struct TensorFile {
@@ -26,12 +30,23 @@ pub struct TensorFile {
 }
 
 impl TensorFile {
-    /// Reads `path`, refusing anything but float32 tensors.
+    /// Reads `path` (at most [`MAX_FILE_BYTES`]), refusing anything but float32 tensors.
     pub fn read(path: &Path) -> Result<Self, Error> {
-        let bytes = std::fs::read(path).map_err(|error| Error::Io {
+        use std::io::Read;
+        let io = |error| Error::Io {
             path: path.into(),
             error,
-        })?;
+        };
+        let mut bytes = Vec::new();
+        std::fs::File::open(path)
+            .and_then(|f| f.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes))
+            .map_err(io)?;
+        if bytes.len() as u64 > MAX_FILE_BYTES {
+            return Err(Error::format(
+                path,
+                format!("larger than {MAX_FILE_BYTES} bytes; no l2l file is that large"),
+            ));
+        }
         Self::parse(path, &bytes)
     }
 
@@ -520,5 +535,94 @@ mod tests {
         std::fs::write(&path, b"hello").unwrap();
         let e = Phi::load(&path).unwrap_err().to_string();
         assert!(e.contains("not a safetensors file"), "{e}");
+    }
+
+    mod fuzz {
+        //! Random and mutated bytes through every reader of this module: never a panic,
+        //! never an allocation beyond the input's size, never a non-finite φ.
+
+        use super::*;
+        use proptest::prelude::*;
+
+        fn valid_file() -> Vec<u8> {
+            let phi = Phi::init(
+                OptimizerConfig {
+                    hidden: 3,
+                    ..OptimizerConfig::default()
+                },
+                5,
+            )
+            .unwrap();
+            encode_phi(
+                &phi,
+                HashMap::from([
+                    ("meta_loss".into(), "0.5".into()),
+                    ("steps".into(), "3".into()),
+                ]),
+            )
+            .unwrap()
+        }
+
+        /// What every reader does with `bytes`; panics only if a reader does.
+        fn read_all_ways(bytes: &[u8]) {
+            let path = Path::new("<fuzz>");
+            if let Ok(mut f) = TensorFile::parse(path, bytes)
+                && let Ok(config) = config_from(&f)
+                && let Ok(phi) = phi_from(&mut f, config)
+            {
+                assert!(phi.flatten().iter().all(|v| v.is_finite()));
+                assert!(phi.config.num_params() <= crate::config::MAX_PARAMS);
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+            #[test]
+            fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+                read_all_ways(&bytes);
+            }
+
+            #[test]
+            fn a_valid_file_with_random_bytes_changed_never_panics(
+                edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..16),
+                cut in any::<prop::sample::Index>(),
+                truncate in any::<bool>(),
+            ) {
+                let mut bytes = valid_file();
+                for (at, b) in edits {
+                    let i = at.index(bytes.len());
+                    bytes[i] = b;
+                }
+                if truncate {
+                    bytes.truncate(cut.index(bytes.len()));
+                }
+                read_all_ways(&bytes);
+            }
+
+            #[test]
+            fn absurd_metadata_values_never_panic(
+                key in prop::sample::select(vec!["hidden", "layers", "k", "out_scale", "preprocess", "format"]),
+                value in prop::sample::select(vec![
+                    "0", "-1", "1e308", "NaN", "inf", "18446744073709551615", "10000000000000",
+                    "4096", "64", "", "log_sign", "l2l-lstm/1", "\u{0}",
+                ]),
+            ) {
+                let bytes = valid_file();
+                let text = String::from_utf8_lossy(&bytes[8..]).into_owned();
+                let old = format!("\"{key}\":\"");
+                if let Some(at) = text.find(&old) {
+                    let start = at + old.len();
+                    let end = start + text[start..].find('"').unwrap();
+                    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+                    let mut header = text[..header_len].to_string();
+                    header.replace_range(start..end, value);
+                    let mut out = (header.len() as u64).to_le_bytes().to_vec();
+                    out.extend_from_slice(header.as_bytes());
+                    out.extend_from_slice(&bytes[8 + header_len..]);
+                    read_all_ways(&out);
+                }
+            }
+        }
     }
 }

@@ -60,6 +60,13 @@ impl FromStr for Preprocess {
     }
 }
 
+/// Largest LSTM hidden size accepted (files, flags, the wire).
+pub const MAX_HIDDEN: usize = 4096;
+/// Largest number of stacked LSTM layers accepted.
+pub const MAX_LAYERS: usize = 64;
+/// Largest φ accepted, in values (256 MiB of float32).
+pub const MAX_PARAMS: usize = 1 << 26;
+
 /// Every field that shapes φ or its arithmetic (spec §1.1).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct OptimizerConfig {
@@ -93,13 +100,34 @@ impl OptimizerConfig {
         }
     }
 
-    /// Refuses sizes and constants that cannot define an optimizer.
+    /// Refuses sizes and constants that cannot define an optimizer, and sizes beyond
+    /// [`MAX_HIDDEN`], [`MAX_LAYERS`] and [`MAX_PARAMS`] (checked before anything is
+    /// allocated, so a file's metadata cannot ask for absurd memory).
     pub fn validate(&self) -> Result<(), Error> {
-        if self.hidden == 0 {
-            return Err(Error::Config("hidden must be at least 1".into()));
+        if !(1..=MAX_HIDDEN).contains(&self.hidden) {
+            return Err(Error::Config(format!(
+                "hidden must be in 1..={MAX_HIDDEN}, got {}",
+                self.hidden
+            )));
         }
-        if self.layers == 0 {
-            return Err(Error::Config("layers must be at least 1".into()));
+        if !(1..=MAX_LAYERS).contains(&self.layers) {
+            return Err(Error::Config(format!(
+                "layers must be in 1..={MAX_LAYERS}, got {}",
+                self.layers
+            )));
+        }
+        // At most 4096 · 16384 · 2 · 64 + small: no overflow in u64 or usize on 64 bits.
+        let (h, l, i) = (
+            self.hidden as u64,
+            self.layers as u64,
+            self.preprocess.features() as u64,
+        );
+        let params = (i + h) * 4 * h + 4 * h + (l - 1) * (2 * h * 4 * h + 4 * h) + h + 1;
+        if params > MAX_PARAMS as u64 {
+            return Err(Error::Config(format!(
+                "hidden = {} and layers = {} make φ {params} values; at most {MAX_PARAMS} are supported",
+                self.hidden, self.layers
+            )));
         }
         if !(self.k.is_finite() && self.k > 0.0) {
             return Err(Error::Config(format!(
@@ -166,5 +194,39 @@ mod tests {
     fn unknown_preprocess_is_refused_by_name() {
         let err = "logsign".parse::<Preprocess>().unwrap_err().to_string();
         assert!(err.contains("logsign") && err.contains("log_sign"), "{err}");
+    }
+
+    #[test]
+    fn absurd_sizes_are_refused_before_any_allocation() {
+        for (hidden, layers) in [
+            (0, 2),
+            (20, 0),
+            (20, 10_000_000_000_000),
+            (1 << 40, 1),
+            (4096, 64),
+        ] {
+            let c = OptimizerConfig {
+                hidden,
+                layers,
+                ..OptimizerConfig::default()
+            };
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains("hidden") || e.contains("layers"), "{e}");
+        }
+        let ok = OptimizerConfig::default();
+        ok.validate().unwrap();
+        let c = OptimizerConfig {
+            hidden: 4096,
+            layers: 1,
+            ..ok
+        };
+        // (2 + 4096)·16384 + 16384 + 4097 = 67,162,113 values, just above 2^26.
+        assert!(c.validate().unwrap_err().to_string().contains("67162113"));
+        let c = OptimizerConfig {
+            hidden: 1024,
+            layers: 16,
+            ..OptimizerConfig::default()
+        };
+        assert!(c.validate().unwrap_err().to_string().contains("at most"));
     }
 }

@@ -40,18 +40,43 @@ pub struct Dataset {
     pub labels: Vec<u8>,
 }
 
+/// Largest IDX file read, before or after un-gzipping (MNIST's training images are 47 MB).
+pub const MAX_IDX_BYTES: u64 = 1 << 30;
+
 /// Reads an IDX file's bytes, un-gzipping when the file starts with the gzip magic.
 fn read_bytes(path: &Path) -> Result<Vec<u8>, Error> {
+    read_capped(path, MAX_IDX_BYTES)
+}
+
+/// As [`read_bytes`], with at most `cap` bytes before and after un-gzipping.
+fn read_capped(path: &Path, cap: u64) -> Result<Vec<u8>, Error> {
     let io = |error| Error::Io {
         path: path.to_path_buf(),
         error,
     };
-    let raw = std::fs::read(path).map_err(io)?;
+    let too_large = || {
+        Error::format(
+            path,
+            format!("holds more than {cap} bytes; no MNIST-format split is that large"),
+        )
+    };
+    let mut raw = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(cap + 1).read_to_end(&mut raw))
+        .map_err(io)?;
+    if raw.len() as u64 > cap {
+        return Err(too_large());
+    }
     if raw.starts_with(&[0x1f, 0x8b]) {
+        // Inflation is capped too: a small gzip bomb cannot exhaust memory.
         let mut out = Vec::new();
         flate2::read::GzDecoder::new(&raw[..])
+            .take(cap + 1)
             .read_to_end(&mut out)
             .map_err(|e| Error::format(path, format!("not a valid gzip file: {e}")))?;
+        if out.len() as u64 > cap {
+            return Err(too_large());
+        }
         Ok(out)
     } else {
         Ok(raw)
@@ -293,5 +318,27 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("label 12"), "{e}");
+    }
+
+    #[test]
+    fn a_gzip_bomb_is_cut_off_at_the_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        // 1 MB of zeros gzips to a few KB.
+        write(dir.path(), "bomb", &vec![0u8; 1 << 20], true);
+        let path = dir.path().join("bomb");
+        assert!(std::fs::metadata(&path).unwrap().len() < 16 << 10);
+        let e = read_capped(&path, 64 << 10).unwrap_err().to_string();
+        assert!(e.contains("more than 65536 bytes"), "{e}");
+        assert_eq!(read_capped(&path, 2 << 20).unwrap().len(), 1 << 20);
+        write(dir.path(), "plain", &vec![0u8; 100_000], false);
+        let e = read_capped(&dir.path().join("plain"), 64 << 10).unwrap_err();
+        assert!(e.to_string().contains("more than"), "{e}");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn random_idx_bytes_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64)) {
+            let _ = parse_idx(Path::new("<fuzz>"), &bytes);
+        }
     }
 }

@@ -26,6 +26,13 @@ pub trait Problem {
     fn grad(&self, theta: Tensor<2>, step: usize) -> Tensor<2>;
 }
 
+/// Largest count in a problem spec (a batch, a dimension, a layer width).
+pub const MAX_COUNT: usize = 1 << 20;
+/// Largest number of values a problem's parameters or data may need (1 GiB of f32).
+pub const MAX_VALUES: usize = 1 << 28;
+/// Largest number of hidden layers of an `mlp` problem.
+pub const MAX_MLP_LAYERS: usize = 16;
+
 /// A problem family with its hyper-parameters, as written on the command line:
 /// `quadratic`, `mlp`, or `mlp:hidden=40`, `mlp:hidden=20x20`, `mlp:act=relu`,
 /// `mlp:hidden=40,act=relu,batch=128`.
@@ -68,8 +75,8 @@ impl std::str::FromStr for ProblemSpec {
         let count = |v: &str| {
             v.parse::<usize>()
                 .ok()
-                .filter(|n| *n > 0)
-                .ok_or_else(|| bad(format!("{v:?} is not a positive count")))
+                .filter(|n| (1..=MAX_COUNT).contains(n))
+                .ok_or_else(|| bad(format!("{v:?} is not a count in 1..={MAX_COUNT}")))
         };
         match family {
             "quadratic" => {
@@ -84,6 +91,12 @@ impl std::str::FromStr for ProblemSpec {
                             )));
                         }
                     }
+                }
+                // W holds batch · dims² values.
+                if (batch as u128) * (dims as u128) * (dims as u128) > MAX_VALUES as u128 {
+                    return Err(bad(format!(
+                        "batch {batch} × dims {dims}² values; at most {MAX_VALUES}"
+                    )));
                 }
                 Ok(ProblemSpec::Quadratic { batch, dims })
             }
@@ -100,6 +113,19 @@ impl std::str::FromStr for ProblemSpec {
                             )));
                         }
                     }
+                }
+                if m.hidden.len() > MAX_MLP_LAYERS {
+                    return Err(bad(format!(
+                        "{} hidden layers; at most {MAX_MLP_LAYERS}",
+                        m.hidden.len()
+                    )));
+                }
+                let mut widths = vec![784u128];
+                widths.extend(m.hidden.iter().map(|h| *h as u128));
+                widths.push(10);
+                let params: u128 = widths.windows(2).map(|w| w[0] * w[1] + w[1]).sum();
+                if params > MAX_VALUES as u128 {
+                    return Err(bad(format!("{params} weights; at most {MAX_VALUES}")));
                 }
                 Ok(ProblemSpec::Mlp(m))
             }
@@ -136,6 +162,10 @@ mod tests {
             "mlp:act=tanh",
             "conv",
             "mlp:hidden",
+            "quadratic:batch=1000000,dims=1000000",
+            "quadratic:dims=99999999999999999999",
+            "mlp:hidden=1000000x1000000",
+            "mlp:hidden=1x1x1x1x1x1x1x1x1x1x1x1x1x1x1x1x1",
         ] {
             assert!(bad.parse::<ProblemSpec>().is_err(), "{bad}");
         }
