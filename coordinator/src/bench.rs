@@ -136,7 +136,7 @@ async fn measure(
         Some(url) => (None, url.to_string()),
         None => {
             let server = Server::start(
-                Coordinator::new(config, None)?,
+                Coordinator::new(config, crate::state::Start::fresh())?,
                 ([127, 0, 0, 1], 0).into(),
                 Default::default(),
             )
@@ -215,14 +215,14 @@ async fn simulate(
     start: Instant,
     end: Instant,
 ) -> Result<ClientStats> {
-    let id = c
+    let reply = c
         .register(RegisterRequest {
             name: format!("sim-{i}"),
             backend: "none".into(),
         })
         .await?
-        .into_inner()
-        .worker_id;
+        .into_inner();
+    let (id, session) = (reply.worker_id, reply.session);
     let values: Vec<f32> = (0..n).map(|j| ((j % 7) as f32 - 3.0) * 1e-3).collect();
     let grad = bytes::Bytes::from(l2l_common::wire::f32_to_le_bytes(&values));
     let mut stats = ClientStats {
@@ -233,7 +233,13 @@ async fn simulate(
     let mut have: Option<Version> = None;
     let mut current = Some(Version::default());
     loop {
-        let lease = c.lease(LeaseRequest { worker_id: id }).await?.into_inner();
+        let lease = c
+            .lease(LeaseRequest {
+                worker_id: id,
+                session: session.clone(),
+            })
+            .await?
+            .into_inner();
         let truncations = lease.trajectory_steps / lease.truncation_steps.max(1);
         for k in 0..truncations {
             let now = Instant::now();
@@ -264,6 +270,7 @@ async fn simulate(
                     grad: grad.clone(),
                     meta_loss: 1.0,
                     unroll_seconds: 0.0,
+                    session: session.clone(),
                 })
                 .await;
             if let Ok(reply) = &r {

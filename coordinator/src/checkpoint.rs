@@ -4,7 +4,10 @@
 //! File `checkpoint-<version>.safetensors` in the run directory: φ's tensors under their
 //! spec names (so any `l2l-lstm/1` reader sees φ, after ignoring two extra tensors),
 //! `adam.m` and `adam.v` (flat, φ's size), and metadata `checkpoint = "l2l-coordinator/1"`,
-//! `epoch`, `version`, `adam_t`, `sampler_state`, `counters` (JSON), `config` (TOML).
+//! `run`, `epoch`, `version`, `adam_t`, `sampler_state`, `counters` (JSON), `config` (TOML).
+//!
+//! Retention never deletes the newest loadable checkpoint: a new file is read back before
+//! any older one is removed, and only files older than it are removed.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -32,6 +35,7 @@ pub fn save(dir: &Path, snap: &Snapshot, config: &Config, keep: usize) -> Result
     let mut meta = config_metadata(&snap.phi.config);
     meta.extend(HashMap::from([
         ("checkpoint".to_string(), CHECKPOINT_FORMAT.to_string()),
+        ("run".to_string(), snap.run.clone()),
         ("epoch".to_string(), snap.epoch.to_string()),
         ("version".to_string(), snap.version.to_string()),
         ("adam_t".to_string(), snap.adam.t.to_string()),
@@ -53,14 +57,27 @@ pub fn save(dir: &Path, snap: &Snapshot, config: &Config, keep: usize) -> Result
     named.push(("adam.v", &n, &snap.adam.v));
     let path = dir.join(file_name(snap.version));
     write_atomic(&path, &encode(&named, meta)?)?;
-    for old in list(dir)?.into_iter().rev().skip(keep.max(1)) {
-        let _ = std::fs::remove_file(old.1);
+    // Read it back before removing anything: a file that cannot be loaded never
+    // replaces one that can.
+    load(&path).with_context(|| {
+        format!(
+            "the checkpoint just written, {}, does not read back; older ones are kept",
+            path.display()
+        )
+    })?;
+    let older: Vec<PathBuf> = list(dir)?
+        .into_iter()
+        .filter(|(v, _)| *v < snap.version)
+        .map(|(_, p)| p)
+        .collect();
+    for old in older.iter().rev().skip(keep.max(1) - 1) {
+        let _ = std::fs::remove_file(old);
     }
     Ok(path)
 }
 
 /// Checkpoints in `dir`, oldest first, with their versions.
-fn list(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
+pub fn list(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
     let mut out = Vec::new();
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
@@ -99,7 +116,13 @@ pub fn load(path: &Path) -> Result<Snapshot> {
         .with_context(|| format!("{}: bad counters", path.display()))?;
     let saved: Config = toml::from_str(file.meta("config")?)
         .with_context(|| format!("{}: bad config", path.display()))?;
+    // Checkpoints from before runs had an identity carry none.
+    let run = file.metadata().get("run").cloned().unwrap_or_default();
+    if run.len() > 128 {
+        bail!("{}: run identity of {} bytes", path.display(), run.len());
+    }
     Ok(Snapshot {
+        run,
         phi,
         adam: Adam {
             config: saved.adam,
@@ -114,18 +137,35 @@ pub fn load(path: &Path) -> Result<Snapshot> {
     })
 }
 
-/// The newest readable checkpoint in `dir`, if any. An unreadable newest file (e.g.
-/// damaged by hand) is reported and the next older one is tried.
-pub fn load_newest(dir: &Path) -> Result<Option<(PathBuf, Snapshot)>> {
+/// What a run directory's checkpoints hold: the newest loadable one, and the files newer
+/// than it that could not be loaded (with why).
+#[derive(Debug, Default)]
+pub struct Scan {
+    /// The newest checkpoint that loads.
+    pub newest: Option<(PathBuf, Snapshot)>,
+    /// Checkpoints newer than `newest` (or all, when none loads) that do not load.
+    pub unreadable: Vec<(PathBuf, String)>,
+}
+
+/// Loads the newest checkpoint in `dir` that can be loaded, noting the ones that cannot.
+pub fn scan(dir: &Path) -> Result<Scan> {
+    let mut out = Scan::default();
     for (_, path) in list(dir)?.into_iter().rev() {
         match load(&path) {
-            Ok(s) => return Ok(Some((path, s))),
-            Err(e) => {
-                tracing::error!(path = %path.display(), error = %e, "skipping unreadable checkpoint")
+            Ok(s) => {
+                out.newest = Some((path, s));
+                break;
             }
+            Err(e) => out.unreadable.push((path, format!("{e:#}"))),
         }
     }
-    Ok(None)
+    Ok(out)
+}
+
+/// The newest loadable checkpoint in `dir`, if any (for tools and tests; a starting
+/// coordinator goes through [`crate::run_dir::prepare`], which refuses unreadable ones).
+pub fn load_newest(dir: &Path) -> Result<Option<(PathBuf, Snapshot)>> {
+    Ok(scan(dir)?.newest)
 }
 
 /// Fails with the path when the checkpoint directory cannot be written.
@@ -151,7 +191,7 @@ mod tests {
             dir: dir.path().into(),
             ..Config::default()
         };
-        let mut snap = Coordinator::new(config.clone(), None)
+        let mut snap = Coordinator::new(config.clone(), crate::state::Start::fresh())
             .unwrap()
             .snapshot()
             .unwrap();
@@ -165,11 +205,19 @@ mod tests {
             .map(|(v, _)| v)
             .collect();
         assert_eq!(names, vec![3, 4], "only the newest two are kept");
+        // A newer file that does not load is never what retention keeps instead of a
+        // loadable one: writing version 5 beside a damaged 9 keeps 4 and 5.
+        std::fs::write(dir.path().join(file_name(9)), b"garbage").unwrap();
+        snap.version = 5;
+        save(dir.path(), &snap, &config, 2).unwrap();
+        let names: Vec<u64> = list(dir.path()).unwrap().iter().map(|(v, _)| *v).collect();
+        assert_eq!(names, vec![4, 5, 9]);
+        std::fs::remove_file(dir.path().join(file_name(9))).unwrap();
         // A damaged newest checkpoint (e.g. a disk error) falls back to the previous one.
-        std::fs::write(dir.path().join(file_name(4)), b"garbage").unwrap();
+        std::fs::write(dir.path().join(file_name(5)), b"garbage").unwrap();
         let (path, found) = load_newest(dir.path()).unwrap().unwrap();
-        assert_eq!(found.version, 3);
-        assert!(path.ends_with(file_name(3)));
+        assert_eq!(found.version, 4);
+        assert!(path.ends_with(file_name(4)));
         // No checkpoint at all: a fresh start.
         let empty = tempfile::tempdir().unwrap();
         assert!(load_newest(empty.path()).unwrap().is_none());

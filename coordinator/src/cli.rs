@@ -87,6 +87,15 @@ pub struct Overrides {
     /// PEM CA certificate: require client certificates signed by it (mutual TLS).
     #[arg(long, env = "L2L_TLS_CLIENT_CA", value_name = "PATH")]
     pub tls_client_ca: Option<PathBuf>,
+    /// Require the shared token on /metrics too (Prometheus sends it with
+    /// `authorization: {credentials_file: token}`).
+    #[arg(long)]
+    pub metrics_require_token: bool,
+    /// Start a new run even though --dir holds an earlier one: its checkpoints, run.json
+    /// and phi.safetensors are moved into DIR/abandoned-<time>/ first. Without it, a
+    /// directory whose checkpoints cannot be loaded stops the start.
+    #[arg(long)]
+    pub start_fresh: bool,
 }
 
 impl Overrides {
@@ -133,6 +142,9 @@ impl Overrides {
             tls_key => c.security.tls_key,
             tls_client_ca => c.security.tls_client_ca,
         );
+        if self.metrics_require_token {
+            c.metrics_require_token = true;
+        }
         if let Some(s) = self.seed {
             c.seed = s;
             c.init.seed = s;

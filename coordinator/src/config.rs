@@ -8,7 +8,11 @@ use l2l_common::{OptimizerConfig, Preprocess};
 use serde::{Deserialize, Serialize};
 
 use crate::adam::AdamConfig;
+use crate::guard::GuardConfig;
 use crate::sampler::FamilyConfig;
+
+/// Largest S: a lease records one flag per truncation and carries one weight per step.
+pub const MAX_TRAJECTORY_STEPS: u32 = 1_000_000;
 
 /// How accepted gradients become updates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -129,10 +133,19 @@ pub struct Config {
     pub checkpoint_every_seconds: u64,
     /// Checkpoints kept in `dir`.
     pub checkpoint_keep: usize,
+    /// Most workers registered at once; a registration beyond is refused.
+    pub max_workers: usize,
+    /// Forget a worker not seen for this long, in ms (0 = 10 lease timeouts, at least a
+    /// minute); its next request is refused `unknown_worker` and it registers again.
+    pub forget_workers_after_ms: u64,
+    /// Require the shared token on `/metrics` too (Prometheus: `authorization.credentials_file`).
+    pub metrics_require_token: bool,
     /// The starting φ.
     pub init: InitConfig,
     /// The meta-optimizer.
     pub adam: AdamConfig,
+    /// What one gradient may do: the size rule and the clip of updates.
+    pub guard: GuardConfig,
     /// The aggregation rule.
     pub aggregation: AggregationConfig,
     /// Token and TLS.
@@ -156,8 +169,12 @@ impl Default for Config {
             checkpoint_every_updates: 100,
             checkpoint_every_seconds: 60,
             checkpoint_keep: 3,
+            max_workers: 4096,
+            forget_workers_after_ms: 0,
+            metrics_require_token: false,
             init: InitConfig::default(),
             adam: AdamConfig::default(),
+            guard: GuardConfig::default(),
             aggregation: AggregationConfig::default(),
             security: SecurityConfig::default(),
             problems: vec![FamilyConfig::default()],
@@ -192,6 +209,20 @@ impl Config {
         raw.iter().map(|w| (w / mean) as f32).collect()
     }
 
+    /// How long a worker may stay silent before it is forgotten, in ms.
+    pub fn forget_workers_after_ms(&self) -> u64 {
+        match self.forget_workers_after_ms {
+            0 => self.lease_timeout_ms.saturating_mul(10).max(60_000),
+            ms => ms,
+        }
+    }
+
+    /// Lease records kept (live, finished and expired), enough for every worker's live
+    /// lease and a few recent ones each.
+    pub fn max_lease_records(&self) -> usize {
+        self.max_workers.saturating_mul(4).max(1024)
+    }
+
     /// The optimizer configuration of a fresh φ.
     pub fn optimizer(&self) -> Result<OptimizerConfig> {
         let preprocess: Preprocess = if self.init.preprocess.is_empty() {
@@ -222,6 +253,9 @@ impl Config {
         if t == 0 || s == 0 || s % t != 0 {
             bail!("trajectory_steps ({s}) must be a positive multiple of truncation_steps ({t})");
         }
+        if s > MAX_TRAJECTORY_STEPS {
+            bail!("trajectory_steps ({s}) must be at most {MAX_TRAJECTORY_STEPS}");
+        }
         let p = self.meta_loss_weight_power;
         if !(p.is_finite() && (0.0..=8.0).contains(&p)) {
             bail!("meta_loss_weight_power must be in 0..=8, got {p}");
@@ -239,8 +273,25 @@ impl Config {
         for p in &self.problems {
             p.validate()?;
         }
-        if !(self.adam.lr > 0.0 && self.adam.lr.is_finite()) {
-            bail!("adam.lr must be positive, got {}", self.adam.lr);
+        self.adam.validate().map_err(anyhow::Error::msg)?;
+        self.guard.validate().map_err(anyhow::Error::msg)?;
+        if !(1..=1_000_000).contains(&self.max_workers) {
+            bail!(
+                "max_workers must be in 1..=1000000, got {}",
+                self.max_workers
+            );
+        }
+        if self.forget_workers_after_ms != 0
+            && self.forget_workers_after_ms <= self.lease_timeout_ms
+        {
+            bail!(
+                "forget_workers_after_ms ({}) must be longer than lease_timeout_ms ({}), or 0",
+                self.forget_workers_after_ms,
+                self.lease_timeout_ms
+            );
+        }
+        if self.checkpoint_keep == 0 {
+            bail!("checkpoint_keep must be at least 1");
         }
         let sec = &self.security;
         if sec.tls_cert.is_some() != sec.tls_key.is_some() {

@@ -1,6 +1,6 @@
 //! Leases: one optimizee instance held by one worker for a whole trajectory.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use l2l_proto::v1::Instance;
@@ -33,10 +33,13 @@ pub struct Lease {
     pub state: LeaseState,
 }
 
-/// All leases of this coordinator run, by id.
+/// All leases of this coordinator run, by id, at most `max_records` of them.
 #[derive(Debug, Default)]
 pub struct LeaseTable {
-    leases: HashMap<u64, Lease>,
+    /// By id, so the oldest records are the first.
+    leases: BTreeMap<u64, Lease>,
+    /// Records kept at most; the oldest finished or expired ones go first.
+    max_records: usize,
     next_id: u64,
     timeout: Duration,
     /// Each worker's live lease (a worker holds at most one): the only leases whose
@@ -47,10 +50,12 @@ pub struct LeaseTable {
 }
 
 impl LeaseTable {
-    /// An empty table whose leases live `timeout` without renewal; ids start after `base`.
-    pub fn new(timeout: Duration, base: u64) -> Self {
+    /// An empty table whose leases live `timeout` without renewal, holding at most
+    /// `max_records` records (live leases are never dropped); ids start after `base`.
+    pub fn new(timeout: Duration, base: u64, max_records: usize) -> Self {
         Self {
-            leases: HashMap::new(),
+            leases: BTreeMap::new(),
+            max_records,
             next_id: base + 1,
             timeout,
             live: HashMap::new(),
@@ -81,7 +86,32 @@ impl LeaseTable {
                 state: LeaseState::Live,
             },
         );
+        self.bound();
         id
+    }
+
+    /// Drops the oldest finished or expired records beyond `max_records` (a submission
+    /// for one is then refused as unknown rather than expired).
+    fn bound(&mut self) {
+        let excess = self.leases.len().saturating_sub(self.max_records);
+        if excess == 0 {
+            return;
+        }
+        let old: Vec<u64> = self
+            .leases
+            .iter()
+            .filter(|(_, l)| l.state != LeaseState::Live)
+            .map(|(id, _)| *id)
+            .take(excess)
+            .collect();
+        for id in old {
+            self.leases.remove(&id);
+        }
+    }
+
+    /// Records held (live or not).
+    pub fn records(&self) -> usize {
+        self.leases.len()
     }
 
     /// The lease `id` if `worker` holds it (live or not).
@@ -176,7 +206,7 @@ mod tests {
     #[test]
     fn one_live_lease_per_worker_and_only_live_ones_expire() {
         let t0 = Instant::now();
-        let mut table = LeaseTable::new(Duration::from_secs(1), 0);
+        let mut table = LeaseTable::new(Duration::from_secs(1), 0, 100);
         let a = table.grant(7, instance(), 5, t0);
         let b = table.grant(7, instance(), 5, t0);
         assert_eq!(
@@ -210,5 +240,25 @@ mod tests {
             Err(Refusal::UnknownLease { .. })
         ));
         assert_eq!(table.live(), 0);
+    }
+
+    #[test]
+    fn records_are_bounded_and_live_leases_are_never_dropped() {
+        let t0 = Instant::now();
+        let mut table = LeaseTable::new(Duration::from_secs(1), 0, 4);
+        let held = table.grant(1, instance(), 5, t0);
+        // A client leasing in a loop makes a record per call; the table stays at 4.
+        let mut last = 0;
+        for _ in 0..1000 {
+            last = table.grant(2, instance(), 5, t0);
+        }
+        assert_eq!(table.records(), 4);
+        assert_eq!(table.live(), 2);
+        assert_eq!(table.get_mut(1, held).unwrap().state, LeaseState::Live);
+        assert_eq!(table.get_mut(2, last).unwrap().state, LeaseState::Live);
+        assert!(matches!(
+            table.get_mut(2, last - 10),
+            Err(Refusal::UnknownLease { .. })
+        ));
     }
 }

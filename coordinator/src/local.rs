@@ -17,9 +17,10 @@ use l2l_common::rng::Rng;
 use l2l_common::{Lstm, Phi, Quadratic};
 use l2l_worker::{Backend, Engine, WorkerOptions, run_worker};
 
-use crate::checkpoint;
+use crate::auth::ServerSecurity;
 use crate::cli::Overrides;
 use crate::config::{Config, Mode};
+use crate::run_dir;
 use crate::service::Server;
 use crate::state::Coordinator;
 
@@ -39,6 +40,20 @@ pub struct Local {
     /// CPU) or `wgpu` (burn on the GPU; needs a build with `--features wgpu`).
     #[arg(long, env = "L2L_BACKEND", value_enum, default_value_t = Backend::Cpu)]
     pub backend: Backend,
+    /// With --tls-cert: PEM CA certificate the local workers check the coordinator's
+    /// certificate against [default: the system's roots].
+    #[arg(long, value_name = "PATH")]
+    pub tls_ca: Option<PathBuf>,
+    /// With --tls-cert: the name the local workers check the coordinator's certificate
+    /// against (they connect to the listen address).
+    #[arg(long, value_name = "NAME", default_value = "localhost")]
+    pub tls_domain: String,
+    /// With --tls-client-ca: PEM client certificate the local workers present.
+    #[arg(long, value_name = "PATH", requires = "worker_tls_key")]
+    pub worker_tls_cert: Option<PathBuf>,
+    /// PEM private key of --worker-tls-cert.
+    #[arg(long, value_name = "PATH", requires = "worker_tls_cert")]
+    pub worker_tls_key: Option<PathBuf>,
     /// Configuration overrides (see `serve --help`).
     #[command(flatten)]
     pub overrides: Overrides,
@@ -86,17 +101,50 @@ pub async fn run(args: Local) -> Result<LocalOutcome> {
         Engine::open(args.backend).with_context(|| format!("--backend {}", args.backend))?;
     eprintln!("workers compute on {}", engine.describe());
     drop(engine);
-    let resume = checkpoint::load_newest(&config.dir)?;
-    if let Some((path, s)) = &resume {
+    // The same security as `serve`: the token and TLS flags are honoured, and the local
+    // workers present what a remote worker would.
+    let security = ServerSecurity::resolve(&config.security)?;
+    if security.token.is_none() && !config.listen.ip().is_loopback() {
+        eprintln!(
+            "warning: no token, and listening on {}: anyone who can reach this port can \
+             submit gradients; set --token-file or $L2L_TOKEN",
+            config.listen
+        );
+    }
+    let tls = security.tls.is_some();
+    if !tls && (args.tls_ca.is_some() || args.worker_tls_cert.is_some()) {
+        bail!("--tls-ca and --worker-tls-cert need TLS: give --tls-cert and --tls-key too");
+    }
+    let mut client = l2l_worker::connect::ClientArgs {
+        token_file: None,
+        tls_ca: args.tls_ca.clone(),
+        tls_cert: args.worker_tls_cert.clone(),
+        tls_key: args.worker_tls_key.clone(),
+        tls_domain: Some(args.tls_domain.clone()),
+    }
+    .resolve(if tls { "https://" } else { "http://" })?;
+    client.token = security.token.clone();
+    let prepared = run_dir::prepare(&config.dir, args.overrides.start_fresh)?;
+    if let Some(a) = &prepared.abandoned {
+        eprintln!(
+            "--start-fresh: the earlier run's files were moved to {}",
+            a.display()
+        );
+    }
+    if let (Some(path), Some(s)) = (&prepared.resumed_from, &prepared.start.resume) {
         eprintln!("resuming from {} (version {})", path.display(), s.version);
     }
-    let coordinator = Coordinator::new(config.clone(), resume.map(|(_, s)| s))?;
-    let server = Server::start(coordinator, config.listen, Default::default()).await?;
-    let url = format!("http://{}", server.addr);
+    let run = prepared.start.run.clone();
+    let coordinator = Coordinator::new(config.clone(), prepared.start)?;
+    let server = Server::start(coordinator, config.listen, security).await?;
+    let url = format!("{}://{}", if tls { "https" } else { "http" }, server.addr);
+    // Scripts and tests read this line to reach the coordinator while it runs.
+    println!("listening on {}", server.addr);
     let stop = Arc::new(AtomicBool::new(false));
     let mut handles = Vec::new();
     for i in 0..args.workers {
         let mut opts = WorkerOptions::new(url.clone(), format!("local-{i}"));
+        opts.security = client.clone();
         opts.seed = config.seed.wrapping_add(i as u64);
         opts.data = args.data.clone();
         opts.backend = args.backend;
@@ -116,8 +164,12 @@ pub async fn run(args: Local) -> Result<LocalOutcome> {
     // Without a terminal the bar is hidden; print a line every tenth of the run instead.
     let plain = progress.is_hidden();
     let mut next_line = 0;
+    // A worker that cannot join (a TLS or token mismatch) retries forever by design;
+    // here nothing else would end the run, so give up when none has joined in a while.
+    const JOIN_LIMIT: Duration = Duration::from_secs(60);
+    let mut none_joined = false;
     let interrupted = loop {
-        let (version, loss, rate, finished) = {
+        let (version, loss, rate, finished, joined) = {
             let c = server.shared.lock();
             let s = c.status(Instant::now());
             (
@@ -125,18 +177,29 @@ pub async fn run(args: Local) -> Result<LocalOutcome> {
                 s.last_meta_loss,
                 s.updates_per_second,
                 c.finished(),
+                s.workers_total > 0 || c.counters().accepted > 0,
             )
         };
+        // No meta-loss before the first update.
+        let loss = if loss.is_finite() {
+            format!("{loss:.4}")
+        } else {
+            "–".into()
+        };
         progress.set_position(version);
-        progress.set_message(format!("meta-loss {loss:.4}  {rate:.1} updates/s"));
+        progress.set_message(format!("meta-loss {loss}  {rate:.1} updates/s"));
         if plain && version >= next_line {
             eprintln!(
-                "update {version}/{}  meta-loss {loss:.4}  {rate:.1} updates/s",
+                "update {version}/{}  meta-loss {loss}  {rate:.1} updates/s",
                 config.max_updates
             );
             next_line = version + (config.max_updates / 10).max(1);
         }
         if finished || handles.iter().all(|h| h.is_finished()) {
+            break false;
+        }
+        if !joined && started.elapsed() > JOIN_LIMIT {
+            none_joined = true;
             break false;
         }
         tokio::select! {
@@ -168,9 +231,15 @@ pub async fn run(args: Local) -> Result<LocalOutcome> {
     );
     let phi = server.shared.lock().phi()?;
     let ckpt = server.shutdown().await?;
-    let phi_path = config.dir.join("phi.safetensors");
-    phi.save(&phi_path, Default::default())?;
+    let phi_path = run_dir::save_final_phi(&config.dir, &run, &phi)?;
     eprintln!("checkpoint {}", ckpt.display());
+    if none_joined {
+        bail!(
+            "no worker could join the coordinator within {} s (see the warnings above: \
+             a TLS or token setting that the workers cannot meet?)",
+            JOIN_LIMIT.as_secs()
+        );
+    }
     if interrupted {
         bail!(
             "interrupted; run the same command again to resume from {}",

@@ -9,7 +9,7 @@ use l2l_coordinator::cli::{LogFormat, Overrides, init_logging};
 use l2l_coordinator::config::Config;
 use l2l_coordinator::service::Server;
 use l2l_coordinator::state::Coordinator;
-use l2l_coordinator::{bench, checkpoint, local, metrics, status};
+use l2l_coordinator::{bench, local, metrics, run_dir, status};
 
 /// Meta-trains the l2l learned LSTM optimizer: holds φ and its Adam state, leases problem
 /// instances to workers (`l2l-worker run`), aggregates their meta-gradients, checkpoints.
@@ -74,10 +74,6 @@ async fn serve(o: Overrides) -> Result<()> {
         "l2l-coordinator serve, configuration:\n{}",
         config.to_toml()
     );
-    let resume = checkpoint::load_newest(&config.dir)?;
-    if let Some((path, s)) = &resume {
-        tracing::info!(path = %path.display(), version = s.version, epoch = s.epoch + 1, "resuming");
-    }
     let security = ServerSecurity::resolve(&config.security)?;
     if security.token.is_none() && !config.listen.ip().is_loopback() {
         tracing::warn!(
@@ -87,14 +83,28 @@ async fn serve(o: Overrides) -> Result<()> {
         );
     }
     let (token, tls) = (security.token.is_some(), security.tls.is_some());
-    let coordinator = Coordinator::new(config.clone(), resume.map(|(_, s)| s))?;
+    let metrics_token = metrics_token(&config, &security)?;
+    let prepared = run_dir::prepare(&config.dir, o.start_fresh)?;
+    if let Some(a) = &prepared.abandoned {
+        tracing::warn!(moved_to = %a.display(), "--start-fresh: the earlier run's files were moved aside");
+    }
+    if let (Some(path), Some(s)) = (&prepared.resumed_from, &prepared.start.resume) {
+        tracing::info!(path = %path.display(), version = s.version, epoch = prepared.start.epoch, "resuming");
+    }
+    let run = prepared.start.run.clone();
+    tracing::info!(run = %run, epoch = prepared.start.epoch, "epoch recorded");
+    let coordinator = Coordinator::new(config.clone(), prepared.start)?;
     let server = Server::start(coordinator, config.listen, security).await?;
     let metrics_task = match config.metrics_listen {
         Some(addr) => {
             let listener = l2l_worker::metrics::bind(addr).await?;
-            tracing::info!(addr = %listener.local_addr()?, "serving metrics at /metrics");
+            tracing::info!(addr = %listener.local_addr()?, token = metrics_token.is_some(), "serving metrics at /metrics");
             let registry = std::sync::Arc::new(metrics::registry(server.shared.clone()));
-            Some(tokio::spawn(l2l_worker::metrics::serve(listener, registry)))
+            Some(tokio::spawn(l2l_worker::metrics::serve(
+                listener,
+                registry,
+                metrics_token,
+            )))
         }
         None => None,
     };
@@ -128,8 +138,7 @@ async fn serve(o: Overrides) -> Result<()> {
     let phi = server.shared.lock().phi()?;
     let version = server.shared.lock().version();
     let ckpt = server.shutdown().await?;
-    let phi_path = config.dir.join("phi.safetensors");
-    phi.save(&phi_path, Default::default())?;
+    let phi_path = run_dir::save_final_phi(&config.dir, &run, &phi)?;
     tracing::info!(checkpoint = %ckpt.display(), phi = %phi_path.display(), version = version.step, "stopped");
     println!(
         "φ version {} written to {}",
@@ -137,4 +146,18 @@ async fn serve(o: Overrides) -> Result<()> {
         phi_path.display()
     );
     Ok(())
+}
+
+/// The token `/metrics` requires, if the configuration asks for one.
+fn metrics_token(
+    config: &Config,
+    security: &ServerSecurity,
+) -> Result<Option<l2l_proto::auth::Token>> {
+    match (config.metrics_require_token, &security.token) {
+        (false, _) => Ok(None),
+        (true, Some(t)) => Ok(Some(t.clone())),
+        (true, None) => {
+            anyhow::bail!("metrics_require_token needs a token: give --token-file or $L2L_TOKEN")
+        }
+    }
 }

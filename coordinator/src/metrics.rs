@@ -56,14 +56,21 @@ fn counter(e: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> std::fm
 impl Collector for CoordinatorCollector {
     fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
         let now = Instant::now();
-        let (status, buckets, staleness_sum, finished, live_ms) = {
+        let (status, buckets, staleness_sum, finished, by_backend) = {
             let c = self.shared.lock();
+            // By the backend's kind (the first word a worker reports: cpu, flex, wgpu),
+            // over every live worker (status lists only the most recent).
+            let mut by: std::collections::BTreeMap<&str, u64> =
+                ["cpu", "flex", "wgpu"].map(|b| (b, 0)).into();
+            for b in c.live_worker_backends(now) {
+                *by.entry(backend_kind(b)).or_default() += 1;
+            }
             (
                 c.status(now),
                 c.counters().staleness_buckets.clone(),
                 c.counters().staleness_sum,
                 c.finished(),
-                c.config().lease_timeout_ms as f64,
+                by,
             )
         };
         let stats = &self.shared.stats;
@@ -118,15 +125,26 @@ impl Collector for CoordinatorCollector {
             "Workers seen within a lease timeout",
             status.live_workers as f64,
         )?;
+        gauge(
+            &mut e,
+            "registered_workers",
+            "Workers registered and not yet forgotten",
+            status.workers_total as f64,
+        )?;
+        counter(
+            &mut e,
+            "updates_refused",
+            "Updates refused because φ or Adam's state would not have been finite",
+            status.updates_refused,
+        )?;
+        gauge(
+            &mut e,
+            "median_grad_norm",
+            "Median L2 norm of recently accepted meta-gradients",
+            status.median_grad_norm,
+        )?;
         {
-            // By the backend's kind (the first word a worker reports: cpu, flex, wgpu).
-            let mut by: std::collections::BTreeMap<&str, u64> =
-                ["cpu", "flex", "wgpu"].map(|b| (b, 0)).into();
-            for w in &status.workers {
-                if w.seconds_since_seen * 1e3 < live_ms {
-                    *by.entry(backend_kind(&w.backend)).or_default() += 1;
-                }
-            }
+            let by = by_backend;
             let mut m = e.encode_descriptor(
                 "live_workers_by_backend",
                 "Workers seen within a lease timeout, by backend",
@@ -227,19 +245,18 @@ mod tests {
             dir: dir.path().into(),
             ..Config::default()
         };
-        let shared = Shared::new(Coordinator::new(config, None).unwrap());
+        let shared = Shared::new(Coordinator::new(config, crate::state::Start::fresh()).unwrap());
         shared.stats.unauthenticated.fetch_add(3, Ordering::Relaxed);
         {
             let mut c = shared.lock();
             let now = Instant::now();
-            c.register("g1".into(), "wgpu (NVIDIA H100 PCIe)".into(), now);
-            c.register(
-                "g2".into(),
-                "wgpu (llvmpipe (LLVM 15.0.6, 256 bits))".into(),
-                now,
-            );
-            c.register("c1".into(), "cpu (fused kernels, 16 threads)".into(), now);
-            c.register("odd".into(), "\"}\n{evil=".into(), now);
+            let s = [1; crate::state::SESSION_BYTES];
+            c.register("g1", "wgpu (NVIDIA H100 PCIe)", s, now).unwrap();
+            c.register("g2", "wgpu (llvmpipe (LLVM 15.0.6, 256 bits))", s, now)
+                .unwrap();
+            c.register("c1", "cpu (fused kernels, 16 threads)", s, now)
+                .unwrap();
+            c.register("odd", "\"}\n{evil=", s, now).unwrap();
         }
         let text = l2l_worker::metrics::render(&registry(shared));
         for line in [

@@ -3,7 +3,7 @@
 use std::fmt;
 
 /// A refusal of the coordinator, decided without touching φ.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Refusal {
     /// The worker id is not registered (e.g. the coordinator restarted).
     UnknownWorker {
@@ -67,6 +67,18 @@ pub enum Refusal {
     },
     /// The run has reached its last update.
     Finished,
+    /// The request's session is not the one its worker id was registered with.
+    BadSession {
+        /// The worker id given.
+        worker: u64,
+    },
+    /// The gradient's norm or the meta-loss is beyond what the run accepts.
+    TooLarge(crate::guard::TooLarge),
+    /// The worker table is full of live workers.
+    TooManyWorkers {
+        /// The limit in force.
+        max: usize,
+    },
 }
 
 impl Refusal {
@@ -84,6 +96,9 @@ impl Refusal {
             Refusal::Shape { .. } => "shape",
             Refusal::NonFinite { .. } => "non_finite",
             Refusal::Finished => "finished",
+            Refusal::BadSession { .. } => "bad_session",
+            Refusal::TooLarge(_) => "too_large",
+            Refusal::TooManyWorkers { .. } => "too_many_workers",
         }
     }
 
@@ -93,11 +108,13 @@ impl Refusal {
         use tonic::Code;
         match self {
             Refusal::UnknownWorker { .. } | Refusal::UnknownLease { .. } => Code::NotFound,
-            Refusal::ForeignLease { .. } => Code::PermissionDenied,
+            Refusal::ForeignLease { .. } | Refusal::BadSession { .. } => Code::PermissionDenied,
             Refusal::ExpiredLease { .. } => Code::FailedPrecondition,
-            Refusal::BadTruncation { .. } | Refusal::Shape { .. } | Refusal::NonFinite { .. } => {
-                Code::InvalidArgument
-            }
+            Refusal::BadTruncation { .. }
+            | Refusal::Shape { .. }
+            | Refusal::NonFinite { .. }
+            | Refusal::TooLarge(_) => Code::InvalidArgument,
+            Refusal::TooManyWorkers { .. } => Code::ResourceExhausted,
             Refusal::PreRestart { .. } => Code::Aborted,
             Refusal::FutureVersion { .. } | Refusal::Stale { .. } => Code::OutOfRange,
             Refusal::Finished => Code::Cancelled,
@@ -159,6 +176,22 @@ impl fmt::Display for Refusal {
             }
             Refusal::NonFinite { index } => write!(f, "gradient value {index} is not finite"),
             Refusal::Finished => write!(f, "the run is finished"),
+            Refusal::BadSession { worker } => write!(
+                f,
+                "the session does not belong to worker {worker}; use the session Register returned, or register again"
+            ),
+            Refusal::TooLarge(crate::guard::TooLarge::Norm { norm, limit }) => write!(
+                f,
+                "gradient norm {norm:e} is above the run's limit {limit:e} (guard.max_norm, or guard.max_norm_ratio × the median of recent norms); drop this trajectory"
+            ),
+            Refusal::TooLarge(crate::guard::TooLarge::MetaLoss { loss, limit }) => write!(
+                f,
+                "meta-loss {loss:e} is beyond guard.max_meta_loss {limit:e}; drop this trajectory"
+            ),
+            Refusal::TooManyWorkers { max } => write!(
+                f,
+                "{max} workers are registered and live (max_workers); retry later or raise max_workers"
+            ),
         }
     }
 }

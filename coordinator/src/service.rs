@@ -26,7 +26,7 @@ use tonic_health::server::HealthReporter;
 
 use crate::auth::{CheckToken, ServerSecurity};
 use crate::checkpoint;
-use crate::state::Coordinator;
+use crate::state::{Coordinator, SESSION_BYTES};
 
 /// The health-check service name that reports liveness (the empty name reports readiness).
 pub const LIVENESS: &str = "liveness";
@@ -87,19 +87,27 @@ impl Rpc for Shared {
         req: Request<RegisterRequest>,
     ) -> Result<Response<RegisterReply>, Status> {
         let r = req.into_inner();
+        let mut session = [0u8; SESSION_BYTES];
+        getrandom::fill(&mut session).map_err(|e| {
+            tracing::error!(error = %e, "the system's random source failed");
+            Status::unavailable("cannot draw a session secret; retry later")
+        })?;
         let mut c = self.lock();
-        let id = c.register(r.name, r.backend, Instant::now());
+        let id = c
+            .register(&r.name, &r.backend, session, Instant::now())
+            .map_err(|e| e.to_status())?;
         Ok(Response::new(RegisterReply {
             worker_id: id,
             epoch: c.version().epoch,
             lease_timeout_ms: c.config().lease_timeout_ms,
             wait_for_update: c.config().aggregation.mode == crate::config::Mode::Sync,
+            session: session.to_vec(),
         }))
     }
 
     async fn lease(&self, req: Request<LeaseRequest>) -> Result<Response<LeaseReply>, Status> {
         let r = req.into_inner();
-        let reply = self.lock().lease(r.worker_id, Instant::now());
+        let reply = self.lock().lease(r.worker_id, &r.session, Instant::now());
         reply.map(Response::new).map_err(|e| e.to_status())
     }
 
@@ -153,7 +161,7 @@ impl Rpc for Shared {
     ) -> Result<Response<HeartbeatReply>, Status> {
         let r = req.into_inner();
         let mut c = self.lock();
-        c.heartbeat(r.worker_id, r.lease_id, Instant::now())
+        c.heartbeat(r.worker_id, &r.session, r.lease_id, Instant::now())
             .map_err(|e| e.to_status())?;
         Ok(Response::new(HeartbeatReply {
             lease_timeout_ms: c.config().lease_timeout_ms,
@@ -182,6 +190,12 @@ pub struct Server {
     task: tokio::task::JoinHandle<Result<()>>,
 }
 
+/// Longest a request may run (a φ long-poll waits at most 60 s).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// Concurrent requests one HTTP/2 connection may have open.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 64;
+
 /// Sets the readiness reported by health checks.
 async fn set_ready(health: &HealthReporter, stats: &ServiceStats, ready: bool) {
     let was = stats.ready.swap(ready, Ordering::Relaxed);
@@ -202,7 +216,9 @@ fn message_limits(c: &Coordinator) -> (usize, usize) {
     const SLACK: usize = 64 << 10;
     let params = c.phi().map_or(0, |p| p.config.num_params());
     let phi_file = c.fetch_phi(None).phi.len();
-    (params * 4 + SLACK, phi_file + SLACK)
+    // A lease reply carries one f32 weight per trajectory step.
+    let weights = c.config().trajectory_steps as usize * 4;
+    (params * 4 + SLACK, phi_file.max(weights) + SLACK)
 }
 
 impl Server {
@@ -311,11 +327,23 @@ impl Server {
                 }
             });
             // TCP_NODELAY: small request/reply pairs must not wait for delayed ACKs.
-            let incoming =
-                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+            let incoming = tonic::transport::server::TcpIncoming::from(listener)
+                .with_nodelay(Some(true))
+                // A peer that vanished without closing is noticed by TCP too.
+                .with_keepalive(Some(Duration::from_secs(60)));
             // Gradients are ~20 KB: larger HTTP/2 frames and windows mean one frame per
             // message and no WINDOW_UPDATE round per request.
             let served = builder
+                // Explicit HTTP/2 limits: what one connection may hold open, how long a
+                // request may run (a φ long-poll waits at most 60 s), and how a dead
+                // peer is noticed.
+                .timeout(REQUEST_TIMEOUT)
+                .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+                .concurrency_limit_per_connection(MAX_STREAMS_PER_CONNECTION as usize)
+                .http2_keepalive_interval(Some(Duration::from_secs(30)))
+                .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+                .http2_max_pending_accept_reset_streams(Some(64))
+                .http2_max_header_list_size(16 << 10)
                 .initial_stream_window_size(1 << 20)
                 .initial_connection_window_size(8 << 20)
                 .max_frame_size(1 << 20)

@@ -16,6 +16,7 @@ use l2l_proto::v1::{
 use crate::adam::Adam;
 use crate::aggregate::{Aggregator, Update};
 use crate::config::Config;
+use crate::guard::{Guard, l2_norm};
 use crate::lease::{LeaseState, LeaseTable};
 use crate::refusal::Refusal;
 use crate::sampler::Sampler;
@@ -43,6 +44,15 @@ pub struct Counters {
     /// Mean meta-loss of the most recent updates, oldest first (at most
     /// [`META_LOSS_HISTORY`], so checkpoints stay small).
     pub meta_losses: Vec<f64>,
+    /// Updates refused because their result would not have been finite (φ kept).
+    #[serde(default)]
+    pub updates_refused: u64,
+    /// Gradients summed into applied updates (each at most once).
+    #[serde(default)]
+    pub gradients_applied: u64,
+    /// L2 norms of the most recently accepted gradients, oldest first (the guard's window).
+    #[serde(default)]
+    pub recent_norms: Vec<f64>,
 }
 
 /// Upper bounds of the staleness histogram's buckets.
@@ -51,7 +61,7 @@ pub const STALENESS_BOUNDS: [u64; 8] = [0, 1, 2, 4, 8, 16, 32, 64];
 impl Counters {
     /// Counts an accepted gradient of this staleness.
     fn record_staleness(&mut self, staleness: u64) {
-        self.staleness_sum += staleness;
+        self.staleness_sum = self.staleness_sum.saturating_add(staleness);
         self.staleness_max = self.staleness_max.max(staleness);
         self.staleness_buckets.resize(STALENESS_BOUNDS.len() + 1, 0);
         let i = STALENESS_BOUNDS
@@ -65,9 +75,36 @@ impl Counters {
 /// How many recent per-update meta-losses the counters keep.
 pub const META_LOSS_HISTORY: usize = 2000;
 
+/// Bytes of a worker's session secret.
+pub const SESSION_BYTES: usize = 16;
+
+/// Characters of a worker's name or backend kept (longer ones are cut).
+pub const MAX_NAME_CHARS: usize = 64;
+
+/// Workers listed in a status reply (the most recently seen).
+pub const STATUS_WORKERS: usize = 100;
+
+/// A name as status and logs show it: at most [`MAX_NAME_CHARS`] characters, control
+/// characters (terminal escapes among them) replaced by `?`.
+pub fn sanitize_name(raw: &str) -> String {
+    let cleaned: String = raw
+        .chars()
+        .take(MAX_NAME_CHARS)
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect();
+    let trimmed = cleaned.trim();
+    if trimmed.is_empty() {
+        "?".into()
+    } else {
+        trimmed.into()
+    }
+}
+
 /// A registered worker.
 #[derive(Debug, Clone)]
 struct WorkerRecord {
+    /// The secret its requests must carry.
+    session: [u8; SESSION_BYTES],
     name: String,
     backend: String,
     last_seen: Instant,
@@ -88,6 +125,8 @@ pub struct Accepted {
 /// φ, its meta-optimizer, the leases and the counters of one coordinator run.
 pub struct Coordinator {
     config: Config,
+    /// The run's identity, the same across restarts.
+    run: String,
     optimizer: OptimizerConfig,
     phi: Vec<f32>,
     phi_bytes: Bytes,
@@ -99,6 +138,9 @@ pub struct Coordinator {
     aggregator: Aggregator,
     workers: HashMap<u64, WorkerRecord>,
     next_worker: u64,
+    /// When workers not seen for a while were last forgotten.
+    pruned: Option<Instant>,
+    guard: Guard,
     counters: Counters,
     recent_updates: VecDeque<Instant>,
     /// Reused buffer for decoding submitted gradients (no allocation per request).
@@ -108,6 +150,8 @@ pub struct Coordinator {
 /// The persistent part of a coordinator, as a checkpoint holds it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Snapshot {
+    /// The run's identity.
+    pub run: String,
     /// φ, flat in spec order.
     pub phi: Phi,
     /// Adam's state.
@@ -122,13 +166,36 @@ pub struct Snapshot {
     pub counters: Counters,
 }
 
+/// How a coordinator process starts: the run, the epoch it serves, and what it resumes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Start {
+    /// The run's identity.
+    pub run: String,
+    /// The restart epoch this process serves (durable before it serves anything).
+    pub epoch: u64,
+    /// The checkpoint it resumes from; none starts φ from `config.init`.
+    pub resume: Option<Snapshot>,
+}
+
+impl Start {
+    /// A new run in epoch 0 with a random identity, kept nowhere (tests, benchmarks).
+    pub fn fresh() -> Self {
+        Self {
+            run: crate::run_dir::new_run_id(),
+            epoch: 0,
+            resume: None,
+        }
+    }
+}
+
 impl Coordinator {
-    /// A fresh run (epoch 0, φ initialised from `config.init`) or a resumed one.
-    pub fn new(config: Config, resume: Option<Snapshot>) -> Result<Self> {
+    /// A fresh run (φ initialised from `config.init`) or a resumed one, serving `start`'s epoch.
+    pub fn new(config: Config, start: Start) -> Result<Self> {
         config.validate()?;
-        let snapshot = match resume {
+        let snapshot = match start.resume {
             Some(s) => Snapshot {
-                epoch: s.epoch + 1,
+                epoch: start.epoch,
+                run: start.run.clone(),
                 ..s
             },
             None => {
@@ -140,9 +207,10 @@ impl Coordinator {
                 };
                 let n = phi.config.num_params();
                 Snapshot {
+                    run: start.run.clone(),
                     phi,
                     adam: Adam::new(config.adam, n),
-                    epoch: 0,
+                    epoch: start.epoch,
                     version: 0,
                     sampler_state: config.seed,
                     counters: Counters::default(),
@@ -151,6 +219,9 @@ impl Coordinator {
         };
         let optimizer = snapshot.phi.config;
         let n = optimizer.num_params();
+        if snapshot.adam.m.len() != n || snapshot.adam.v.len() != n {
+            anyhow::bail!("Adam's moments do not have φ's {n} values");
+        }
         let mut adam = snapshot.adam;
         // Hyper-parameters come from the configuration in force; the moments persist.
         adam.config = config.adam;
@@ -159,8 +230,12 @@ impl Coordinator {
             leases: LeaseTable::new(
                 Duration::from_millis(config.lease_timeout_ms),
                 snapshot.epoch << 32,
+                config.max_lease_records(),
             ),
             sampler: Sampler::new(config.problems.clone(), snapshot.sampler_state),
+            guard: Guard::new(config.guard, snapshot.counters.recent_norms.clone()),
+            run: snapshot.run,
+            pruned: None,
             phi: snapshot.phi.flatten(),
             phi_bytes: Bytes::new(),
             adam,
@@ -197,6 +272,16 @@ impl Coordinator {
         &self.counters
     }
 
+    /// The run's identity.
+    pub fn run(&self) -> &str {
+        &self.run
+    }
+
+    /// Gradients waiting in the open aggregation round.
+    pub fn pending(&self) -> usize {
+        self.aggregator.pending()
+    }
+
     /// True once `max_updates` updates have been applied.
     pub fn finished(&self) -> bool {
         self.config.max_updates > 0 && self.version >= self.config.max_updates
@@ -209,35 +294,60 @@ impl Coordinator {
 
     /// The persistent state, for a checkpoint.
     pub fn snapshot(&self) -> Result<Snapshot> {
+        let mut counters = self.counters.clone();
+        counters.recent_norms = self.guard.recent().to_vec();
         Ok(Snapshot {
+            run: self.run.clone(),
             phi: self.phi()?,
             adam: self.adam.clone(),
             epoch: self.epoch,
             version: self.version,
             sampler_state: self.sampler.state(),
-            counters: self.counters.clone(),
+            counters,
         })
     }
 
     /// Encodes φ once for every fetch of this version.
     fn publish(&mut self) -> Result<()> {
         let phi = self.phi()?;
-        let meta = HashMap::from([(
-            "version".to_string(),
-            format!("{}.{}", self.epoch, self.version),
-        )]);
+        let meta = HashMap::from([
+            (
+                "version".to_string(),
+                format!("{}.{}", self.epoch, self.version),
+            ),
+            ("run".to_string(), self.run.clone()),
+        ]);
         self.phi_bytes = Bytes::from(l2l_common::checkpoint::encode_phi(&phi, meta)?);
         Ok(())
     }
 
-    /// Registers a worker; returns its id.
-    pub fn register(&mut self, name: String, backend: String, now: Instant) -> u64 {
+    /// Registers a worker holding `session` (random, from the caller); returns its id.
+    ///
+    /// Workers not seen for `forget_workers_after_ms` are forgotten first; when the table
+    /// still holds `max_workers`, the registration is refused.
+    pub fn register(
+        &mut self,
+        name: &str,
+        backend: &str,
+        session: [u8; SESSION_BYTES],
+        now: Instant,
+    ) -> Result<u64, Refusal> {
+        if self.workers.len() >= self.config.max_workers {
+            self.forget_workers(now);
+        }
+        if self.workers.len() >= self.config.max_workers {
+            return Err(self.count_refusal(Refusal::TooManyWorkers {
+                max: self.config.max_workers,
+            }));
+        }
         let id = self.next_worker;
         self.next_worker += 1;
+        let (name, backend) = (sanitize_name(name), sanitize_name(backend));
         tracing::info!(worker = id, %name, %backend, "worker registered");
         self.workers.insert(
             id,
             WorkerRecord {
+                session,
                 name,
                 backend,
                 last_seen: now,
@@ -245,15 +355,37 @@ impl Coordinator {
                 told_finished: false,
             },
         );
-        id
+        Ok(id)
     }
 
-    fn seen(&mut self, worker: u64, now: Instant) -> Result<(), Refusal> {
+    /// Forgets workers not seen for `forget_workers_after_ms`, expiring their leases.
+    fn forget_workers(&mut self, now: Instant) {
+        let after = Duration::from_millis(self.config.forget_workers_after_ms());
+        let leases = &mut self.leases;
+        let before = self.workers.len();
+        self.workers.retain(|id, w| {
+            let keep = now.saturating_duration_since(w.last_seen) < after;
+            if !keep {
+                leases.release_worker(*id);
+            }
+            keep
+        });
+        let forgotten = before - self.workers.len();
+        if forgotten > 0 {
+            tracing::info!(forgotten, "workers not seen for a while forgotten");
+        }
+        self.pruned = Some(now);
+    }
+
+    /// Checks that `session` is `worker`'s and marks the worker seen.
+    fn authorize(&mut self, worker: u64, session: &[u8], now: Instant) -> Result<(), Refusal> {
+        use subtle::ConstantTimeEq;
         match self.workers.get_mut(&worker) {
-            Some(w) => {
+            Some(w) if bool::from(w.session.as_slice().ct_eq(session)) => {
                 w.last_seen = now;
                 Ok(())
             }
+            Some(_) => Err(Refusal::BadSession { worker }),
             None => Err(Refusal::UnknownWorker { worker }),
         }
     }
@@ -267,9 +399,15 @@ impl Coordinator {
         r
     }
 
-    /// Leases a fresh instance to `worker` for one trajectory.
-    pub fn lease(&mut self, worker: u64, now: Instant) -> Result<LeaseReply, Refusal> {
-        self.seen(worker, now).map_err(|r| self.count_refusal(r))?;
+    /// Leases a fresh instance to `worker` (holding `session`) for one trajectory.
+    pub fn lease(
+        &mut self,
+        worker: u64,
+        session: &[u8],
+        now: Instant,
+    ) -> Result<LeaseReply, Refusal> {
+        self.authorize(worker, session, now)
+            .map_err(|r| self.count_refusal(r))?;
         if self.finished() {
             self.tell_finished(worker);
             return Err(Refusal::Finished);
@@ -305,10 +443,16 @@ impl Coordinator {
         }
     }
 
-    /// Renews a lease.
-    pub fn heartbeat(&mut self, worker: u64, lease: u64, now: Instant) -> Result<(), Refusal> {
+    /// Renews a lease of `worker` (holding `session`).
+    pub fn heartbeat(
+        &mut self,
+        worker: u64,
+        session: &[u8],
+        lease: u64,
+        now: Instant,
+    ) -> Result<(), Refusal> {
         let r = self
-            .seen(worker, now)
+            .authorize(worker, session, now)
             .and_then(|()| self.leases.renew(worker, lease, now));
         r.map_err(|r| self.count_refusal(r))
     }
@@ -318,7 +462,10 @@ impl Coordinator {
         match self.check_and_add(req, now) {
             Ok(a) => Ok(a),
             Err(Refusal::Finished) => {
-                self.tell_finished(req.worker_id);
+                // Only a worker that proved its session is marked as told.
+                if self.authorize(req.worker_id, &req.session, now).is_ok() {
+                    self.tell_finished(req.worker_id);
+                }
                 Err(Refusal::Finished)
             }
             Err(r) => Err(self.count_refusal(r)),
@@ -349,7 +496,7 @@ impl Coordinator {
                 current: self.epoch,
             });
         }
-        self.seen(req.worker_id, now)?;
+        self.authorize(req.worker_id, &req.session, now)?;
         let current = self.version();
         let finished = self.finished();
         let (step, bound, n) = (
@@ -406,6 +553,10 @@ impl Coordinator {
         if !req.meta_loss.is_finite() {
             return Err(Refusal::NonFinite { index: usize::MAX });
         }
+        let norm = l2_norm(grad);
+        self.guard
+            .check(norm, req.meta_loss)
+            .map_err(Refusal::TooLarge)?;
         if finished {
             return Err(Refusal::Finished);
         }
@@ -418,13 +569,22 @@ impl Coordinator {
         }
         self.counters.accepted += 1;
         self.counters.record_staleness(staleness);
+        self.guard.accepted(norm);
+        tracing::debug!(
+            epoch = self.epoch,
+            worker = req.worker_id,
+            lease = req.lease_id,
+            truncation = req.truncation,
+            version = version.step,
+            "gradient accepted"
+        );
         if let Some(w) = self.workers.get_mut(&req.worker_id) {
             w.accepted += 1;
         }
-        let update = self.aggregator.add(&self.scratch, req.meta_loss, now);
-        if let Some(u) = &update {
-            self.apply(u, now);
-        }
+        let update = self
+            .aggregator
+            .add(&self.scratch, req.meta_loss, now)
+            .filter(|u| self.apply(u, now));
         Ok(Accepted {
             reply: SubmitReply {
                 accepted: true,
@@ -435,9 +595,15 @@ impl Coordinator {
         })
     }
 
-    /// Applies an averaged gradient with Adam and publishes the next version.
-    fn apply(&mut self, u: &Update, now: Instant) {
-        self.adam.step(&mut self.phi, &u.grad);
+    /// Applies an averaged gradient with Adam and publishes the next version; an update
+    /// whose result would not be finite is refused and counted, and φ stays as it was.
+    fn apply(&mut self, u: &Update, now: Instant) -> bool {
+        if let Err(e) = self.adam.step(&mut self.phi, &u.grad, self.guard.clip()) {
+            self.counters.updates_refused += 1;
+            tracing::error!(version = self.version, gradients = u.count, "{e}");
+            return false;
+        }
+        self.counters.gradients_applied += u.count as u64;
         self.version += 1;
         let history = &mut self.counters.meta_losses;
         if history.len() >= META_LOSS_HISTORY {
@@ -449,7 +615,7 @@ impl Coordinator {
             self.recent_updates.pop_front();
         }
         if let Err(e) = self.publish() {
-            // Only a non-finite φ could fail here; Adam on finite inputs cannot produce one.
+            // Only a non-finite φ could fail here, and the step above refuses those.
             tracing::error!(error = %e, "cannot encode φ");
         }
         tracing::debug!(
@@ -458,6 +624,7 @@ impl Coordinator {
             gradients = u.count,
             "φ updated"
         );
+        true
     }
 
     /// Expires overdue leases and closes an overdue sync round; true if φ changed.
@@ -467,14 +634,18 @@ impl Coordinator {
         if expired > 0 {
             tracing::warn!(expired, "leases expired; their trajectories are dropped");
         }
+        let forget = Duration::from_millis(self.config.forget_workers_after_ms());
+        if self
+            .pruned
+            .is_none_or(|p| now.saturating_duration_since(p) >= forget / 4)
+        {
+            self.forget_workers(now);
+        }
         if self.finished() {
             return false;
         }
         match self.aggregator.tick(now) {
-            Some(u) => {
-                self.apply(&u, now);
-                true
-            }
+            Some(u) => self.apply(&u, now),
             None => false,
         }
     }
@@ -494,13 +665,30 @@ impl Coordinator {
         }
     }
 
+    /// The backends of the workers seen within a lease timeout.
+    pub fn live_worker_backends(&self, now: Instant) -> Vec<&str> {
+        let live = Duration::from_millis(self.config.lease_timeout_ms);
+        self.workers
+            .values()
+            .filter(|w| now.saturating_duration_since(w.last_seen) < live)
+            .map(|w| w.backend.as_str())
+            .collect()
+    }
+
     /// The run's progress for `status`.
     pub fn status(&self, now: Instant) -> StatusReply {
         let live = Duration::from_millis(self.config.lease_timeout_ms);
         let c = &self.counters;
-        let mut workers: Vec<WorkerInfo> = self
-            .workers
-            .iter()
+        // The most recently seen workers, so the reply stays small however many there are.
+        let mut recent: Vec<(&u64, &WorkerRecord)> = self.workers.iter().collect();
+        if recent.len() > STATUS_WORKERS {
+            recent.select_nth_unstable_by_key(STATUS_WORKERS, |(_, w)| {
+                std::cmp::Reverse(w.last_seen)
+            });
+            recent.truncate(STATUS_WORKERS);
+        }
+        let mut workers: Vec<WorkerInfo> = recent
+            .into_iter()
             .map(|(id, w)| WorkerInfo {
                 worker_id: *id,
                 name: w.name.clone(),
@@ -532,6 +720,9 @@ impl Coordinator {
             leases_expired: c.leases_expired,
             aggregation: format!("{:?}", self.config.aggregation.mode).to_lowercase(),
             workers,
+            workers_total: self.workers.len() as u64,
+            updates_refused: c.updates_refused,
+            median_grad_norm: self.guard.median().unwrap_or(0.0),
         }
     }
 }

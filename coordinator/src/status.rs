@@ -54,7 +54,8 @@ pub async fn run(a: Status) -> Result<()> {
                 "updates_per_second": s.updates_per_second,
                 "last_meta_loss": if s.last_meta_loss.is_finite() { json!(s.last_meta_loss) } else { json!(null) },
                 "trajectories_done": s.trajectories_done, "leases_expired": s.leases_expired,
-                "workers": workers,
+                "updates_refused": s.updates_refused, "median_grad_norm": s.median_grad_norm,
+                "workers_total": s.workers_total, "workers": workers,
             })
         );
         return Ok(());
@@ -83,11 +84,25 @@ pub async fn run(a: Status) -> Result<()> {
         "trajectories   {} done, {} leases expired",
         s.trajectories_done, s.leases_expired
     );
+    println!(
+        "gradients      median norm {:.4e}, {} updates refused as non-finite",
+        s.median_grad_norm, s.updates_refused
+    );
+    // Names come from the wire: shown sanitised whatever the coordinator sent.
+    use crate::state::sanitize_name;
     for w in &s.workers {
         println!(
             "  worker {:<4} {:<20} {:<6} accepted {:<8} seen {:.1}s ago",
-            w.worker_id, w.name, w.backend, w.accepted, w.seconds_since_seen
+            w.worker_id,
+            sanitize_name(&w.name),
+            sanitize_name(&w.backend),
+            w.accepted,
+            w.seconds_since_seen
         );
+    }
+    let hidden = s.workers_total.saturating_sub(s.workers.len() as u64);
+    if hidden > 0 {
+        println!("  … and {hidden} more workers (the most recently seen are listed)");
     }
     Ok(())
 }

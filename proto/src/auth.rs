@@ -18,6 +18,8 @@ pub const TOKEN_ENV: &str = "L2L_TOKEN";
 pub const TOKEN_FILE_ENV: &str = "L2L_TOKEN_FILE";
 /// Shortest token accepted, in bytes.
 pub const MIN_LEN: usize = 16;
+/// Largest token file read.
+pub const MAX_FILE_BYTES: u64 = 4 << 10;
 
 /// Why a token could not be had.
 #[derive(Debug, thiserror::Error)]
@@ -82,12 +84,25 @@ impl Token {
         })
     }
 
-    /// Reads a token file (its whole content, trimmed).
+    /// Reads a token file (its whole content, trimmed; at most 4 KiB).
     pub fn from_file(path: &Path) -> Result<Self, TokenError> {
-        let text = std::fs::read_to_string(path).map_err(|source| TokenError::Read {
+        use std::io::Read;
+        let read = |source| TokenError::Read {
             path: path.to_path_buf(),
             source,
-        })?;
+        };
+        let mut text = String::new();
+        std::fs::File::open(path)
+            .map_err(read)?
+            .take(MAX_FILE_BYTES + 1)
+            .read_to_string(&mut text)
+            .map_err(read)?;
+        if text.len() as u64 > MAX_FILE_BYTES {
+            return Err(TokenError::Invalid {
+                origin: path.display().to_string(),
+                why: format!("is a file of more than {MAX_FILE_BYTES} bytes; a token is one line"),
+            });
+        }
         Self::new(&text, &path.display().to_string())
     }
 
@@ -116,7 +131,13 @@ impl Token {
         let Some(got) = metadata.get(HEADER) else {
             return false;
         };
-        got.as_bytes().ct_eq(self.header.as_bytes()).into()
+        self.accepts_header(got.as_bytes())
+    }
+
+    /// Whether an `authorization` header value is `Bearer <this token>`, compared in
+    /// constant time (for HTTP endpoints beside gRPC, such as `/metrics`).
+    pub fn accepts_header(&self, value: &[u8]) -> bool {
+        value.ct_eq(self.header.as_bytes()).into()
     }
 }
 

@@ -52,9 +52,23 @@ pub struct ClientSecurity {
     pub tls: Option<ClientTlsConfig>,
 }
 
-/// Reads a PEM file, naming it on failure.
+/// Largest PEM file read (a certificate chain is a few KB).
+pub const MAX_PEM_BYTES: u64 = 1 << 20;
+
+/// Reads a PEM file (at most [`MAX_PEM_BYTES`]), naming it on failure.
 pub fn read_pem(path: &Path, what: &str) -> Result<Vec<u8>> {
-    std::fs::read(path).with_context(|| format!("cannot read the {what} {}", path.display()))
+    use std::io::Read;
+    let mut out = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_PEM_BYTES + 1).read_to_end(&mut out))
+        .with_context(|| format!("cannot read the {what} {}", path.display()))?;
+    if out.len() as u64 > MAX_PEM_BYTES {
+        bail!(
+            "the {what} {} is larger than {MAX_PEM_BYTES} bytes; is it the right file?",
+            path.display()
+        );
+    }
+    Ok(out)
 }
 
 impl ClientArgs {
@@ -143,6 +157,13 @@ pub async fn connect(url: &str, security: &ClientSecurity, timeout: Duration) ->
 /// itself rather than a request (wrong token, or no client certificate); such refusals
 /// are not retried.
 pub fn fatal_refusal(s: &tonic::Status) -> Option<String> {
+    // A refusal that names its reason refuses one request (e.g. `bad_session`,
+    // `foreign_lease`), not the caller; only `unauthenticated` refuses the caller.
+    if let Some(r) = s.metadata().get("l2l-refusal")
+        && r != "unauthenticated"
+    {
+        return None;
+    }
     match s.code() {
         tonic::Code::Unauthenticated => Some(format!(
             "the coordinator refused this worker: {}",

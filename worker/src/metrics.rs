@@ -95,22 +95,42 @@ pub fn render(registry: &Registry) -> String {
     out
 }
 
-/// Serves `GET /metrics` from `registry` on `listener` until the task is dropped.
-pub async fn serve(listener: TcpListener, registry: Arc<Registry>) -> Result<()> {
-    use axum::http::header::CONTENT_TYPE;
+/// Serves `GET /metrics` from `registry` on `listener` until the task is dropped; with
+/// a `token`, only to requests that carry it (`authorization: Bearer …`), others get 401.
+pub async fn serve(
+    listener: TcpListener,
+    registry: Arc<Registry>,
+    token: Option<l2l_proto::auth::Token>,
+) -> Result<()> {
+    use axum::http::StatusCode;
+    use axum::http::header::{AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
+    use axum::response::IntoResponse;
     let app = axum::Router::new().route(
         "/metrics",
-        axum::routing::get(move || {
-            let body = render(&registry);
-            async move {
+        axum::routing::get(move |headers: axum::http::HeaderMap| {
+            let allowed = token.as_ref().is_none_or(|t| {
+                headers
+                    .get(AUTHORIZATION)
+                    .is_some_and(|v| t.accepts_header(v.as_bytes()))
+            });
+            let response = if allowed {
                 (
                     [(
                         CONTENT_TYPE,
                         "application/openmetrics-text; version=1.0.0; charset=utf-8",
                     )],
-                    body,
+                    render(&registry),
                 )
-            }
+                    .into_response()
+            } else {
+                (
+                    StatusCode::UNAUTHORIZED,
+                    [(WWW_AUTHENTICATE, "Bearer")],
+                    "missing or wrong token: /metrics needs the coordinator's token\n",
+                )
+                    .into_response()
+            };
+            async move { response }
         }),
     );
     axum::serve(listener, app)

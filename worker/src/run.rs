@@ -70,9 +70,11 @@ pub struct WorkerSummary {
     pub trajectories: u64,
 }
 
-/// Why a trajectory ended early.
+/// How a trajectory ended.
 enum Outcome {
-    /// Lease again (the lease was lost, or the instance is unusable).
+    /// Every truncation was submitted: lease the next instance.
+    Done,
+    /// Lease again after a pause (the lease was lost, or the instance is unusable).
     Release,
     /// Register again (the coordinator forgot this worker: it restarted).
     Reregister,
@@ -105,6 +107,10 @@ struct Worker {
     rt: tokio::runtime::Runtime,
     client: Option<Client>,
     id: u64,
+    /// The secret `Register` returned; every request of this worker carries it.
+    session: Vec<u8>,
+    /// Failures since the last accepted submission: the exponent of the next pause.
+    failures: u32,
     lease_timeout: Duration,
     wait_for_update: bool,
     /// How long the next φ fetch waits for a newer version: set after an accepted
@@ -140,6 +146,8 @@ pub fn run_worker(opts: WorkerOptions, stop: Arc<AtomicBool>) -> Result<WorkerSu
         rt,
         client: None,
         id: 0,
+        session: Vec::new(),
+        failures: 0,
         lease_timeout: Duration::from_secs(30),
         wait_for_update: false,
         next_wait: Duration::ZERO,
@@ -158,6 +166,14 @@ impl Worker {
         self.stop.load(Ordering::Relaxed)
     }
 
+    /// Pauses after a failure of any kind (connect, register, lease, φ, truncation,
+    /// refusal): exponential in the failures since the last accepted submission.
+    fn pause(&mut self) {
+        let n = self.failures;
+        self.failures = self.failures.saturating_add(1);
+        self.backoff(n);
+    }
+
     /// Sleeps the backoff for attempt `n`, waking early on stop.
     fn backoff(&mut self, attempt: u32) {
         let base = self.opts.min_backoff.as_secs_f64() * 2f64.powi(attempt.min(20) as i32);
@@ -172,7 +188,6 @@ impl Worker {
     /// Connects and registers, retrying with backoff until it works or stop is set;
     /// fails at once when the coordinator refuses this worker's credentials.
     fn join(&mut self) -> Result<bool> {
-        let mut attempt = 0;
         while !self.stopping() {
             match self.try_join() {
                 Ok(()) => return Ok(true),
@@ -180,10 +195,9 @@ impl Worker {
                     if let Some(why) = e.downcast_ref::<tonic::Status>().and_then(fatal_refusal) {
                         bail!(why);
                     }
-                    tracing::warn!(attempt, error = %e, "cannot join the coordinator; retrying");
+                    tracing::warn!(failures = self.failures, error = %e, "cannot join the coordinator; retrying");
                     self.client = None;
-                    self.backoff(attempt);
-                    attempt += 1;
+                    self.pause();
                 }
             }
         }
@@ -211,6 +225,7 @@ impl Worker {
             }))?
             .into_inner();
         self.id = reply.worker_id;
+        self.session = reply.session;
         self.lease_timeout = Duration::from_millis(reply.lease_timeout_ms.max(1));
         self.wait_for_update = reply.wait_for_update;
         tracing::info!(worker = self.id, epoch = reply.epoch, "registered");
@@ -218,7 +233,6 @@ impl Worker {
     }
 
     fn main_loop(&mut self) -> Result<()> {
-        let mut attempt = 0;
         'join: loop {
             if !self.join()? {
                 return Ok(());
@@ -231,28 +245,37 @@ impl Worker {
                     .client
                     .clone()
                     .ok_or_else(|| anyhow!("not connected"))?;
-                let lease = self
-                    .rt
-                    .block_on(c.lease(LeaseRequest { worker_id: self.id }));
+                let lease = self.rt.block_on(c.lease(LeaseRequest {
+                    worker_id: self.id,
+                    session: self.session.clone(),
+                }));
                 let lease = match lease {
                     Ok(l) => l.into_inner(),
                     Err(s) if reason(&s) == Some("finished") => return Ok(()),
-                    Err(s) if reason(&s) == Some("unknown_worker") => continue 'join,
+                    Err(s) if matches!(reason(&s), Some("unknown_worker" | "bad_session")) => {
+                        self.pause();
+                        continue 'join;
+                    }
                     Err(s) => {
                         if let Some(why) = fatal_refusal(&s) {
                             bail!(why);
                         }
                         tracing::warn!(status = %s, "lease failed; reconnecting");
                         self.client = None;
-                        self.backoff(attempt);
-                        attempt += 1;
+                        self.pause();
                         continue 'join;
                     }
                 };
-                attempt = 0;
                 match self.trajectory(lease)? {
-                    Outcome::Release => continue,
-                    Outcome::Reregister => continue 'join,
+                    Outcome::Done => continue,
+                    Outcome::Release => {
+                        self.pause();
+                        continue;
+                    }
+                    Outcome::Reregister => {
+                        self.pause();
+                        continue 'join;
+                    }
                     Outcome::Stop => return Ok(()),
                 }
             }
@@ -361,6 +384,7 @@ impl Worker {
                 grad: l2l_common::wire::f32_to_le_bytes(&out.grad.flatten()).into(),
                 meta_loss: out.meta_loss,
                 unroll_seconds: started.elapsed().as_secs_f64(),
+                session: self.session.clone(),
             };
             carry = Some(out.state);
             let submitted = self.submit(req);
@@ -370,6 +394,7 @@ impl Worker {
             match submitted {
                 Ok(()) => {
                     self.summary.accepted += 1;
+                    self.failures = 0;
                     // In sync mode the next truncation waits for the round to close, so
                     // it is not computed on a φ that is about to be replaced.
                     self.next_wait = if self.wait_for_update {
@@ -385,7 +410,9 @@ impl Worker {
                         // Outdated φ: the trajectory goes on with the new one.
                         "stale" | "pre_restart" | "future_version" => {}
                         "finished" => return Ok(Outcome::Stop),
-                        "unknown_worker" | "transport" => return Ok(Outcome::Reregister),
+                        "unknown_worker" | "bad_session" | "transport" => {
+                            return Ok(Outcome::Reregister);
+                        }
                         _ => return Ok(Outcome::Release),
                     }
                 }
@@ -395,7 +422,7 @@ impl Worker {
         if let Some(m) = &self.opts.metrics {
             m.trajectories.inc();
         }
-        Ok(Outcome::Release)
+        Ok(Outcome::Done)
     }
 
     /// Submits, retrying transport failures a few times (duplicates are acknowledged).
@@ -426,6 +453,7 @@ impl Worker {
     fn start_heartbeat(&self, lease: u64) -> tokio::task::JoinHandle<()> {
         let client = self.client.clone();
         let (worker, every) = (self.id, self.lease_timeout / 3);
+        let session = self.session.clone();
         self.rt.spawn(async move {
             let Some(mut c) = client else { return };
             let mut tick = tokio::time::interval(every);
@@ -436,6 +464,7 @@ impl Worker {
                     .heartbeat(HeartbeatRequest {
                         worker_id: worker,
                         lease_id: lease,
+                        session: session.clone(),
                     })
                     .await;
             }

@@ -101,7 +101,7 @@ pub fn run(a: RunArgs) -> Result<()> {
             if let Some(l) = metrics_listener {
                 let registry = Arc::new(registry);
                 tokio::spawn(async move {
-                    if let Err(e) = serve(l, registry).await {
+                    if let Err(e) = serve(l, registry, None).await {
                         tracing::error!(error = %e, "metrics endpoint stopped");
                     }
                 });

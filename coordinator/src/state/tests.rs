@@ -31,11 +31,20 @@ struct Fixture {
     lease: u64,
 }
 
+/// The session of the fixture's worker.
+const S: [u8; SESSION_BYTES] = [7; SESSION_BYTES];
+/// Another worker's session.
+const OTHER: [u8; SESSION_BYTES] = [9; SESSION_BYTES];
+
 fn fixture(mode: Mode, quorum: usize) -> Fixture {
-    let mut c = Coordinator::new(config(mode, quorum), None).unwrap();
+    fixture_with(config(mode, quorum))
+}
+
+fn fixture_with(config: Config) -> Fixture {
+    let mut c = Coordinator::new(config, Start::fresh()).unwrap();
     let t0 = Instant::now();
-    let worker = c.register("w".into(), "flex".into(), t0);
-    let lease = c.lease(worker, t0).unwrap().lease_id;
+    let worker = c.register("w", "flex", S, t0).unwrap();
+    let lease = c.lease(worker, &S, t0).unwrap().lease_id;
     Fixture {
         c,
         t0,
@@ -61,6 +70,15 @@ impl Fixture {
             grad: f32_to_le_bytes(&vec![0.01; self.n()]).into(),
             meta_loss: 1.0,
             unroll_seconds: 0.1,
+            session: S.to_vec(),
+        }
+    }
+
+    /// A request of truncation 0 at the current version with gradient `g`.
+    fn with_grad(&self, truncation: u32, g: &[f32]) -> SubmitRequest {
+        SubmitRequest {
+            grad: f32_to_le_bytes(g).into(),
+            ..self.req(truncation, self.c.version().step)
         }
     }
 
@@ -174,9 +192,10 @@ fn unknown_foreign_and_expired_leases_are_refused() {
     let mut r = f.req(0, 0);
     r.lease_id = 999;
     f.refused(r, "unknown_lease");
-    let other = f.c.register("x".into(), "flex".into(), f.t0);
+    let other = f.c.register("x", "flex", OTHER, f.t0).unwrap();
     let mut r = f.req(0, 0);
     r.worker_id = other;
+    r.session = OTHER.to_vec();
     f.refused(r, "foreign_lease");
     let mut r = f.req(0, 0);
     r.worker_id = 12345;
@@ -191,7 +210,7 @@ fn heartbeats_keep_a_lease_alive() {
     let mut f = fixture(Mode::Sync, 1);
     for k in 1..=5 {
         let now = f.t0 + Duration::from_millis(600 * k);
-        f.c.heartbeat(f.worker, f.lease, now).unwrap();
+        f.c.heartbeat(f.worker, &S, f.lease, now).unwrap();
         f.c.tick(now);
     }
     f.t0 += Duration::from_millis(3000);
@@ -231,10 +250,10 @@ fn fetch_is_cheap_when_unchanged() {
 fn trajectory_completes_and_run_finishes() {
     let mut cfg = config(Mode::Sync, 1);
     cfg.max_updates = 5;
-    let mut c = Coordinator::new(cfg, None).unwrap();
+    let mut c = Coordinator::new(cfg, Start::fresh()).unwrap();
     let t0 = Instant::now();
-    let w = c.register("w".into(), "flex".into(), t0);
-    let lease = c.lease(w, t0).unwrap().lease_id;
+    let w = c.register("w", "flex", S, t0).unwrap();
+    let lease = c.lease(w, &S, t0).unwrap().lease_id;
     for k in 0..5u32 {
         let req = SubmitRequest {
             worker_id: w,
@@ -244,12 +263,13 @@ fn trajectory_completes_and_run_finishes() {
             grad: f32_to_le_bytes(&vec![0.1; c.phi.len()]).into(),
             meta_loss: 1.0,
             unroll_seconds: 0.0,
+            session: S.to_vec(),
         };
         c.submit(&req, t0).unwrap();
     }
     assert_eq!(c.counters().trajectories_done, 1);
     assert!(c.finished());
-    assert_eq!(c.lease(w, t0).unwrap_err().reason(), "finished");
+    assert_eq!(c.lease(w, &S, t0).unwrap_err().reason(), "finished");
 }
 
 #[test]
@@ -265,12 +285,22 @@ fn snapshot_resumes_with_a_new_epoch_and_the_same_next_step() {
     let (found, snap) = crate::checkpoint::load_newest(dir.path()).unwrap().unwrap();
     assert_eq!(found, path);
     assert_eq!(snap, f.c.snapshot().unwrap());
-    let mut resumed = Coordinator::new(cfg, Some(snap)).unwrap();
+    let start = Start {
+        run: snap.run.clone(),
+        epoch: 1,
+        resume: Some(snap),
+    };
+    let mut resumed = Coordinator::new(cfg, start).unwrap();
     assert_eq!(resumed.version(), Version { epoch: 1, step: 2 });
+    assert_eq!(
+        resumed.run(),
+        f.c.run(),
+        "the run goes on under its own identity"
+    );
     // The next update from the same gradient is bit-identical in both.
     let t = f.t0;
-    let w = resumed.register("w".into(), "flex".into(), t);
-    let l = resumed.lease(w, t).unwrap().lease_id;
+    let w = resumed.register("w", "flex", S, t).unwrap();
+    let l = resumed.lease(w, &S, t).unwrap().lease_id;
     let mut req = f.req(2, 2);
     f.c.submit(&req, t).unwrap();
     req.worker_id = w;
@@ -297,16 +327,372 @@ fn a_fresh_run_can_start_from_a_given_phi() {
     start.save(&path, Default::default()).unwrap();
     let mut cfg = config(Mode::Sync, 1);
     cfg.init.phi = Some(path.clone());
-    let c = Coordinator::new(cfg.clone(), None).unwrap();
+    let c = Coordinator::new(cfg.clone(), Start::fresh()).unwrap();
     assert_eq!(
         c.phi().unwrap(),
         start,
         "φ and its configuration come from the file"
     );
     cfg.init.phi = Some(dir.path().join("missing"));
-    let Err(e) = Coordinator::new(cfg, None) else {
+    let Err(e) = Coordinator::new(cfg, Start::fresh()) else {
         panic!("a missing init.phi must be refused")
     };
     let e = format!("{e:#}");
     assert!(e.contains("init.phi") && e.contains("missing"), "{e}");
+}
+
+#[test]
+fn a_huge_finite_gradient_is_refused_and_phi_keeps_moving() {
+    let mut f = fixture(Mode::Sync, 1);
+    // All 1e30: finite, but far beyond guard.max_norm (1e9).
+    let huge = f.with_grad(0, &vec![1e30; f.n()]);
+    f.refused(huge, "too_large");
+    for t in 0..4u32 {
+        let phi = f.c.phi.clone();
+        f.c.submit(&f.with_grad(t, &vec![0.01; f.n()]), f.t0)
+            .unwrap();
+        assert_ne!(f.c.phi, phi, "φ moves after the refusal");
+    }
+    assert_eq!(f.c.version().step, 4);
+    assert!(f.c.phi.iter().chain(&f.c.adam.v).all(|x| x.is_finite()));
+}
+
+#[test]
+fn after_the_warmup_a_gradient_far_above_the_median_is_refused() {
+    let mut cfg = config(Mode::Async, 1);
+    cfg.trajectory_steps = 400; // 20 truncations in one lease
+    let mut f = fixture_with(cfg);
+    let n = f.n();
+    let norm1 = (n as f64).sqrt() * 0.01;
+    for t in 0..8u32 {
+        f.c.submit(&f.with_grad(t, &vec![0.01; n]), f.t0).unwrap();
+    }
+    assert!((f.c.guard.median().unwrap() - norm1).abs() < 1e-6 * norm1);
+    // 50× the median passes the 100× rule; 200× does not.
+    f.c.submit(&f.with_grad(8, &vec![0.5; n]), f.t0).unwrap();
+    let e =
+        f.c.submit(&f.with_grad(9, &vec![2.0; n]), f.t0)
+            .unwrap_err();
+    assert_eq!(e.reason(), "too_large");
+    assert!(e.to_string().contains("gradient norm"), "{e}");
+    assert_eq!(f.c.counters().refused["too_large"], 1);
+    // Refused norms do not move the median: the same gradient is refused again.
+    let e =
+        f.c.submit(&f.with_grad(9, &vec![2.0; n]), f.t0)
+            .unwrap_err();
+    assert_eq!(e.reason(), "too_large");
+}
+
+#[test]
+fn the_averaged_gradient_is_clipped_to_a_multiple_of_the_median() {
+    let mut cfg = config(Mode::Async, 1);
+    cfg.trajectory_steps = 400;
+    cfg.guard.clip_ratio = 2.0;
+    let mut f = fixture_with(cfg);
+    let n = f.n();
+    for t in 0..8u32 {
+        f.c.submit(&f.with_grad(t, &vec![0.01; n]), f.t0).unwrap();
+    }
+    // 50× the median is accepted, and enters Adam as 2× the median.
+    let m_before = f.c.adam.m.clone();
+    f.c.submit(&f.with_grad(8, &vec![0.5; n]), f.t0).unwrap();
+    let median = f.c.guard.median().unwrap();
+    let g0 = 2.0 * median / (n as f64).sqrt(); // each value of the clipped gradient
+    let want = 0.9 * m_before[0] as f64 + 0.1 * g0;
+    assert!(
+        (f.c.adam.m[0] as f64 - want).abs() < 1e-6 * want.abs(),
+        "{} vs {want}",
+        f.c.adam.m[0]
+    );
+}
+
+#[test]
+fn absurd_meta_losses_are_refused_and_counters_stay_finite() {
+    let mut f = fixture(Mode::Sync, 2);
+    let mut r = f.req(0, 0);
+    r.meta_loss = f64::MAX;
+    f.refused(r, "too_large");
+    // Two meta-losses at the limit in one round: their mean is finite, and so is every
+    // counter a checkpoint writes.
+    let other = f.c.register("x", "flex", OTHER, f.t0).unwrap();
+    let lease = f.c.lease(other, &OTHER, f.t0).unwrap().lease_id;
+    let mut a = f.req(0, 0);
+    a.meta_loss = 1e30;
+    let mut b = f.req(0, 0);
+    (b.worker_id, b.lease_id, b.session, b.meta_loss) = (other, lease, OTHER.to_vec(), -1e30);
+    f.c.submit(&a, f.t0).unwrap();
+    f.c.submit(&b, f.t0).unwrap();
+    assert_eq!(f.c.version().step, 1);
+    let dir = tempfile::tempdir().unwrap();
+    let snap = f.c.snapshot().unwrap();
+    assert!(snap.counters.meta_losses.iter().all(|l| l.is_finite()));
+    crate::checkpoint::save(dir.path(), &snap, &f.c.config, 1).unwrap();
+    let (_, back) = crate::checkpoint::load_newest(dir.path()).unwrap().unwrap();
+    assert_eq!(back.counters, snap.counters);
+}
+
+#[test]
+fn an_update_that_would_not_be_finite_is_refused_and_phi_kept() {
+    let mut cfg = config(Mode::Sync, 1);
+    // A learning rate that moves φ beyond f32: the update must not happen.
+    cfg.adam.lr = 1e300;
+    let mut f = fixture_with(cfg);
+    let (phi, adam) = (f.c.phi.clone(), f.c.adam.clone());
+    let published = f.c.fetch_phi(None).phi;
+    let a = f.c.submit(&f.req(0, 0), f.t0).unwrap();
+    assert!(a.reply.accepted && a.update.is_none());
+    assert_eq!(f.c.counters().updates_refused, 1);
+    assert_eq!(f.c.version().step, 0, "no version is published");
+    assert_eq!((&f.c.phi, &f.c.adam), (&phi, &adam));
+    assert_eq!(f.c.fetch_phi(None).phi, published);
+    assert!(
+        f.c.snapshot().is_ok(),
+        "what a checkpoint would hold is finite"
+    );
+    assert_eq!(f.c.status(f.t0).updates_refused, 1);
+}
+
+#[test]
+fn only_the_session_holder_can_act_for_a_worker() {
+    let mut f = fixture(Mode::Sync, 1);
+    // Someone who knows the worker's id (status shows it) but not its session.
+    assert_eq!(
+        f.c.lease(f.worker, &OTHER, f.t0).unwrap_err().reason(),
+        "bad_session"
+    );
+    assert_eq!(
+        f.c.lease(f.worker, &[], f.t0).unwrap_err().reason(),
+        "bad_session"
+    );
+    assert_eq!(
+        f.c.heartbeat(f.worker, &S[..15], f.lease, f.t0)
+            .unwrap_err()
+            .reason(),
+        "bad_session"
+    );
+    let mut r = f.req(0, 0);
+    r.session = OTHER.to_vec();
+    f.refused(r, "bad_session");
+    assert_eq!(f.c.counters().refused["bad_session"], 4);
+    // None of that touched the worker's lease: its submission is accepted.
+    assert!(f.c.submit(&f.req(0, 0), f.t0).is_ok());
+    // Status lists the worker but never its session.
+    use prost::Message;
+    let encoded = f.c.status(f.t0).encode_to_vec();
+    assert!(
+        !encoded.windows(S.len()).any(|w| w == S),
+        "a session leaked"
+    );
+}
+
+#[test]
+fn workers_are_bounded_forgotten_when_silent_and_named_safely() {
+    let mut cfg = config(Mode::Sync, 1);
+    cfg.max_workers = 3;
+    cfg.forget_workers_after_ms = 5_000;
+    let mut f = fixture_with(cfg);
+    let evil = "\u{1b}]0;pwned\u{7}\u{1b}[2J".to_string() + &"x".repeat(10_000);
+    let b = f.c.register(&evil, "cpu", OTHER, f.t0).unwrap();
+    f.c.register("c", "cpu", OTHER, f.t0).unwrap();
+    let e = f.c.register("d", "cpu", OTHER, f.t0).unwrap_err();
+    assert_eq!(e.reason(), "too_many_workers");
+    let status = f.c.status(f.t0);
+    let shown = status.workers.iter().find(|w| w.worker_id == b).unwrap();
+    assert_eq!(shown.name.chars().count(), MAX_NAME_CHARS);
+    assert!(shown.name.starts_with("?]0;pwned??[2J"), "{:?}", shown.name);
+    assert!(!shown.name.chars().any(char::is_control));
+    // The first worker keeps heartbeating; the others go silent and are forgotten.
+    let later = f.t0 + Duration::from_secs(6);
+    f.c.heartbeat(f.worker, &S, f.lease, f.t0 + Duration::from_millis(900))
+        .unwrap();
+    f.c.lease(f.worker, &S, f.t0 + Duration::from_secs(4))
+        .unwrap();
+    f.c.tick(later);
+    assert_eq!(f.c.status(later).workers_total, 1);
+    assert_eq!(
+        f.c.lease(b, &OTHER, later).unwrap_err().reason(),
+        "unknown_worker",
+        "a forgotten worker registers again"
+    );
+    assert!(f.c.register("d", "cpu", OTHER, later).is_ok());
+}
+
+#[test]
+fn status_stays_small_however_many_workers_register() {
+    let mut cfg = config(Mode::Sync, 1);
+    cfg.max_workers = 100_000;
+    let mut f = fixture_with(cfg);
+    let name = "n".repeat(4096);
+    for i in 0..5_000u64 {
+        let t = f.t0 + Duration::from_micros(i);
+        f.c.register(&name, &name, OTHER, t).unwrap();
+    }
+    let s = f.c.status(f.t0 + Duration::from_secs(1));
+    assert_eq!(s.workers_total, 5_001);
+    assert_eq!(s.workers.len(), STATUS_WORKERS);
+    // The most recently seen are shown.
+    assert!(s.workers.iter().all(|w| w.worker_id > f.worker + 4_900));
+    use prost::Message;
+    assert!(s.encoded_len() < 64 << 10, "{} bytes", s.encoded_len());
+}
+
+#[test]
+fn a_lease_loop_keeps_the_lease_table_bounded() {
+    let mut cfg = config(Mode::Sync, 1);
+    cfg.max_workers = 10;
+    let mut f = fixture_with(cfg);
+    for _ in 0..10_000 {
+        f.c.lease(f.worker, &S, f.t0).unwrap();
+    }
+    assert!(f.c.leases.records() <= f.c.config.max_lease_records());
+    assert_eq!(f.c.leases.live(), 1);
+}
+
+mod fuzz {
+    //! Random submissions, leases and heartbeats from a mix of honest and hostile callers:
+    //! never a panic, φ and Adam's state always finite, the version never goes back.
+
+    use super::*;
+    use proptest::prelude::*;
+
+    #[derive(Debug, Clone)]
+    enum Grad {
+        /// Raw bytes of any length.
+        Bytes(Vec<u8>),
+        /// φ's size, values from a pool of awkward numbers scaled by `scale`.
+        Values(Vec<u8>, f32),
+    }
+
+    #[derive(Debug, Clone)]
+    struct Call {
+        kind: u8,
+        worker: Option<u64>,
+        session: Option<Vec<u8>>,
+        lease: Option<u64>,
+        truncation: u32,
+        epoch: Option<u64>,
+        step: u64,
+        grad: Grad,
+        meta_loss: f64,
+        advance_ms: u64,
+    }
+
+    fn grad() -> impl Strategy<Value = Grad> {
+        prop_oneof![
+            proptest::collection::vec(any::<u8>(), 0..2048).prop_map(Grad::Bytes),
+            (
+                proptest::collection::vec(any::<u8>(), 1..64),
+                prop::sample::select(vec![1e-3f32, 1.0, 1e6, 1e30, f32::MAX, 1e-40])
+            )
+                .prop_map(|(v, s)| Grad::Values(v, s)),
+        ]
+    }
+
+    fn call() -> impl Strategy<Value = Call> {
+        (
+            (
+                0u8..4,
+                proptest::option::weighted(0.2, any::<u64>()),
+                proptest::option::weighted(0.2, proptest::collection::vec(any::<u8>(), 0..24)),
+                proptest::option::weighted(0.2, any::<u64>()),
+                0u32..8,
+            ),
+            (
+                proptest::option::weighted(0.1, any::<u64>()),
+                0u64..4,
+                grad(),
+                prop_oneof![
+                    Just(1.0f64),
+                    any::<f64>(),
+                    Just(f64::MAX),
+                    Just(-1e30),
+                    Just(f64::NAN)
+                ],
+                0u64..1500,
+            ),
+        )
+            .prop_map(
+                |(
+                    (kind, worker, session, lease, truncation),
+                    (epoch, step, grad, meta_loss, advance_ms),
+                )| Call {
+                    kind,
+                    worker,
+                    session,
+                    lease,
+                    truncation,
+                    epoch,
+                    step,
+                    grad,
+                    meta_loss,
+                    advance_ms,
+                },
+            )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+
+        #[test]
+        fn hostile_calls_never_panic_nor_make_phi_non_finite(
+            calls in proptest::collection::vec(call(), 1..48),
+            async_mode in any::<bool>(),
+        ) {
+            let mode = if async_mode { Mode::Async } else { Mode::Sync };
+            let mut f = fixture(mode, 2);
+            let n = f.n();
+            let mut now = f.t0;
+            let mut last = f.c.version().step;
+            let pool = [0.01f32, -0.02, 1.0, -3.0, 0.0, 1e-30, 7.5, -0.5];
+            for c in calls {
+                now += Duration::from_millis(c.advance_ms);
+                let worker = c.worker.unwrap_or(f.worker);
+                let session = c.session.clone().unwrap_or(S.to_vec());
+                let lease = c.lease.unwrap_or(f.lease);
+                match c.kind {
+                    0 => {
+                        if let Ok(l) = f.c.lease(worker, &session, now) {
+                            f.lease = l.lease_id;
+                        }
+                    }
+                    1 => {
+                        let _ = f.c.heartbeat(worker, &session, lease, now);
+                    }
+                    _ => {
+                        let grad = match &c.grad {
+                            Grad::Bytes(b) => b.clone(),
+                            Grad::Values(v, scale) => f32_to_le_bytes(
+                                &(0..n)
+                                    .map(|i| pool[v[i % v.len()] as usize % pool.len()] * scale)
+                                    .collect::<Vec<_>>(),
+                            ),
+                        };
+                        let req = SubmitRequest {
+                            worker_id: worker,
+                            lease_id: lease,
+                            truncation: c.truncation,
+                            version: Some(Version {
+                                epoch: c.epoch.unwrap_or(f.c.epoch),
+                                step: f.c.version().step.saturating_sub(c.step % 2) + c.step / 2,
+                            }),
+                            grad: grad.into(),
+                            meta_loss: c.meta_loss,
+                            unroll_seconds: 0.0,
+                            session,
+                        };
+                        let _ = f.c.submit(&req, now);
+                    }
+                }
+                f.c.tick(now);
+                prop_assert!(f.c.phi.iter().all(|x| x.is_finite()));
+                prop_assert!(f.c.adam.m.iter().chain(&f.c.adam.v).all(|x| x.is_finite()));
+                prop_assert!(f.c.version().step >= last);
+                last = f.c.version().step;
+                let snap = f.c.snapshot().unwrap();
+                prop_assert!(snap.counters.meta_losses.iter().all(|l| l.is_finite()));
+                prop_assert!(snap.counters.recent_norms.iter().all(|l| l.is_finite()));
+                prop_assert!(snap.counters.gradients_applied <= snap.counters.accepted);
+            }
+        }
+    }
 }
