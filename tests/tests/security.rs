@@ -138,3 +138,77 @@ fn mutual_tls_and_a_token_train_and_refuse_what_they_should() {
         }
     });
 }
+
+#[test]
+fn local_honours_the_token_and_tls_flags_like_serve() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    certificates(d);
+    std::fs::write(d.join("token"), "local-test-token-9d2e4f6a1b\n").unwrap();
+    let token = ("L2L_TOKEN_FILE".to_string(), path(d, "token"));
+    let mut local = l2l_tests::Proc {
+        child: std::process::Command::new(l2l_tests::binary("l2l-coordinator"))
+            .args(["local", "--workers", "1", "--max-updates", "300"])
+            .args(["--eval-problems", "1", "--dir", &path(d, "run")])
+            .args(["--tls-cert", &path(d, "server.pem")])
+            .args(["--tls-key", &path(d, "server.key")])
+            .args(["--tls-client-ca", &path(d, "ca.pem")])
+            .args(["--tls-ca", &path(d, "ca.pem")])
+            .args(["--worker-tls-cert", &path(d, "client.pem")])
+            .args(["--worker-tls-key", &path(d, "client.key")])
+            .env(&token.0, &token.1)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(d.join("local.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    };
+    let stdout = local.child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let addr = loop {
+        let line = lines
+            .next()
+            .unwrap_or_else(|| {
+                panic!(
+                    "local never listened: {}",
+                    std::fs::read_to_string(d.join("local.log")).unwrap()
+                )
+            })
+            .unwrap();
+        if let Some(a) = line.strip_prefix("listening on ") {
+            break a.parse::<std::net::SocketAddr>().unwrap();
+        }
+    };
+    let url = format!("https://localhost:{}", addr.port());
+    let client = |with_token: bool| {
+        let mut env = vec![
+            ("L2L_TLS_CA".to_string(), path(d, "ca.pem")),
+            ("L2L_TLS_CERT".into(), path(d, "client.pem")),
+            ("L2L_TLS_KEY".into(), path(d, "client.key")),
+        ];
+        if with_token {
+            env.push(token.clone());
+        }
+        Host { netns: None, env }
+    };
+    let (ok, err) = status_on(&client(false), &url);
+    assert!(!ok && err.contains("token"), "no token: {err}");
+    let (ok, err) = status_on(&client(true), &format!("http://{addr}"));
+    assert!(!ok, "plain TCP to local's TLS port must fail: {err}");
+    let (ok, err) = status_on(&client(true), &url);
+    assert!(ok, "token and certificate: {err}");
+    // Its own worker presented both: the run trains to its end.
+    let status = local.wait_exit(Duration::from_secs(300));
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    assert!(
+        status.success(),
+        "local failed: {}",
+        std::fs::read_to_string(d.join("local.log")).unwrap()
+    );
+    assert!(
+        rest.iter()
+            .any(|l| l.contains("learned optimizer φ written to")),
+        "{rest:?}"
+    );
+}
