@@ -102,7 +102,7 @@ impl Overrides {
     /// The configuration: `base`, then the TOML file, then these flags.
     pub fn apply(&self, base: Config) -> Result<Config> {
         let mut c = match &self.config {
-            Some(path) => Config::from_toml_file(path)?,
+            Some(path) => Config::from_toml_file_over(&base, path)?,
             None => base,
         };
         macro_rules! set {

@@ -182,12 +182,36 @@ impl Default for Config {
     }
 }
 
+/// Overlays `top` on `base`, table by table (arrays and values are replaced whole).
+fn merge(base: &mut toml::Table, top: toml::Table) {
+    for (k, v) in top {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(t)) => merge(b, t),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+}
+
 impl Config {
-    /// Reads a TOML file; fields it leaves out keep their defaults.
+    /// Reads a TOML file; fields it leaves out keep the defaults of `serve`.
     pub fn from_toml_file(path: &std::path::Path) -> Result<Self> {
+        Self::from_toml_file_over(&Config::default(), path)
+    }
+
+    /// Reads a TOML file over `base`: fields the file leaves out keep `base`'s values
+    /// (so `local --config` starts from the local mode's defaults, `serve` from serve's).
+    pub fn from_toml_file_over(base: &Config, path: &std::path::Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| anyhow::anyhow!("cannot read config {}: {e}", path.display()))?;
-        toml::from_str(&text).map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))
+        let bad = |e: &dyn std::fmt::Display| anyhow::anyhow!("config {}: {e}", path.display());
+        // Checked on its own first, so unknown fields are named as the file spells them.
+        toml::from_str::<Config>(&text).map_err(|e| bad(&e))?;
+        let file: toml::Table = toml::from_str(&text).map_err(|e| bad(&e))?;
+        let mut merged: toml::Table = toml::from_str(&base.to_toml()).map_err(|e| bad(&e))?;
+        merge(&mut merged, file);
+        merged.try_into().map_err(|e| bad(&e))
     }
 
     /// The configuration as TOML, for the start-up log and checkpoints.
@@ -352,5 +376,27 @@ mod tests {
         assert_eq!(c.step_weights(), [0.4, 0.8, 1.2, 1.6]);
         c.meta_loss_weight_power = -1.0;
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn a_file_overrides_only_what_it_sets() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "max_updates = 7\n[adam]\nbeta1 = 0.5\n").unwrap();
+        let mut base = Config::default();
+        base.adam.lr = 0.01;
+        base.lease_timeout_ms = 1234;
+        let c = Config::from_toml_file_over(&base, &path).unwrap();
+        assert_eq!((c.max_updates, c.adam.beta1), (7, 0.5));
+        assert_eq!(
+            (c.adam.lr, c.lease_timeout_ms),
+            (0.01, 1234),
+            "kept from base"
+        );
+        std::fs::write(&path, "[adam]\nbeta3 = 1\n").unwrap();
+        let e = Config::from_toml_file_over(&base, &path)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("beta3"), "{e}");
     }
 }

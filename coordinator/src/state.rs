@@ -576,6 +576,7 @@ impl Coordinator {
             lease = req.lease_id,
             truncation = req.truncation,
             version = version.step,
+            norm,
             "gradient accepted"
         );
         if let Some(w) = self.workers.get_mut(&req.worker_id) {

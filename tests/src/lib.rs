@@ -9,6 +9,18 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::Once;
 use std::time::{Duration, Instant};
 
+/// The environment variable that turns every skip into a failure (`.ci/run` sets it).
+pub const REQUIRE_ALL: &str = "L2L_REQUIRE_ALL";
+
+/// Says why a test cannot run here and lets it return early, or fails it where
+/// `L2L_REQUIRE_ALL=1` (CI) demands that every test runs for real.
+pub fn skip(why: &str) {
+    if std::env::var(REQUIRE_ALL).is_ok_and(|v| v == "1") {
+        panic!("this test would be skipped ({why}), and {REQUIRE_ALL}=1 forbids skips");
+    }
+    eprintln!("SKIPPED: {why}");
+}
+
 /// Path of a workspace binary (`l2l-worker`, ...), built up to date first.
 ///
 /// `cargo test -p l2l-tests` alone would not rebuild other packages' binaries, and a

@@ -39,7 +39,15 @@ fn ip(args: &[&str]) -> Result<(), String> {
 impl Net {
     /// Coordinator host 10.77.{1,2}.1, worker hosts 10.77.1.2 and 10.77.2.2, one /24 link each.
     fn create() -> Result<Self, String> {
-        let tag = std::process::id() % 100_000;
+        // Unique per run (process id and time), so a namespace left over by a killed
+        // run cannot collide; interface names stay within 15 bytes.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let tag = format!(
+            "{:x}",
+            (std::process::id() ^ nanos.rotate_left(11)) % 0xfffff
+        );
         let net = Net {
             coordinator: format!("l2l{tag}c"),
             workers: [format!("l2l{tag}w1"), format!("l2l{tag}w2")],
@@ -128,7 +136,9 @@ fn a_cut_link_heals_and_a_wrong_token_is_refused_across_hosts() {
     let net = match Net::create() {
         Ok(n) => n,
         Err(why) => {
-            eprintln!("SKIPPED: cannot create network namespaces: {why} (needs root and iproute2)");
+            l2l_tests::skip(&format!(
+                "cannot create network namespaces: {why} (needs root and iproute2)"
+            ));
             return;
         }
     };

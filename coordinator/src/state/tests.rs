@@ -361,6 +361,7 @@ fn a_huge_finite_gradient_is_refused_and_phi_keeps_moving() {
 fn after_the_warmup_a_gradient_far_above_the_median_is_refused() {
     let mut cfg = config(Mode::Async, 1);
     cfg.trajectory_steps = 400; // 20 truncations in one lease
+    cfg.guard.max_norm_ratio = 100.0;
     let mut f = fixture_with(cfg);
     let n = f.n();
     let norm1 = (n as f64).sqrt() * 0.01;
