@@ -277,11 +277,6 @@ impl Coordinator {
         &self.run
     }
 
-    /// Gradients waiting in the open aggregation round.
-    pub fn pending(&self) -> usize {
-        self.aggregator.pending()
-    }
-
     /// True once `max_updates` updates have been applied.
     pub fn finished(&self) -> bool {
         self.config.max_updates > 0 && self.version >= self.config.max_updates
@@ -462,10 +457,8 @@ impl Coordinator {
         match self.check_and_add(req, now) {
             Ok(a) => Ok(a),
             Err(Refusal::Finished) => {
-                // Only a worker that proved its session is marked as told.
-                if self.authorize(req.worker_id, &req.session, now).is_ok() {
-                    self.tell_finished(req.worker_id);
-                }
+                // Only returned after the session was checked: this is the worker itself.
+                self.tell_finished(req.worker_id);
                 Err(Refusal::Finished)
             }
             Err(r) => Err(self.count_refusal(r)),
@@ -547,13 +540,16 @@ impl Coordinator {
         let grad = &mut self.scratch;
         grad.clear();
         l2l_common::wire::extend_from_le_bytes(grad, &req.grad);
-        if let Some(index) = grad.iter().position(|g| !g.is_finite()) {
+        // One pass on the common path: the f64 sum of squares of finite f32 values is
+        // finite, so only a non-finite norm needs the search for the offending value.
+        let norm = l2_norm(grad);
+        if !norm.is_finite() {
+            let index = grad.iter().position(|g| !g.is_finite()).unwrap_or(0);
             return Err(Refusal::NonFinite { index });
         }
         if !req.meta_loss.is_finite() {
             return Err(Refusal::NonFinite { index: usize::MAX });
         }
-        let norm = l2_norm(grad);
         self.guard
             .check(norm, req.meta_loss)
             .map_err(Refusal::TooLarge)?;
