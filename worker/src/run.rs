@@ -9,13 +9,14 @@ use l2l_common::checkpoint::TensorFile;
 use l2l_common::checkpoint::{config_from, phi_from};
 use l2l_common::problems::ProblemSpec;
 use l2l_common::problems::mnist::{Dataset, Split};
-use l2l_common::{Mlp, Phi, Quadratic, rng::Rng};
+use l2l_common::{Mlp, Phi, Quadratic};
 use l2l_proto::v1::{
     FetchPhiRequest, HeartbeatRequest, Instance, LeaseReply, LeaseRequest, RegisterRequest,
     SubmitRequest, Version,
 };
 
 use crate::backend::{Backend, Engine, Loaded, Optimizee};
+use crate::backoff::Backoff;
 use crate::connect::{Client, ClientSecurity, connect, fatal_refusal};
 use crate::metrics::WorkerMetrics;
 
@@ -109,8 +110,8 @@ struct Worker {
     id: u64,
     /// The secret `Register` returned; every request of this worker carries it.
     session: Vec<u8>,
-    /// Failures since the last accepted submission: the exponent of the next pause.
-    failures: u32,
+    /// Pauses after failures; reset by an accepted submission.
+    backoff: Backoff,
     lease_timeout: Duration,
     wait_for_update: bool,
     /// How long the next φ fetch waits for a newer version: set after an accepted
@@ -118,7 +119,6 @@ struct Worker {
     /// new trajectory must not compute on a φ whose round is still open).
     next_wait: Duration,
     phi: Option<(Version, Phi)>,
-    jitter: Rng,
     stop: Arc<AtomicBool>,
     summary: WorkerSummary,
     /// The training split, loaded on the first `mlp` lease.
@@ -141,13 +141,12 @@ pub fn run_worker(opts: WorkerOptions, stop: Arc<AtomicBool>) -> Result<WorkerSu
         .build()
         .context("cannot start the worker's I/O runtime")?;
     let mut w = Worker {
-        jitter: Rng::new(opts.seed),
+        backoff: Backoff::new(opts.min_backoff, opts.max_backoff, opts.seed),
         opts,
         rt,
         client: None,
         id: 0,
         session: Vec::new(),
-        failures: 0,
         lease_timeout: Duration::from_secs(30),
         wait_for_update: false,
         next_wait: Duration::ZERO,
@@ -169,16 +168,12 @@ impl Worker {
     /// Pauses after a failure of any kind (connect, register, lease, φ, truncation,
     /// refusal): exponential in the failures since the last accepted submission.
     fn pause(&mut self) {
-        let n = self.failures;
-        self.failures = self.failures.saturating_add(1);
-        self.backoff(n);
+        let delay = self.backoff.next_failure();
+        self.sleep(delay);
     }
 
-    /// Sleeps the backoff for attempt `n`, waking early on stop.
-    fn backoff(&mut self, attempt: u32) {
-        let base = self.opts.min_backoff.as_secs_f64() * 2f64.powi(attempt.min(20) as i32);
-        let capped = base.min(self.opts.max_backoff.as_secs_f64());
-        let delay = Duration::from_secs_f64(capped * self.jitter.uniform_in(0.5, 1.5));
+    /// Sleeps `delay`, waking early on stop.
+    fn sleep(&self, delay: Duration) {
         let until = Instant::now() + delay;
         while Instant::now() < until && !self.stopping() {
             std::thread::sleep(Duration::from_millis(10).min(until - Instant::now()));
@@ -195,7 +190,7 @@ impl Worker {
                     if let Some(why) = e.downcast_ref::<tonic::Status>().and_then(fatal_refusal) {
                         bail!(why);
                     }
-                    tracing::warn!(failures = self.failures, error = %e, "cannot join the coordinator; retrying");
+                    tracing::warn!(failures = self.backoff.failures(), error = %e, "cannot join the coordinator; retrying");
                     self.client = None;
                     self.pause();
                 }
@@ -394,7 +389,7 @@ impl Worker {
             match submitted {
                 Ok(()) => {
                     self.summary.accepted += 1;
-                    self.failures = 0;
+                    self.backoff.reset();
                     // In sync mode the next truncation waits for the round to close, so
                     // it is not computed on a φ that is about to be replaced.
                     self.next_wait = if self.wait_for_update {
@@ -436,7 +431,8 @@ impl Worker {
                 Ok(_) => return Ok(()),
                 Err(s) if is_transport(&s) => {
                     tracing::warn!(status = %s, attempt, "submit failed; retrying");
-                    self.backoff(attempt);
+                    let delay = self.backoff.delay(attempt);
+                    self.sleep(delay);
                 }
                 Err(s) => {
                     let r = reason(&s).unwrap_or("unknown").to_string();

