@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod refusal;
 pub mod run_dir;
 pub mod sampler;
+pub mod schedule;
 pub mod service;
 pub mod state;
 pub mod status;

@@ -26,6 +26,7 @@ use tonic_health::server::HealthReporter;
 
 use crate::auth::{CheckToken, ServerSecurity};
 use crate::checkpoint;
+use crate::schedule::Schedule;
 use crate::state::{Coordinator, SESSION_BYTES};
 
 /// The health-check service name that reports liveness (the empty name reports readiness).
@@ -264,9 +265,16 @@ impl Server {
         let mut tick_stop = stop.subscribe();
         let task = tokio::spawn(async move {
             let tick = tokio::spawn(async move {
-                let mut last_ckpt = Instant::now();
-                let mut retry_at = last_ckpt;
-                let mut last_version = ticker.lock().version().step;
+                let mut schedule = {
+                    let c = ticker.lock();
+                    let cfg = c.config();
+                    Schedule::new(
+                        cfg.checkpoint_every_updates,
+                        cfg.checkpoint_every_seconds,
+                        c.version().step,
+                        Instant::now(),
+                    )
+                };
                 let mut every = tokio::time::interval(Duration::from_millis(20));
                 loop {
                     tokio::select! {
@@ -282,17 +290,10 @@ impl Server {
                         if c.tick(now) {
                             ticker.announce(&c);
                         }
-                        let cfg = c.config();
                         let v = c.version().step;
-                        let by_count = cfg.checkpoint_every_updates > 0
-                            && v >= last_version + cfg.checkpoint_every_updates;
-                        let by_time = cfg.checkpoint_every_seconds > 0
-                            && v > last_version
-                            && now.duration_since(last_ckpt)
-                                >= Duration::from_secs(cfg.checkpoint_every_seconds);
-                        (now >= retry_at
-                            && (by_count || by_time || (c.finished() && v > last_version)))
-                            .then(|| c.snapshot().map(|snap| (v, snap, cfg.clone())))
+                        schedule
+                            .due(now, v, c.finished())
+                            .then(|| c.snapshot().map(|snap| (v, snap, c.config().clone())))
                     };
                     let Some(due) = due else { continue };
                     let written = match due {
@@ -308,8 +309,7 @@ impl Server {
                     match written {
                         Ok((v, path)) => {
                             tracing::info!(version = v, path = %path.display(), "checkpoint written");
-                            last_ckpt = now;
-                            last_version = v;
+                            schedule.written(now, v);
                             *ticker
                                 .stats
                                 .last_checkpoint
@@ -317,10 +317,9 @@ impl Server {
                                 .unwrap_or_else(|p| p.into_inner()) = Some(SystemTime::now());
                             set_ready(&health, &ticker.stats, true).await;
                         }
-                        // last_version stays, so it is tried again a second from now.
                         Err(e) => {
                             tracing::error!(error = %e, "checkpoint failed; retrying in 1 s");
-                            retry_at = now + Duration::from_secs(1);
+                            schedule.failed(now);
                             set_ready(&health, &ticker.stats, false).await;
                         }
                     }
