@@ -1,5 +1,7 @@
 //! The cluster as users run it: real coordinator and worker processes on loopback.
 
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use l2l_common::Phi;
@@ -7,7 +9,9 @@ use l2l_common::wire::f32_to_le_bytes;
 use l2l_coordinator::checkpoint;
 use l2l_proto::v1::coordinator_client::CoordinatorClient;
 use l2l_proto::v1::{LeaseRequest, RegisterRequest, SubmitRequest, Version};
-use l2l_tests::{Coordinator, coordinator, refused, start_worker, text, version};
+use l2l_tests::{
+    Coordinator, Proc, binary, coordinator, refused, start_worker, status, text, version,
+};
 
 const MINUTE: Duration = Duration::from_secs(60);
 
@@ -86,8 +90,10 @@ fn killed_worker_lease_expires_and_run_completes() {
             "2",
             "--round-timeout-ms",
             "300",
+            // Long enough that a busy machine never starves the survivor's heartbeats
+            // (every lease/3 from a one-thread runtime) into an expiry of its own.
             "--lease-timeout-ms",
-            "1000",
+            "5000",
         ],
     );
     let doomed = start_worker(&c.url(), "doomed", &dir.path().join("w1.log"));
@@ -365,6 +371,23 @@ fn bad_submissions_over_the_wire_are_refused_and_phi_is_untouched() {
                 tonic::Code::OutOfRange,
                 "future_version",
             ),
+            (
+                SubmitRequest {
+                    worker_id: 987_654_321,
+                    ..good.clone()
+                },
+                tonic::Code::NotFound,
+                "unknown_worker",
+            ),
+            (
+                // S = 100, T = 20: truncations 0..=4.
+                SubmitRequest {
+                    truncation: 5,
+                    ..good.clone()
+                },
+                tonic::Code::InvalidArgument,
+                "bad_truncation",
+            ),
         ];
         for (req, code, reason) in cases {
             let err = client.submit(req).await.unwrap_err();
@@ -394,4 +417,201 @@ fn bad_submissions_over_the_wire_are_refused_and_phi_is_untouched() {
         let err = client.submit(stale).await.unwrap_err();
         assert_eq!(err.metadata().get("l2l-refusal").unwrap(), "stale");
     });
+}
+
+#[test]
+fn expired_leases_oversized_messages_and_finished_runs_have_their_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = Coordinator::serve(
+        dir.path(),
+        "127.0.0.1:0",
+        &[
+            "--quorum",
+            "1",
+            "--max-updates",
+            "1",
+            "--lease-timeout-ms",
+            "300",
+        ],
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut client = CoordinatorClient::connect(c.url()).await.unwrap();
+        let reg = client
+            .register(RegisterRequest {
+                name: "me".into(),
+                backend: "none".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let (me, session) = (reg.worker_id, reg.session);
+        let lease = |client: &mut CoordinatorClient<tonic::transport::Channel>| {
+            let mut client = client.clone();
+            let session = session.clone();
+            async move {
+                client
+                    .lease(LeaseRequest {
+                        worker_id: me,
+                        session,
+                    })
+                    .await
+            }
+        };
+        let submit = |lease_id: u64, grad: Vec<f32>| SubmitRequest {
+            worker_id: me,
+            lease_id,
+            truncation: 0,
+            version: Some(Version { epoch: 0, step: 0 }),
+            grad: f32_to_le_bytes(&grad).into(),
+            meta_loss: 1.0,
+            unroll_seconds: 0.0,
+            session: session.clone(),
+        };
+        let code_and_reason = |e: &tonic::Status| {
+            (
+                e.code(),
+                e.metadata()
+                    .get("l2l-refusal")
+                    .map(|r| r.to_str().unwrap().to_string()),
+            )
+        };
+        // A lease left silent past its timeout.
+        let first = lease(&mut client).await.unwrap().into_inner().lease_id;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let err = client
+            .submit(submit(first, vec![1e-3; 5141]))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            code_and_reason(&err),
+            (
+                tonic::Code::FailedPrecondition,
+                Some("expired_lease".into())
+            ),
+            "{err:?}"
+        );
+        // A request above the cap (one gradient of φ's size plus 64 KiB) is refused by
+        // the transport before it is decoded; the server goes on serving.
+        let second = lease(&mut client).await.unwrap().into_inner().lease_id;
+        let err = client
+            .submit(submit(second, vec![1e-3; 5141 + 20_000]))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::OutOfRange, "{err:?}");
+        assert!(err.message().contains("too large"), "{err:?}");
+        // The last update of the run, then every request hears that it is finished.
+        let reply = client
+            .submit(submit(second, vec![1e-3; 5141]))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(reply.accepted);
+        let err = lease(&mut client).await.unwrap_err();
+        assert_eq!(
+            code_and_reason(&err),
+            (tonic::Code::Cancelled, Some("finished".into())),
+            "{err:?}"
+        );
+    });
+    // Every live worker was told: the coordinator leaves at once, not after its 10 s.
+    let exit = c.proc.wait_exit(Duration::from_secs(8));
+    assert!(exit.success(), "{exit}");
+    let (_, snap) = checkpoint::load_newest(dir.path()).unwrap().unwrap();
+    assert_eq!(snap.version, 1);
+    assert_eq!(snap.counters.leases_expired, 1, "{:?}", snap.counters);
+}
+
+#[test]
+fn local_resumes_after_ctrl_c() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("run");
+    let local = |max_updates: &str| {
+        let mut c = Command::new(binary("l2l-coordinator"));
+        c.args([
+            "local",
+            "--workers",
+            "1",
+            "--max-updates",
+            max_updates,
+            "--eval-problems",
+            "2",
+            "--dir",
+            s(&d),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+        c
+    };
+    let mut first = Proc {
+        child: local("100000").spawn().unwrap(),
+    };
+    // Ctrl-C once it has trained a little (a checkpoint file by count or at the end).
+    let stderr = first.child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut log = String::new();
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            log.push_str(&line);
+            log.push('\n');
+        }
+        let _ = tx.send(log);
+    });
+    let end = std::time::Instant::now() + 3 * MINUTE;
+    let stdout = first.child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let addr = loop {
+        let line = lines.next().expect("local prints its address").unwrap();
+        if let Some(a) = line.strip_prefix("listening on ") {
+            break a.to_string();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    let url = format!("http://{addr}");
+    loop {
+        let v = version(&status(&url));
+        if v >= 10 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < end,
+            "local never reached 10 updates"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    first.signal("INT");
+    let exit = first.wait_exit(MINUTE);
+    let log = rx.recv_timeout(MINUTE).unwrap();
+    // An interrupted run is not a finished one: it says so, and how to go on.
+    assert_eq!(exit.code(), Some(1), "{log}");
+    assert!(
+        log.contains("interrupted; run the same command again to resume from"),
+        "{log}"
+    );
+    let (_, snap) = checkpoint::load_newest(&d)
+        .unwrap()
+        .expect("a checkpoint at Ctrl-C");
+    assert!(snap.version >= 10, "checkpointed at {}", snap.version);
+    // The same command again resumes from there and finishes the run.
+    let target = snap.version + 5;
+    let out = local(&target.to_string()).output().unwrap();
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stdout.contains("learned optimizer φ written to"),
+        "{stdout}"
+    );
+    let (_, resumed) = checkpoint::load_newest(&d).unwrap().unwrap();
+    assert_eq!(
+        resumed.version, target,
+        "resumed at {} and trained 5 more",
+        snap.version
+    );
+    assert_eq!(resumed.epoch, snap.epoch + 1, "a restart is a new epoch");
+    assert_eq!(resumed.run, snap.run, "the same run, not a new one");
+    assert!(
+        resumed.counters.meta_losses.len() > snap.counters.meta_losses.len(),
+        "the history goes on"
+    );
 }
