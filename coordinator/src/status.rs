@@ -1,6 +1,6 @@
 //! `status`: asks a running coordinator for its progress and prints it.
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::Args;
 use l2l_proto::v1::StatusRequest;
 use l2l_worker::connect::{ClientArgs, connect};
@@ -29,11 +29,16 @@ pub async fn run(a: Status) -> Result<()> {
         std::time::Duration::from_secs(30),
     )
     .await?;
-    let s = client
-        .status(StatusRequest {})
-        .await
-        .context("status request failed")?
-        .into_inner();
+    let s = match client.status(StatusRequest {}).await {
+        Ok(s) => s.into_inner(),
+        Err(e) => {
+            let advice = l2l_worker::connect::transport_advice(&security, &e);
+            return Err(anyhow::Error::new(e).context(match advice {
+                Some(a) => format!("status request failed: {a}"),
+                None => "status request failed".to_string(),
+            }));
+        }
+    };
     let v = s.version.unwrap_or_default();
     if a.json {
         let workers: Vec<_> = s

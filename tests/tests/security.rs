@@ -96,14 +96,50 @@ fn mutual_tls_and_a_token_train_and_refuse_what_they_should() {
     });
     assert_eq!(s["workers"][0]["name"], "tls");
 
-    // What each missing piece gets.
+    // What each missing piece gets, and that the message says which piece.
     let url = coordinator.url.clone();
     let (ok, err) = status_on(&client_env(false, true), &url);
     assert!(!ok && err.contains("token"), "no token: {err}");
     let (ok, err) = status_on(&client_env(true, false), &url);
-    assert!(!ok, "no client certificate must not connect: {err}");
+    assert!(
+        !ok && err.contains("give --tls-cert and --tls-key"),
+        "no client certificate must not connect, and the error says what to do: {err}"
+    );
+    // A client that trusts another CA refuses the server's certificate.
+    let other = d.join("other-ca");
+    std::fs::create_dir_all(&other).unwrap();
+    certificates(&other);
+    let mut wrong_ca = client_env(true, true);
+    wrong_ca.env[0].1 = path(&other, "ca.pem");
+    let (ok, err) = status_on(&wrong_ca, &url);
+    assert!(
+        !ok && err.contains("invalid peer certificate"),
+        "a server certificate from an unknown CA must be refused, saying so: {err}"
+    );
+    // A client certificate from another CA is refused by the server.
+    let mut foreign = client_env(true, true);
+    foreign.env[2].1 = path(&other, "client.pem");
+    foreign.env[3].1 = path(&other, "client.key");
+    let (ok, err) = status_on(&foreign, &url);
+    assert!(
+        !ok && err.contains("trusts the CA that signed --tls-cert"),
+        "a client certificate from an unknown CA must be refused: {err}"
+    );
+    // Plain TCP (no TLS settings at all) to the TLS port: no gRPC answer comes back.
+    let (ok, err) = status_on(
+        &Host {
+            netns: None,
+            env: vec![token.clone()],
+        },
+        &format!("http://127.0.0.1:{port}"),
+    );
+    assert!(
+        !ok && err.contains("use an https:// URL"),
+        "plain TCP to a TLS port must fail, and say what to do: {err}"
+    );
+    // TLS files with an http:// URL: refused before connecting, with the fix.
     let (ok, err) = status_on(&client_env(true, true), &format!("http://127.0.0.1:{port}"));
-    assert!(!ok, "plain TCP to a TLS port must fail: {err}");
+    assert!(!ok && err.contains("use https://"), "{err}");
     let (ok, err) = status_on(&client_env(true, true), &url);
     assert!(ok, "everything given: {err}");
 
@@ -194,8 +230,15 @@ fn local_honours_the_token_and_tls_flags_like_serve() {
     };
     let (ok, err) = status_on(&client(false), &url);
     assert!(!ok && err.contains("token"), "no token: {err}");
-    let (ok, err) = status_on(&client(true), &format!("http://{addr}"));
-    assert!(!ok, "plain TCP to local's TLS port must fail: {err}");
+    let plain = Host {
+        netns: None,
+        env: vec![token.clone()],
+    };
+    let (ok, err) = status_on(&plain, &format!("http://{addr}"));
+    assert!(
+        !ok && err.contains("use an https:// URL"),
+        "plain TCP to local's TLS port must fail, and say what to do: {err}"
+    );
     let (ok, err) = status_on(&client(true), &url);
     assert!(ok, "token and certificate: {err}");
     // Its own worker presented both: the run trains to its end.

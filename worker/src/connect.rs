@@ -50,6 +50,8 @@ pub struct ClientSecurity {
     pub token: Option<Token>,
     /// TLS settings, used for `https://` URLs.
     pub tls: Option<ClientTlsConfig>,
+    /// Whether a client certificate is presented (mutual TLS).
+    pub client_cert: bool,
 }
 
 /// Largest PEM file read (a certificate chain is a few KB).
@@ -101,7 +103,11 @@ impl ClientArgs {
         } else {
             None
         };
-        Ok(ClientSecurity { token, tls })
+        Ok(ClientSecurity {
+            token,
+            tls,
+            client_cert: self.tls_cert.is_some(),
+        })
     }
 }
 
@@ -151,6 +157,32 @@ pub async fn connect(url: &str, security: &ClientSecurity, timeout: Duration) ->
         .await
         .with_context(|| format!("cannot reach the coordinator at {url}"))?;
     Ok(client(ch, security))
+}
+
+/// Advice for a request that failed below gRPC (the connection broke or never spoke
+/// HTTP/2), from what this client's own settings make likely. A TLS server that requires
+/// client certificates closes the connection of a client without one (the alert
+/// `CertificateRequired` may or may not arrive first), and a TLS port answers plain
+/// HTTP/2 with nothing a client can parse.
+pub fn transport_advice(security: &ClientSecurity, s: &tonic::Status) -> Option<&'static str> {
+    // A status the server sent has no source; one made from a transport failure has.
+    if s.metadata().get("l2l-refusal").is_some() || std::error::Error::source(s).is_none() {
+        return None;
+    }
+    Some(match (&security.tls, security.client_cert) {
+        (Some(_), false) => {
+            "the connection closed after the TLS handshake; if the coordinator requires \
+             client certificates (mutual TLS), give --tls-cert and --tls-key"
+        }
+        (Some(_), true) => {
+            "the connection closed after the TLS handshake; check that the coordinator \
+             trusts the CA that signed --tls-cert"
+        }
+        (None, _) => {
+            "the connection failed before any gRPC answer; if the coordinator serves TLS, \
+             use an https:// URL (and --tls-ca)"
+        }
+    })
 }
 
 /// The one-line advice for a status the coordinator sent when refusing the caller

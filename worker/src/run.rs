@@ -17,7 +17,7 @@ use l2l_proto::v1::{
 
 use crate::backend::{Backend, Engine, Loaded, Optimizee};
 use crate::backoff::Backoff;
-use crate::connect::{Client, ClientSecurity, connect, fatal_refusal};
+use crate::connect::{Client, ClientSecurity, connect, fatal_refusal, transport_advice};
 use crate::metrics::WorkerMetrics;
 
 /// How a worker runs.
@@ -212,13 +212,20 @@ impl Worker {
             .client
             .clone()
             .ok_or_else(|| anyhow!("not connected"))?;
-        let reply = self
-            .rt
-            .block_on(c.register(RegisterRequest {
-                name: self.opts.name.clone(),
-                backend: self.engine.describe(),
-            }))?
-            .into_inner();
+        let reply = match self.rt.block_on(c.register(RegisterRequest {
+            name: self.opts.name.clone(),
+            backend: self.engine.describe(),
+        })) {
+            Ok(r) => r.into_inner(),
+            Err(e) => {
+                let advice = transport_advice(&self.opts.security, &e);
+                let err = anyhow::Error::new(e);
+                return Err(match advice {
+                    Some(a) => err.context(a),
+                    None => err,
+                });
+            }
+        };
         self.id = reply.worker_id;
         self.session = reply.session;
         self.lease_timeout = Duration::from_millis(reply.lease_timeout_ms.max(1));
