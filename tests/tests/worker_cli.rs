@@ -395,3 +395,64 @@ fn eval_writes_a_table_csvs_and_a_png() {
         "{stderr}"
     );
 }
+
+/// The shipped optimizers: each loads as the spec's φ, and the quadratic one beats
+/// SGD, RMSprop, Adam and NAG, each tuned on a grid of 4 rates per decade, on held-out
+/// problems at every reported step (a quick version of `pretrained/eval/quadratic`).
+#[test]
+fn the_pretrained_optimizers_load_and_the_quadratic_one_beats_tuned_baselines() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    for (file, hidden) in [("quadratic", 20), ("mlp", 20)] {
+        let phi = Phi::load(&root.join(format!("pretrained/{file}.safetensors")))
+            .unwrap_or_else(|e| panic!("pretrained/{file}.safetensors: {e}"));
+        assert_eq!(phi.config.hidden, hidden, "{file}");
+        assert!(phi.flatten().iter().all(|v| v.is_finite()), "{file}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = worker(&[
+        "eval",
+        "--phi",
+        s(&root.join("pretrained/quadratic.safetensors")),
+        "--problem",
+        "quadratic",
+        "--runs",
+        "10",
+        "--tune-runs",
+        "5",
+        "--grid-lo",
+        "-4",
+        "--grid-hi",
+        "1",
+        "--grid-points",
+        "21",
+        "--seed",
+        "12345",
+        "--out",
+        s(dir.path()),
+    ]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    // "step 100: learned/best baseline (adam) = 0.711; learned lower on 10 of 10 problems"
+    let ratios: Vec<(String, f64)> = stdout
+        .lines()
+        .filter(|l| l.contains("learned/best baseline"))
+        .map(|l| {
+            let at = l.split(':').next().unwrap().to_string();
+            let r = l.split("= ").nth(1).unwrap();
+            let r = r.split(';').next().unwrap().trim().parse().unwrap();
+            (at, r)
+        })
+        .collect();
+    assert_eq!(ratios.len(), 4, "steps 20, 50, 100 and the mean:\n{stdout}");
+    for (at, r) in &ratios {
+        assert!(
+            *r < 0.9,
+            "{at}: learned/best tuned baseline = {r}\n{stdout}"
+        );
+    }
+    assert!(
+        stdout.contains("step 100: learned/best baseline")
+            && stdout.contains("learned lower on 10 of 10 problems"),
+        "{stdout}"
+    );
+}
