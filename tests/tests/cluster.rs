@@ -615,3 +615,28 @@ fn local_resumes_after_ctrl_c() {
         "the history goes on"
     );
 }
+
+#[test]
+fn registrations_beyond_max_workers_are_refused_with_their_code() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("small.toml");
+    std::fs::write(&config, "max_workers = 2\n").unwrap();
+    let c = Coordinator::serve(dir.path(), "127.0.0.1:0", &["--config", s(&config)]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut client = CoordinatorClient::connect(c.url()).await.unwrap();
+        let reg = |name: &str| RegisterRequest {
+            name: name.into(),
+            backend: "none".into(),
+        };
+        client.register(reg("a")).await.unwrap();
+        client.register(reg("b")).await.unwrap();
+        let err = client.register(reg("c")).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+        assert_eq!(
+            err.metadata().get("l2l-refusal").unwrap(),
+            "too_many_workers"
+        );
+    });
+    assert_eq!(c.status()["workers_total"], 2);
+}
