@@ -1,13 +1,9 @@
 //! Hand-designed optimizers run on the same problems as the learned one, for comparison:
-//! SGD, RMSprop, Adam and NAG on the host ([`Baseline`], [`tune`]), and Adam on a burn
-//! device ([`adam_curve`]).
-
-use burn::tensor::Tensor;
+//! SGD, RMSprop, Adam and NAG on the host ([`Baseline`]), each with its learning rate
+//! tuned on a grid ([`tune`]).
 
 use crate::Error;
-use crate::fused::HostProblem;
-use crate::problems::Problem;
-use crate::tensor::to_f64;
+use crate::problems::HostProblem;
 
 /// A hand-designed optimizer; only its learning rate is tuned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,11 +54,10 @@ impl Baseline {
         let mut out = Vec::with_capacity(steps + 1);
         for t in 0..=steps {
             let loss = problem.eval(&theta, t, &mut g);
+            out.push(loss);
             if !loss.is_finite() {
-                out.resize(steps + 1, f64::INFINITY);
                 break;
             }
-            out.push(loss);
             if t == steps {
                 break;
             }
@@ -91,6 +86,7 @@ impl Baseline {
                 }
             }
         }
+        crate::eval::end_at_divergence(&mut out, steps);
         out
     }
 }
@@ -163,38 +159,10 @@ pub fn tune(
     best
 }
 
-/// Adam (Kingma & Ba 2015) with β = (0.9, 0.999) and ε = 1e-8 on an optimizee.
-///
-/// Returns f(θ_t) for t = 0 ..= steps, step t's gradient on minibatch t.
-pub fn adam_curve(
-    problem: &dyn Problem,
-    theta0: Tensor<2>,
-    lr: f64,
-    steps: usize,
-) -> Result<Vec<f64>, Error> {
-    let (b1, b2, eps) = (0.9f64, 0.999f64, 1e-8);
-    let mut theta = theta0;
-    let mut m = theta.zeros_like();
-    let mut v = theta.zeros_like();
-    let mut losses = vec![problem.loss(theta.clone(), 0)];
-    for t in 0..steps {
-        let g = problem.grad(theta.clone(), t);
-        m = m.mul_scalar(b1) + g.clone().mul_scalar(1.0 - b1);
-        v = v.mul_scalar(b2) + g.square().mul_scalar(1.0 - b2);
-        let k = (t + 1) as i32;
-        let m_hat = m.clone().div_scalar(1.0 - b1.powi(k));
-        let v_hat = v.clone().div_scalar(1.0 - b2.powi(k));
-        theta = theta - m_hat.div(v_hat.sqrt().add_scalar(eps)).mul_scalar(lr);
-        losses.push(problem.loss(theta.clone(), t + 1));
-    }
-    to_f64(&Tensor::cat(losses, 0))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::Quadratic;
-    use burn::tensor::{DType, Device};
 
     /// f(θ) = (2θ − 1)² on one coordinate: ∇ = 4(2θ − 1) = 8θ − 4, minimum at θ = 0.5.
     fn one_d() -> Quadratic {
@@ -268,9 +236,7 @@ mod tests {
             y: vec![1.0],
             theta0: vec![0.0],
         };
-        let dev = Device::flex();
-        let curve =
-            adam_curve(&q.on(&dev, DType::F64), q.theta0(&dev, DType::F64), 0.1, 3).unwrap();
+        let curve = Baseline::Adam.curve(&q, &q.theta0, 0.1, 3);
         let (mut th, mut m, mut v) = (0f64, 0f64, 0f64);
         let mut want = vec![1.0];
         for t in 1..=3 {
@@ -281,8 +247,9 @@ mod tests {
                 0.1 * (m / (1.0 - 0.9f64.powi(t))) / ((v / (1.0 - 0.999f64.powi(t))).sqrt() + 1e-8);
             want.push((2.0 * th - 1.0).powi(2));
         }
+        // float32 against the float64 loop.
         for (a, b) in curve.iter().zip(&want) {
-            assert!((a - b).abs() < 1e-12, "{curve:?} vs {want:?}");
+            assert!((a - b).abs() < 1e-5, "{curve:?} vs {want:?}");
         }
     }
 }

@@ -5,11 +5,12 @@ use burn::tensor::{DType, Device, Tensor};
 
 use crate::Error;
 use crate::Phi;
-use crate::fused::{self, HostCarry, HostProblem};
+use crate::fused::{self, HostCarry};
 use crate::lstm::{Lstm, LstmState};
+use crate::problems::HostProblem;
 use crate::problems::Problem;
 use crate::tensor::to_f64;
-use crate::unroll::{Carry, unroll};
+use crate::unroll::{DeviceCarry, unroll};
 
 /// f(θ_t) for t = 0 ..= steps under the learned optimizer, state carried throughout.
 ///
@@ -23,7 +24,7 @@ pub fn learned_curve(
     dtype: DType,
 ) -> Result<Vec<f64>, Error> {
     let first = problem.loss(theta0.clone(), 0);
-    let carry = Carry {
+    let carry = DeviceCarry {
         state: LstmState::zeros(&lstm.config, problem.num_coords(), device, dtype),
         theta: theta0,
     };
@@ -65,8 +66,17 @@ pub fn host_learned_curve(
             Err(e) => return Err(e),
         }
     }
-    out.resize(steps + 1, f64::INFINITY);
+    end_at_divergence(&mut out, steps);
     Ok(out)
+}
+
+/// The one rule of every loss curve (learned or baseline, host or device): from the
+/// first loss that is not finite to step `steps`, every loss is +∞ (the run diverged).
+pub fn end_at_divergence(curve: &mut Vec<f64>, steps: usize) {
+    if let Some(t) = curve.iter().position(|l| !l.is_finite()) {
+        curve.truncate(t);
+    }
+    curve.resize(steps + 1, f64::INFINITY);
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@
 //! let phi = Phi::init(OptimizerConfig::default(), 1)?;
 //! let problem = Quadratic::from_seed(2, 128, 10)?;
 //! let dev = Device::flex().autodiff();
-//! let carry = unroll::Carry {
+//! let carry = unroll::DeviceCarry {
 //!     theta: problem.theta0(&dev, DType::F32),
 //!     state: LstmState::zeros(&phi.config, problem.num_coords(), &dev, DType::F32),
 //! };
@@ -27,6 +27,7 @@
 pub mod baselines;
 pub mod checkpoint;
 pub mod config;
+pub mod engine;
 pub mod error;
 pub mod eval;
 pub mod fused;
@@ -36,13 +37,16 @@ pub mod preprocess;
 pub mod problems;
 pub mod rng;
 pub mod tensor;
+pub mod truncation;
 pub mod unroll;
 pub mod wire;
 
 pub use burn;
 pub use checkpoint::MetaGradFile;
 pub use config::{OptimizerConfig, Preprocess};
+pub use engine::{Backend, Engine};
 pub use error::Error;
 pub use lstm::{Lstm, LstmState};
 pub use phi::Phi;
-pub use problems::{Mlp, MlpSpec, Problem, ProblemSpec, Quadratic};
+pub use problems::{Mlp, MlpSpec, Optimizee, Problem, ProblemSpec, Quadratic, QuadraticSpec};
+pub use truncation::Truncation;

@@ -5,18 +5,20 @@ use burn::tensor::Tensor;
 use crate::lstm::{Lstm, LstmState};
 use crate::problems::Problem;
 use crate::tensor::{from_f32, to_f64};
+use crate::truncation::Truncation;
 use crate::{Error, Phi};
 
-/// Where an optimizee trajectory stands between truncations: θ_t and the LSTM state.
+/// Where an optimizee trajectory stands between truncations on a device: θ_t and the
+/// LSTM state.
 #[derive(Debug, Clone)]
-pub struct Carry {
+pub struct DeviceCarry {
     /// θ_t, `[N, 1]`.
     pub theta: Tensor<2>,
     /// The LSTM's h and c.
     pub state: LstmState,
 }
 
-impl Carry {
+impl DeviceCarry {
     /// The same values cut from any autodiff graph, as at a truncation boundary.
     pub fn detach(self) -> Self {
         Self {
@@ -32,7 +34,7 @@ pub struct Unrolled {
     /// f_t(θ_t) for t = s+1 ..= s+T, a `[T]` tensor (on the autodiff graph if φ is).
     pub losses: Tensor<1>,
     /// θ_{s+T} and the state after T steps, still attached to the graph.
-    pub carry: Carry,
+    pub carry: DeviceCarry,
 }
 
 /// Runs T optimizer steps from `carry` at step `start` (spec §2).
@@ -43,11 +45,11 @@ pub struct Unrolled {
 pub fn unroll(
     lstm: &Lstm,
     problem: &dyn Problem,
-    carry: Carry,
+    carry: DeviceCarry,
     start: usize,
     steps: usize,
 ) -> Unrolled {
-    let Carry {
+    let DeviceCarry {
         mut theta,
         mut state,
     } = carry;
@@ -61,21 +63,8 @@ pub fn unroll(
     }
     Unrolled {
         losses: Tensor::cat(losses, 0),
-        carry: Carry { theta, state },
+        carry: DeviceCarry { theta, state },
     }
-}
-
-/// A truncation's meta-gradient ∂L/∂φ, its meta-loss L, and where it ended.
-#[derive(Debug, Clone)]
-pub struct MetaGrad {
-    /// ∂L/∂φ in spec order and shapes.
-    pub grad: Phi,
-    /// L = (1/T) Σ w_t f_t(θ_t), t = s+1 ..= s+T (w_t = 1 unless weighted).
-    pub meta_loss: f64,
-    /// f_t(θ_t) of every step, for progress and evaluation.
-    pub losses: Vec<f64>,
-    /// θ and state after the truncation, detached for the next one.
-    pub carry: Carry,
 }
 
 /// Unrolls T steps and backpropagates once through the whole truncation.
@@ -84,10 +73,10 @@ pub struct MetaGrad {
 pub fn meta_grad(
     lstm: &Lstm,
     problem: &dyn Problem,
-    carry: Carry,
+    carry: DeviceCarry,
     start: usize,
     steps: usize,
-) -> Result<MetaGrad, Error> {
+) -> Result<Truncation<DeviceCarry>, Error> {
     let raw = meta_grad_tensors(lstm, problem, carry, start, steps)?;
     download(lstm, raw, None)
 }
@@ -97,16 +86,20 @@ pub fn meta_grad(
 pub fn meta_grad_weighted(
     lstm: &Lstm,
     problem: &dyn Problem,
-    carry: Carry,
+    carry: DeviceCarry,
     start: usize,
     weights: &[f32],
-) -> Result<MetaGrad, Error> {
+) -> Result<Truncation<DeviceCarry>, Error> {
     let raw = raw_meta_grad(lstm, problem, carry, start, weights.len(), Some(weights))?;
     download(lstm, raw, Some(weights))
 }
 
 /// Brings a meta-gradient to the host; the meta-loss is weighted as the gradient was.
-fn download(lstm: &Lstm, raw: RawMetaGrad, weights: Option<&[f32]>) -> Result<MetaGrad, Error> {
+fn download(
+    lstm: &Lstm,
+    raw: RawMetaGrad,
+    weights: Option<&[f32]>,
+) -> Result<Truncation<DeviceCarry>, Error> {
     let grad = raw
         .grad
         .iter()
@@ -133,7 +126,7 @@ fn download(lstm: &Lstm, raw: RawMetaGrad, weights: Option<&[f32]>) -> Result<Me
         .map(|(t, l)| weight(t) * l)
         .sum::<f64>()
         / losses.len() as f64;
-    Ok(MetaGrad {
+    Ok(Truncation {
         grad,
         meta_loss,
         losses,
@@ -149,14 +142,14 @@ pub struct RawMetaGrad {
     /// f_t(θ_t) of every step, `[T]`.
     pub losses: Tensor<1>,
     /// θ and state after the truncation, detached.
-    pub carry: Carry,
+    pub carry: DeviceCarry,
 }
 
 /// The meta-gradient as device tensors; see [`meta_grad`].
 pub fn meta_grad_tensors(
     lstm: &Lstm,
     problem: &dyn Problem,
-    carry: Carry,
+    carry: DeviceCarry,
     start: usize,
     steps: usize,
 ) -> Result<RawMetaGrad, Error> {
@@ -166,7 +159,7 @@ pub fn meta_grad_tensors(
 fn raw_meta_grad(
     lstm: &Lstm,
     problem: &dyn Problem,
-    carry: Carry,
+    carry: DeviceCarry,
     start: usize,
     steps: usize,
     weights: Option<&[f32]>,
@@ -180,7 +173,7 @@ fn raw_meta_grad(
         ));
     }
     let lstm = lstm.clone().map_params(Tensor::require_grad);
-    let carry = Carry {
+    let carry = DeviceCarry {
         theta: carry.theta.autodiff(),
         state: carry.state,
     };

@@ -6,14 +6,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::Result;
 use l2l_proto::auth::Token;
+use l2l_proto::refusal::Reason;
 use l2l_worker::connect::read_pem;
 use tonic::service::Interceptor;
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
 use crate::config::SecurityConfig;
-
-/// The refusal reason (in `l2l-refusal` metadata and metrics) of a missing or wrong token.
-pub const UNAUTHENTICATED: &str = "unauthenticated";
 
 /// The resolved security settings of a server.
 #[derive(Debug, Clone, Default)]
@@ -67,13 +65,10 @@ impl Interceptor for CheckToken {
         match &self.token {
             Some(t) if !t.accepts(req.metadata()) => {
                 self.refused.fetch_add(1, Ordering::Relaxed);
-                let mut s = tonic::Status::unauthenticated(
+                Err(Reason::Unauthenticated.status(
                     "missing or wrong token: give this client the coordinator's token \
                      (--token-file or $L2L_TOKEN)",
-                );
-                s.metadata_mut()
-                    .insert("l2l-refusal", UNAUTHENTICATED.parse().expect("ascii"));
-                Err(s)
+                ))
             }
             _ => Ok(req),
         }
@@ -91,7 +86,7 @@ mod tests {
         let mut check = CheckToken::new(Some(token.clone()), refused.clone());
         let s = check.call(tonic::Request::new(())).unwrap_err();
         assert_eq!(s.code(), tonic::Code::Unauthenticated);
-        assert_eq!(s.metadata().get("l2l-refusal").unwrap(), UNAUTHENTICATED);
+        assert_eq!(Reason::of(&s), Some(Reason::Unauthenticated));
         let mut ok = tonic::Request::new(());
         token.attach(ok.metadata_mut());
         assert!(check.call(ok).is_ok());

@@ -10,11 +10,11 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use l2l_common::baselines::adam_curve;
-use l2l_common::burn::tensor::{DType, Device};
-use l2l_common::eval::learned_curve;
+use l2l_common::baselines::{self, Baseline};
+use l2l_common::eval::host_learned_curve;
+use l2l_common::problems::HostProblem;
 use l2l_common::rng::Rng;
-use l2l_common::{Lstm, Phi, Quadratic};
+use l2l_common::{Phi, Quadratic};
 use l2l_worker::{Backend, Engine, WorkerOptions, run_worker};
 
 use crate::auth::ServerSecurity;
@@ -38,7 +38,7 @@ pub struct Local {
     pub data: PathBuf,
     /// Where the workers' unrolls run: `cpu` (fused CPU kernels), `flex` (burn on the
     /// CPU) or `wgpu` (burn on the GPU; needs a build with `--features wgpu`).
-    #[arg(long, env = "L2L_BACKEND", value_enum, default_value_t = Backend::Cpu)]
+    #[arg(long, env = "L2L_BACKEND", value_enum, default_value_t = Backend::Fused)]
     pub backend: Backend,
     /// With --tls-cert: PEM CA certificate the local workers check the coordinator's
     /// certificate against [default: the system's roots].
@@ -315,10 +315,10 @@ impl std::fmt::Display for Report {
 pub const ADAM_GRID: [f64; 8] = [1e-3, 3.16e-3, 1e-2, 3.16e-2, 0.1, 0.316, 1.0, 3.16];
 
 /// Evaluates `phi` against tuned Adam: the learning rate with the best mean loss at step
-/// 100 on 4 tuning problems, then both on `problems` report problems (all seeds fresh).
+/// 100 on 4 tuning problems ([`baselines::tune`]), then both on `problems` report
+/// problems (all seeds fresh), on the host.
 pub fn evaluate(phi: &Phi, seed: u64, problems: usize) -> Result<Report> {
     let steps = 100;
-    let (dev, dtype) = (Device::flex(), DType::F32);
     // Seeds drawn from a stream of their own, away from the training sampler's.
     let mut rng = Rng::new(seed ^ 0x6576_616c_7561_7465);
     let tune: Vec<Quadratic> = (0..4)
@@ -327,42 +327,32 @@ pub fn evaluate(phi: &Phi, seed: u64, problems: usize) -> Result<Report> {
     let report: Vec<Quadratic> = (0..problems.max(1))
         .map(|_| Quadratic::from_seed(rng.next_u64(), 128, 10))
         .collect::<Result<_, _>>()?;
-    let adam_mean = |qs: &[Quadratic], lr: f64| -> Result<Vec<f64>> {
-        mean_curves(
-            qs.iter()
-                .map(|q| adam_curve(&q.on(&dev, dtype), q.theta0(&dev, dtype), lr, steps)),
-        )
-    };
-    let mut best = (f64::INFINITY, ADAM_GRID[0]);
-    for lr in ADAM_GRID {
-        let last = adam_mean(&tune, lr)?[steps];
-        if last < best.0 {
-            best = (last, lr);
-        }
-    }
-    let lstm = Lstm::new(phi, &dev, dtype);
-    let learned = mean_curves(report.iter().map(|q| {
-        learned_curve(
-            &lstm,
-            &q.on(&dev, dtype),
-            q.theta0(&dev, dtype),
-            steps,
-            &dev,
-            dtype,
-        )
-    }))?;
-    let adam = adam_mean(&report, best.1)?;
+    let tuning: Vec<(&dyn HostProblem, &[f32])> = tune
+        .iter()
+        .map(|q| (q as &dyn HostProblem, q.theta0.as_slice()))
+        .collect();
+    let adam_lr = baselines::tune(Baseline::Adam, &tuning, &ADAM_GRID, steps).lr;
+    let learned = mean_curves(
+        report
+            .iter()
+            .map(|q| host_learned_curve(phi, q, &q.theta0, steps)),
+    )?;
+    let adam = mean_curves(
+        report
+            .iter()
+            .map(|q| Ok(Baseline::Adam.curve(q, &q.theta0, adam_lr, steps))),
+    )?;
     let at = vec![20, 50, 100];
     Ok(Report {
         learned: at.iter().map(|&s| learned[s]).collect(),
         adam: at.iter().map(|&s| adam[s]).collect(),
         steps: at,
-        adam_lr: best.1,
+        adam_lr,
         problems: report.len(),
     })
 }
 
-/// The elementwise mean of loss curves; a non-finite curve counts as +inf.
+/// The elementwise mean of loss curves (diverged steps are +∞ in each).
 fn mean_curves(
     curves: impl Iterator<Item = Result<Vec<f64>, l2l_common::Error>>,
 ) -> Result<Vec<f64>> {
@@ -374,7 +364,7 @@ fn mean_curves(
             sum = vec![0.0; c.len()];
         }
         for (s, v) in sum.iter_mut().zip(&c) {
-            *s += if v.is_finite() { *v } else { f64::INFINITY };
+            *s += v;
         }
         n += 1.0;
     }

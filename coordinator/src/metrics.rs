@@ -10,9 +10,9 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 
-use crate::auth::UNAUTHENTICATED;
 use crate::service::Shared;
 use crate::state::STALENESS_BOUNDS;
+use l2l_proto::refusal::Reason;
 
 /// A registry (prefix `l2l_`) with the coordinator's metrics.
 pub fn registry(shared: Shared) -> Registry {
@@ -103,7 +103,7 @@ impl Collector for CoordinatorCollector {
             // Always present, so alerts on it have a series from the start.
             let mut refused = status.refused;
             refused.insert(
-                UNAUTHENTICATED.to_string(),
+                Reason::Unauthenticated.name().to_string(),
                 stats.unauthenticated.load(Ordering::Relaxed),
             );
             let mut refused: Vec<(String, u64)> = refused.into_iter().collect();

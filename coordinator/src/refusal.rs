@@ -2,6 +2,8 @@
 
 use std::fmt;
 
+use l2l_proto::refusal::Reason;
+
 /// A refusal of the coordinator, decided without touching φ.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Refusal {
@@ -82,52 +84,40 @@ pub enum Refusal {
 }
 
 impl Refusal {
-    /// Short stable name, used as counter label and in the `l2l-refusal` metadata.
-    pub fn reason(&self) -> &'static str {
+    /// The wire's reason: its stable name is the counter label and the `l2l-refusal`
+    /// metadata.
+    pub fn kind(&self) -> Reason {
         match self {
-            Refusal::UnknownWorker { .. } => "unknown_worker",
-            Refusal::UnknownLease { .. } => "unknown_lease",
-            Refusal::ForeignLease { .. } => "foreign_lease",
-            Refusal::ExpiredLease { .. } => "expired_lease",
-            Refusal::BadTruncation { .. } => "bad_truncation",
-            Refusal::PreRestart { .. } => "pre_restart",
-            Refusal::FutureVersion { .. } => "future_version",
-            Refusal::Stale { .. } => "stale",
-            Refusal::Shape { .. } => "shape",
-            Refusal::NonFinite { .. } => "non_finite",
-            Refusal::Finished => "finished",
-            Refusal::BadSession { .. } => "bad_session",
-            Refusal::TooLarge(_) => "too_large",
-            Refusal::TooManyWorkers { .. } => "too_many_workers",
+            Refusal::UnknownWorker { .. } => Reason::UnknownWorker,
+            Refusal::UnknownLease { .. } => Reason::UnknownLease,
+            Refusal::ForeignLease { .. } => Reason::ForeignLease,
+            Refusal::ExpiredLease { .. } => Reason::ExpiredLease,
+            Refusal::BadTruncation { .. } => Reason::BadTruncation,
+            Refusal::PreRestart { .. } => Reason::PreRestart,
+            Refusal::FutureVersion { .. } => Reason::FutureVersion,
+            Refusal::Stale { .. } => Reason::Stale,
+            Refusal::Shape { .. } => Reason::Shape,
+            Refusal::NonFinite { .. } => Reason::NonFinite,
+            Refusal::Finished => Reason::Finished,
+            Refusal::BadSession { .. } => Reason::BadSession,
+            Refusal::TooLarge(_) => Reason::TooLarge,
+            Refusal::TooManyWorkers { .. } => Reason::TooManyWorkers,
         }
     }
 
-    /// The gRPC status code the refusal travels with; refusals that share a code are told
-    /// apart by [`Refusal::reason`] in the `l2l-refusal` metadata.
+    /// Short stable name, used as counter label and in the `l2l-refusal` metadata.
+    pub fn reason(&self) -> &'static str {
+        self.kind().name()
+    }
+
+    /// The gRPC status code the refusal travels with.
     pub fn code(&self) -> tonic::Code {
-        use tonic::Code;
-        match self {
-            Refusal::UnknownWorker { .. } | Refusal::UnknownLease { .. } => Code::NotFound,
-            Refusal::ForeignLease { .. } | Refusal::BadSession { .. } => Code::PermissionDenied,
-            Refusal::ExpiredLease { .. } => Code::FailedPrecondition,
-            Refusal::BadTruncation { .. }
-            | Refusal::Shape { .. }
-            | Refusal::NonFinite { .. }
-            | Refusal::TooLarge(_) => Code::InvalidArgument,
-            Refusal::TooManyWorkers { .. } => Code::ResourceExhausted,
-            Refusal::PreRestart { .. } => Code::Aborted,
-            Refusal::FutureVersion { .. } | Refusal::Stale { .. } => Code::OutOfRange,
-            Refusal::Finished => Code::Cancelled,
-        }
+        self.kind().code()
     }
 
     /// The gRPC status: code, message, and the reason in `l2l-refusal` metadata.
     pub fn to_status(&self) -> tonic::Status {
-        let mut status = tonic::Status::new(self.code(), self.to_string());
-        if let Ok(v) = self.reason().parse() {
-            status.metadata_mut().insert("l2l-refusal", v);
-        }
-        status
+        self.kind().status(self.to_string())
     }
 }
 

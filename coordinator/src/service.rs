@@ -28,6 +28,7 @@ use crate::auth::{CheckToken, ServerSecurity};
 use crate::checkpoint;
 use crate::schedule::Schedule;
 use crate::state::{Coordinator, SESSION_BYTES};
+use l2l_proto::refusal::Reason;
 
 /// The health-check service name that reports liveness (the empty name reports readiness).
 pub const LIVENESS: &str = "liveness";
@@ -175,7 +176,7 @@ impl Rpc for Shared {
         if unauthenticated > 0 {
             reply
                 .refused
-                .insert(crate::auth::UNAUTHENTICATED.into(), unauthenticated);
+                .insert(Reason::Unauthenticated.name().into(), unauthenticated);
         }
         Ok(Response::new(reply))
     }

@@ -232,7 +232,7 @@ impl Coordinator {
                 snapshot.epoch << 32,
                 config.max_lease_records(),
             ),
-            sampler: Sampler::new(config.problems.clone(), snapshot.sampler_state),
+            sampler: Sampler::new(&config.problems, snapshot.sampler_state)?,
             guard: Guard::new(config.guard, snapshot.counters.recent_norms.clone()),
             run: snapshot.run,
             pruned: None,

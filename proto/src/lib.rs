@@ -1,8 +1,11 @@
 //! The l2l wire contract: gRPC service `l2l.v1.Coordinator`, generated from
-//! `proto/l2l.proto`, and how a caller presents the shared token ([`auth`]).
+//! `proto/l2l.proto`, how a caller presents the shared token ([`auth`]), and why a
+//! request was refused ([`refusal::Reason`]).
 #![allow(clippy::all)]
 
 pub mod auth;
+pub mod instance;
+pub mod refusal;
 
 /// Package `l2l.v1`.
 #[allow(missing_docs)]

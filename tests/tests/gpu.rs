@@ -7,8 +7,8 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use l2l_common::MetaGradFile;
+use l2l_common::engine::vulkan_driver_installed;
 use l2l_tests::{Coordinator, Host, Proc, start_worker, text, worker};
-use l2l_worker::backend::vulkan_driver_installed;
 
 fn s(p: &Path) -> &str {
     p.to_str().expect("temp paths are UTF-8")

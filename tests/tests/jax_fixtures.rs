@@ -9,8 +9,9 @@
 
 use std::path::{Path, PathBuf};
 
+use l2l_common::engine::{Backend, Engine};
+use l2l_common::problems::Optimizee;
 use l2l_common::{Phi, Quadratic};
-use l2l_worker::backend::{Backend, Engine, Optimizee};
 
 const CASES: [&str; 2] = ["log_sign_h3_l2_k5", "identity_h2_l2"];
 
@@ -37,7 +38,7 @@ fn backends() -> Vec<(Backend, f64)> {
     // float32 against the float64 reference. Measured worst error / bound (printed):
     // fused 0.22, flex 0.11 at 1e-5; wgpu on lavapipe 0.6 at 1e-5. A GPU's shaders may
     // round differently (fast math), so wgpu is held to 1e-4.
-    let mut b = vec![(Backend::Cpu, 1e-5), (Backend::Flex, 1e-5)];
+    let mut b = vec![(Backend::Fused, 1e-5), (Backend::Flex, 1e-5)];
     if cfg!(feature = "wgpu") {
         b.push((Backend::Wgpu, 1e-4));
     }
@@ -100,7 +101,7 @@ fn check(case: &str, backend: Backend, rtol: f64) {
                  (rtol {rtol:e})\n got  {got:?}\n want {expected:?}"
             );
         }
-        state = out.state;
+        state = out.carry;
         start += steps;
     }
 }

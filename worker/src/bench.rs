@@ -5,9 +5,10 @@ use std::time::Instant;
 
 use anyhow::{Result, bail};
 use clap::Args;
+use l2l_common::engine::{Backend, Engine};
 use l2l_common::fused;
+use l2l_common::problems::Optimizee;
 use l2l_common::{OptimizerConfig, Phi, Preprocess, Quadratic};
-use l2l_worker::backend::{Backend, Engine, Optimizee};
 use serde_json::json;
 
 use crate::PreprocessArg;
@@ -71,7 +72,7 @@ pub fn run(a: Bench) -> Result<()> {
         a.preprocess.iter().map(|p| (*p).into()).collect()
     };
     let backends = if a.backend.is_empty() {
-        vec![Backend::Cpu, Backend::Flex]
+        vec![Backend::Fused, Backend::Flex]
     } else {
         a.backend.clone()
     };
@@ -108,7 +109,7 @@ pub fn run(a: Bench) -> Result<()> {
             for engine in &engines {
                 // The fused path has no forward-only variant.
                 let whats: &[What] = match engine.backend() {
-                    Backend::Cpu => &[What::MetaGrad],
+                    Backend::Fused => &[What::MetaGrad],
                     Backend::Flex | Backend::Wgpu => &[What::MetaGrad, What::Forward],
                 };
                 let loaded = engine.load(Optimizee::Quadratic(quad.clone()));
@@ -156,7 +157,7 @@ pub fn run(a: Bench) -> Result<()> {
 fn measure(
     engine: &Engine,
     phi: &Phi,
-    problem: &l2l_worker::backend::Loaded,
+    problem: &l2l_common::engine::Loaded,
     steps: usize,
     what: What,
     warmup: u32,

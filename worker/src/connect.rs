@@ -11,6 +11,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use l2l_proto::auth::{TOKEN_FILE_ENV, Token};
+use l2l_proto::refusal::{REFUSAL_KEY, Reason};
 use l2l_proto::v1::coordinator_client::CoordinatorClient;
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
@@ -166,7 +167,7 @@ pub async fn connect(url: &str, security: &ClientSecurity, timeout: Duration) ->
 /// HTTP/2 with nothing a client can parse.
 pub fn transport_advice(security: &ClientSecurity, s: &tonic::Status) -> Option<&'static str> {
     // A status the server sent has no source; one made from a transport failure has.
-    if s.metadata().get("l2l-refusal").is_some() || std::error::Error::source(s).is_none() {
+    if s.metadata().get(REFUSAL_KEY).is_some() || std::error::Error::source(s).is_none() {
         return None;
     }
     Some(match (&security.tls, security.client_cert) {
@@ -191,9 +192,7 @@ pub fn transport_advice(security: &ClientSecurity, s: &tonic::Status) -> Option<
 pub fn fatal_refusal(s: &tonic::Status) -> Option<String> {
     // A refusal that names its reason refuses one request (e.g. `bad_session`,
     // `foreign_lease`), not the caller; only `unauthenticated` refuses the caller.
-    if let Some(r) = s.metadata().get("l2l-refusal")
-        && r != "unauthenticated"
-    {
+    if s.metadata().get(REFUSAL_KEY).is_some() && Reason::of(s) != Some(Reason::Unauthenticated) {
         return None;
     }
     match s.code() {

@@ -7,18 +7,18 @@
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
+use l2l_common::Phi;
 use l2l_common::baselines::{Baseline, Tuned, log_grid, tune};
-use l2l_common::fused::HostProblem;
+use l2l_common::engine::{Backend, Engine};
+use l2l_common::problems::HostProblem;
 use l2l_common::problems::ProblemSpec;
-use l2l_common::problems::mnist::{Dataset, Split};
-use l2l_common::{Mlp, Phi, Quadratic};
+use l2l_common::problems::mnist::Split;
+use l2l_common::problems::{DataSource, Optimizee};
 use l2l_worker::DEFAULT_DATA;
-use l2l_worker::backend::{Backend, Engine, Optimizee};
 use rayon::prelude::*;
 
 use crate::plot::{Series, plot_curves};
@@ -68,7 +68,7 @@ pub struct EvalArgs {
     out: PathBuf,
     /// Where the learned optimizer runs: `cpu`, `flex` or `wgpu` (needs a build with
     /// `--features wgpu`). The baselines run on the CPU.
-    #[arg(long, value_enum, default_value_t = Backend::Cpu)]
+    #[arg(long, value_enum, default_value_t = Backend::Fused)]
     backend: Backend,
 }
 
@@ -76,25 +76,15 @@ pub struct EvalArgs {
 const REPORT_SEEDS: u64 = 0x5245_504f_5254_0000;
 const TUNE_SEEDS: u64 = 0x5455_4e45_0000_0000;
 
+/// `count` instances of `spec` from seeds `base`, `base + 1`, …, their data from `data`.
 fn instances(
     spec: &ProblemSpec,
-    data: Option<&Arc<Dataset>>,
+    data: &mut DataSource,
     base: u64,
     count: usize,
 ) -> Result<Vec<Optimizee>> {
     (0..count as u64)
-        .map(|i| {
-            let seed = base.wrapping_add(i);
-            Ok(match spec {
-                ProblemSpec::Quadratic { batch, dims } => {
-                    Optimizee::Quadratic(Quadratic::from_seed(seed, *batch, *dims)?)
-                }
-                ProblemSpec::Mlp(m) => {
-                    let data = data.context("mlp problems need data")?;
-                    Optimizee::Mlp(Mlp::new(m.clone(), data.clone(), seed)?)
-                }
-            })
-        })
+        .map(|i| Ok(spec.instance(base.wrapping_add(i), data)?))
         .collect()
 }
 
@@ -173,27 +163,13 @@ pub fn run(a: EvalArgs) -> Result<()> {
     let phi = Phi::load_any(&a.phi).context("cannot load φ (--phi)")?;
     let engine = Engine::open(a.backend).with_context(|| format!("--backend {}", a.backend))?;
     eprintln!("learned optimizer on {}", engine.describe());
-    let (tune_data, report_data) = match &a.problem {
-        ProblemSpec::Mlp(_) => {
-            let train =
-                Dataset::load(&a.data, Split::Train).context("cannot load the training split")?;
-            let test = Dataset::load(&a.data, Split::Test).context("cannot load the test split")?;
-            (Some(Arc::new(train)), Some(Arc::new(test)))
-        }
-        ProblemSpec::Quadratic { .. } => (None, None),
-    };
-    let tune_set = instances(
-        &a.problem,
-        tune_data.as_ref(),
-        a.seed ^ TUNE_SEEDS,
-        a.tune_runs,
-    )?;
-    let report = instances(
-        &a.problem,
-        report_data.as_ref(),
-        a.seed ^ REPORT_SEEDS,
-        a.runs,
-    )?;
+    // Baselines are tuned on the training split, everything is reported on the test split.
+    let mut train = DataSource::new(&a.data, Split::Train);
+    let mut test = DataSource::new(&a.data, Split::Test);
+    let tune_set = instances(&a.problem, &mut train, a.seed ^ TUNE_SEEDS, a.tune_runs)
+        .context("cannot make the tuning problems (training split of --data)")?;
+    let report = instances(&a.problem, &mut test, a.seed ^ REPORT_SEEDS, a.runs)
+        .context("cannot make the report problems (test split of --data)")?;
     std::fs::create_dir_all(&a.out)
         .with_context(|| format!("cannot create the output directory {}", a.out.display()))?;
 
@@ -255,12 +231,13 @@ pub fn run(a: EvalArgs) -> Result<()> {
     progress.finish_and_clear();
 
     let all: Vec<(&Row, Stats)> = rows.iter().map(|r| (r, stats(&r.curves))).collect();
-    let source = match &a.problem {
-        ProblemSpec::Mlp(_) => format!(
+    let source = if a.problem.needs_data() {
+        format!(
             " (minibatches from the test split of {}; rates tuned on the training split)",
             a.data.display()
-        ),
-        ProblemSpec::Quadratic { .. } => String::new(),
+        )
+    } else {
+        String::new()
     };
     let title = format!(
         "{}: {} held-out problems, rates tuned on {} others{source}",

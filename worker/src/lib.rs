@@ -6,13 +6,12 @@
 //! single-node mode runs it in-process on threads of its own.
 #![warn(missing_docs)]
 
-pub mod backend;
 pub mod backoff;
 pub mod connect;
 pub mod metrics;
 pub mod run;
 
-pub use backend::{Backend, Engine};
+pub use l2l_common::engine::{Backend, Engine};
 pub use run::{WorkerOptions, WorkerSummary, run_worker};
 
 /// Where Debian's `dataset-fashion-mnist` puts Fashion-MNIST: the default data directory

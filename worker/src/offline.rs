@@ -5,8 +5,9 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
+use l2l_common::engine::{Backend, Engine};
+use l2l_common::problems::Optimizee;
 use l2l_common::{MetaGradFile, OptimizerConfig, Phi, Preprocess, Quadratic};
-use l2l_worker::backend::{Backend, Engine, Optimizee};
 
 use crate::PreprocessArg;
 
@@ -123,7 +124,7 @@ pub struct MetaGradArgs {
     /// Where to compute: `cpu` (fused CPU kernels), `flex` (the burn composition on the
     /// CPU, the reference) or `wgpu` (the burn composition on the GPU; needs a build with
     /// `--features wgpu`).
-    #[arg(long, alias = "impl", value_enum, default_value_t = Backend::Cpu)]
+    #[arg(long, alias = "impl", value_enum, default_value_t = Backend::Fused)]
     backend: Backend,
 }
 

@@ -5,20 +5,21 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
+use l2l_common::Phi;
 use l2l_common::checkpoint::TensorFile;
 use l2l_common::checkpoint::{config_from, phi_from};
-use l2l_common::problems::ProblemSpec;
-use l2l_common::problems::mnist::{Dataset, Split};
-use l2l_common::{Mlp, Phi, Quadratic};
+use l2l_common::problems::DataSource;
+use l2l_common::problems::mnist::Split;
+use l2l_proto::refusal::Reason;
 use l2l_proto::v1::{
     FetchPhiRequest, HeartbeatRequest, Instance, LeaseReply, LeaseRequest, RegisterRequest,
     SubmitRequest, Version,
 };
 
-use crate::backend::{Backend, Engine, Loaded, Optimizee};
 use crate::backoff::Backoff;
 use crate::connect::{Client, ClientSecurity, connect, fatal_refusal, transport_advice};
 use crate::metrics::WorkerMetrics;
+use l2l_common::engine::{Backend, Engine, Loaded};
 
 /// How a worker runs.
 #[derive(Debug, Clone)]
@@ -55,7 +56,7 @@ impl WorkerOptions {
             security: ClientSecurity::default(),
             metrics: None,
             data: std::path::PathBuf::from(crate::DEFAULT_DATA),
-            backend: Backend::Cpu,
+            backend: Backend::Fused,
         }
     }
 }
@@ -84,10 +85,30 @@ enum Outcome {
 }
 
 /// The refusal reason a coordinator put in a status, if any.
-fn reason(s: &tonic::Status) -> Option<&str> {
-    s.metadata()
-        .get("l2l-refusal")
-        .and_then(|v| v.to_str().ok())
+fn reason(s: &tonic::Status) -> Option<Reason> {
+    Reason::of(s)
+}
+
+/// Why a submission did not land.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum NotLanded {
+    /// The coordinator refused it, saying why.
+    Refused(Reason),
+    /// Refused without a reason this worker knows (a newer coordinator?).
+    Unrecognised,
+    /// The coordinator could not be reached.
+    Transport,
+}
+
+impl NotLanded {
+    /// The label in the worker's metrics.
+    fn label(self) -> &'static str {
+        match self {
+            NotLanded::Refused(r) => r.name(),
+            NotLanded::Unrecognised => "unknown",
+            NotLanded::Transport => "transport",
+        }
+    }
 }
 
 /// A transport-level failure (coordinator down or unreachable) rather than a refusal.
@@ -121,8 +142,8 @@ struct Worker {
     phi: Option<(Version, Phi)>,
     stop: Arc<AtomicBool>,
     summary: WorkerSummary,
-    /// The training split, loaded on the first `mlp` lease.
-    data: Option<Arc<Dataset>>,
+    /// The training split, loaded on the first lease that needs data.
+    data: DataSource,
     /// The backend the unrolls run on.
     engine: Engine,
 }
@@ -140,6 +161,7 @@ pub fn run_worker(opts: WorkerOptions, stop: Arc<AtomicBool>) -> Result<WorkerSu
         .enable_all()
         .build()
         .context("cannot start the worker's I/O runtime")?;
+    let opts_data = opts.data.clone();
     let mut w = Worker {
         backoff: Backoff::new(opts.min_backoff, opts.max_backoff, opts.seed),
         opts,
@@ -153,7 +175,7 @@ pub fn run_worker(opts: WorkerOptions, stop: Arc<AtomicBool>) -> Result<WorkerSu
         phi: None,
         stop,
         summary: WorkerSummary::default(),
-        data: None,
+        data: DataSource::new(&opts_data, Split::Train),
         engine,
     };
     w.main_loop()?;
@@ -253,8 +275,13 @@ impl Worker {
                 }));
                 let lease = match lease {
                     Ok(l) => l.into_inner(),
-                    Err(s) if reason(&s) == Some("finished") => return Ok(()),
-                    Err(s) if matches!(reason(&s), Some("unknown_worker" | "bad_session")) => {
+                    Err(s) if reason(&s) == Some(Reason::Finished) => return Ok(()),
+                    Err(s)
+                        if matches!(
+                            reason(&s),
+                            Some(Reason::UnknownWorker | Reason::BadSession)
+                        ) =>
+                    {
                         self.pause();
                         continue 'join;
                     }
@@ -388,10 +415,10 @@ impl Worker {
                 unroll_seconds: started.elapsed().as_secs_f64(),
                 session: self.session.clone(),
             };
-            carry = Some(out.state);
+            carry = Some(out.carry);
             let submitted = self.submit(req);
             if let Some(m) = &self.opts.metrics {
-                m.submission(submitted.as_ref().err().map_or("accepted", |r| r.as_str()));
+                m.submission(submitted.err().map_or("accepted", NotLanded::label));
             }
             match submitted {
                 Ok(()) => {
@@ -408,11 +435,14 @@ impl Worker {
                 Err(r) => {
                     self.summary.refused += 1;
                     self.next_wait = Duration::ZERO;
-                    match r.as_str() {
+                    match r {
                         // Outdated φ: the trajectory goes on with the new one.
-                        "stale" | "pre_restart" | "future_version" => {}
-                        "finished" => return Ok(Outcome::Stop),
-                        "unknown_worker" | "bad_session" | "transport" => {
+                        NotLanded::Refused(
+                            Reason::Stale | Reason::PreRestart | Reason::FutureVersion,
+                        ) => {}
+                        NotLanded::Refused(Reason::Finished) => return Ok(Outcome::Stop),
+                        NotLanded::Refused(Reason::UnknownWorker | Reason::BadSession)
+                        | NotLanded::Transport => {
                             return Ok(Outcome::Reregister);
                         }
                         _ => return Ok(Outcome::Release),
@@ -429,7 +459,7 @@ impl Worker {
 
     /// Submits, retrying transport failures a few times (duplicates are acknowledged).
     /// Returns the refusal reason on failure (`transport` when the coordinator is gone).
-    fn submit(&mut self, req: SubmitRequest) -> Result<(), String> {
+    fn submit(&mut self, req: SubmitRequest) -> Result<(), NotLanded> {
         for attempt in 0..4 {
             let Some(mut c) = self.client.clone() else {
                 break;
@@ -442,14 +472,14 @@ impl Worker {
                     self.sleep(delay);
                 }
                 Err(s) => {
-                    let r = reason(&s).unwrap_or("unknown").to_string();
-                    tracing::info!(reason = %r, "submission refused: {}", s.message());
+                    let r = reason(&s).map_or(NotLanded::Unrecognised, NotLanded::Refused);
+                    tracing::info!(reason = r.label(), "submission refused: {}", s.message());
                     return Err(r);
                 }
             }
         }
         self.client = None;
-        Err("transport".into())
+        Err(NotLanded::Transport)
     }
 
     /// Heartbeats the lease every third of its timeout while the unroll runs.
@@ -487,61 +517,14 @@ impl Worker {
     /// lease); refuses unknown families, unreadable parameters and missing data.
     fn instance_problem(&mut self, instance: Option<&Instance>) -> Result<Loaded, String> {
         let i = instance.ok_or("the lease carries no instance")?;
-        let optimizee = match instance_spec(i)? {
-            ProblemSpec::Quadratic { batch, dims } => Optimizee::Quadratic(
-                Quadratic::from_seed(i.seed, batch, dims).map_err(|e| e.to_string())?,
-            ),
-            ProblemSpec::Mlp(spec) => {
-                let data = match &self.data {
-                    Some(d) => d.clone(),
-                    None => {
-                        let d = Dataset::load(&self.opts.data, Split::Train)
-                            .map_err(|e| format!("cannot load the mlp training data: {e}"))?;
-                        tracing::info!(dir = %self.opts.data.display(), examples = d.len(), "training data loaded");
-                        self.data.insert(Arc::new(d)).clone()
-                    }
-                };
-                Optimizee::Mlp(Mlp::new(spec, data, i.seed).map_err(|e| e.to_string())?)
-            }
-        };
+        let spec = i.spec().map_err(|e| e.to_string())?;
+        let first_data = spec.needs_data() && !self.data.is_loaded();
+        let optimizee = spec
+            .instance(i.seed, &mut self.data)
+            .map_err(|e| format!("cannot make the {} instance: {e}", spec.family()))?;
+        if first_data {
+            tracing::info!(dir = %self.opts.data.display(), "training data loaded");
+        }
         Ok(self.engine.load(optimizee))
-    }
-}
-
-/// The instance's family and parameters as a [`ProblemSpec`].
-fn instance_spec(i: &Instance) -> Result<ProblemSpec, String> {
-    let mut params: Vec<String> = i.params.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    params.sort();
-    format!("{}:{}", i.family, params.join(","))
-        .parse()
-        .map_err(|e: l2l_common::Error| e.to_string())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn instances_become_problems_or_clear_refusals() {
-        let mut i = Instance {
-            family: "quadratic".into(),
-            seed: 5,
-            params: [("batch".to_string(), "3".to_string())].into(),
-        };
-        assert_eq!(
-            instance_spec(&i).unwrap(),
-            ProblemSpec::Quadratic { batch: 3, dims: 10 },
-            "dims defaults to 10"
-        );
-        i.params.insert("dims".into(), "ten".into());
-        assert!(instance_spec(&i).unwrap_err().contains("\"ten\""));
-        i.family = "conv".into();
-        assert!(instance_spec(&i).unwrap_err().contains("\"conv\""));
-        i.family = "mlp".into();
-        i.params = [("hidden".to_string(), "40".to_string())].into();
-        let ProblemSpec::Mlp(m) = instance_spec(&i).unwrap() else {
-            panic!("an mlp")
-        };
-        assert_eq!(m.hidden, [40]);
     }
 }

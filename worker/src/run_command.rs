@@ -46,7 +46,7 @@ pub struct RunArgs {
     /// Where the unrolls run: `cpu` (fused CPU kernels), `flex` (burn on the CPU, the
     /// reference) or `wgpu` (burn on the GPU: Vulkan, Metal, DX12; needs a build with
     /// `--features wgpu` and the GPU's Vulkan driver).
-    #[arg(long, env = "L2L_BACKEND", value_enum, default_value_t = Backend::Cpu)]
+    #[arg(long, env = "L2L_BACKEND", value_enum, default_value_t = Backend::Fused)]
     backend: Backend,
     /// Threads for the unroll [default: one per CPU core]; lower it when several workers
     /// share a machine.

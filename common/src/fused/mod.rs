@@ -16,49 +16,11 @@ pub mod math;
 
 use rayon::prelude::*;
 
-use crate::{Error, OptimizerConfig, Phi, Quadratic};
+use crate::problems::HostProblem;
+use crate::truncation::Truncation;
+use crate::{Error, OptimizerConfig, Phi};
 
 use cell::{Accumulator, LANES, Layout, Weights};
-
-/// A problem as the fused path sees it: loss and gradient on host f32 values.
-pub trait HostProblem: Sync {
-    /// N, the number of coordinates.
-    fn num_coords(&self) -> usize;
-    /// f_t(θ), writing ∇f_t(θ) into `grad`.
-    fn eval(&self, theta: &[f32], step: usize, grad: &mut [f32]) -> f64;
-}
-
-impl HostProblem for Quadratic {
-    fn num_coords(&self) -> usize {
-        Quadratic::num_coords(self)
-    }
-
-    /// f = (1/B) Σ_b ||W_b θ_b − y_b||², ∇_b = (2/B) W_bᵀ (W_b θ_b − y_b).
-    fn eval(&self, theta: &[f32], _step: usize, grad: &mut [f32]) -> f64 {
-        let (d, scale) = (self.dims, 2.0 / self.batch as f32);
-        let mut loss = 0f64;
-        let mut r = vec![0f32; d];
-        for b in 0..self.batch {
-            let w = &self.w[b * d * d..(b + 1) * d * d];
-            let th = &theta[b * d..(b + 1) * d];
-            for (i, ri) in r.iter_mut().enumerate() {
-                let row = &w[i * d..(i + 1) * d];
-                *ri = row.iter().zip(th).map(|(a, t)| a * t).sum::<f32>() - self.y[b * d + i];
-                loss += (*ri as f64) * (*ri as f64);
-            }
-            let g = &mut grad[b * d..(b + 1) * d];
-            g.iter_mut().for_each(|v| *v = 0.0);
-            for (i, ri) in r.iter().enumerate() {
-                let row = &w[i * d..(i + 1) * d];
-                for (gj, wij) in g.iter_mut().zip(row) {
-                    *gj += wij * ri;
-                }
-            }
-            g.iter_mut().for_each(|v| *v *= scale);
-        }
-        loss / self.batch as f64
-    }
-}
 
 /// Where a trajectory stands between truncations, on the host.
 #[derive(Debug, Clone, PartialEq)]
@@ -83,19 +45,6 @@ impl HostCarry {
     }
 }
 
-/// A truncation's meta-gradient from the fused path.
-#[derive(Debug, Clone)]
-pub struct FusedMetaGrad {
-    /// ∂L/∂φ in spec order and shapes.
-    pub grad: Phi,
-    /// L = (1/T) Σ f_t(θ_t), t = s+1 ..= s+T.
-    pub meta_loss: f64,
-    /// f_t(θ_t) of every step.
-    pub losses: Vec<f64>,
-    /// θ and state after the truncation.
-    pub carry: HostCarry,
-}
-
 /// SIMD blocks per parallel task: enough to amortise scheduling, small enough that a
 /// task's records stay in L2. Fixed, so results are the same for any thread count.
 const TASK_BLOCKS: usize = 8;
@@ -111,7 +60,7 @@ pub fn meta_grad(
     carry: HostCarry,
     start: usize,
     steps: usize,
-) -> Result<FusedMetaGrad, Error> {
+) -> Result<Truncation<HostCarry>, Error> {
     meta_grad_with(false, phi, problem, carry, start, steps, None)
 }
 
@@ -123,7 +72,7 @@ pub fn meta_grad_weighted(
     carry: HostCarry,
     start: usize,
     weights: &[f32],
-) -> Result<FusedMetaGrad, Error> {
+) -> Result<Truncation<HostCarry>, Error> {
     meta_grad_with(
         false,
         phi,
@@ -156,7 +105,7 @@ pub(crate) fn meta_grad_with(
     start: usize,
     steps: usize,
     weights: Option<&[f32]>,
-) -> Result<FusedMetaGrad, Error> {
+) -> Result<Truncation<HostCarry>, Error> {
     let mut records = RECORDS.with(|r| std::mem::take(&mut *r.borrow_mut()));
     let out = run(
         portable,
@@ -181,7 +130,7 @@ fn run(
     steps: usize,
     weights: Option<&[f32]>,
     records: &mut Vec<Vec<f32>>,
-) -> Result<FusedMetaGrad, Error> {
+) -> Result<Truncation<HostCarry>, Error> {
     let weight = |t: usize| weights.map_or(1.0, |w| w[t]);
     let cfg = phi.config;
     let n = problem.num_coords();
@@ -313,7 +262,7 @@ fn run(
     }
     theta_pad.truncate(n);
     let theta = theta_pad;
-    Ok(FusedMetaGrad {
+    Ok(Truncation {
         grad,
         meta_loss: losses
             .iter()

@@ -8,14 +8,15 @@
 //! The minibatch of step t is a function of (seed, t) only, so every worker, evaluator and
 //! baseline sees the same batches for the same instance.
 
+use std::collections::BTreeMap;
 use std::str::FromStr;
 use std::sync::Arc;
 
 use num_traits::Float;
 
 use crate::Error;
-use crate::fused::HostProblem;
 use crate::problems::mnist::Dataset;
+use crate::problems::{HostProblem, MAX_MLP_LAYERS, MAX_VALUES, Params};
 use crate::rng::Rng;
 
 /// Classes of the output layer.
@@ -100,6 +101,50 @@ impl MlpSpec {
             return Err(Error::Config("mlp batch must be positive".into()));
         }
         Ok(())
+    }
+
+    /// Reads `hidden` (widths joined by `x`), `act` (or `activation`) and `batch`;
+    /// defaults: the paper's network. Refuses other keys and sizes beyond
+    /// [`MAX_VALUES`] weights or [`MAX_MLP_LAYERS`] layers.
+    pub fn parse(params: &Params) -> Result<Self, Error> {
+        let mut m = MlpSpec::default();
+        for &(k, v) in params.pairs() {
+            match k {
+                "hidden" => {
+                    m.hidden = v
+                        .split('x')
+                        .map(|w| params.count(w))
+                        .collect::<Result<_, _>>()?
+                }
+                "act" | "activation" => m.activation = v.parse()?,
+                "batch" => m.batch = params.count(v)?,
+                _ => return Err(params.unknown(k, "hidden, act, batch")),
+            }
+        }
+        if m.hidden.len() > MAX_MLP_LAYERS {
+            return Err(params.bad(format!(
+                "{} hidden layers; at most {MAX_MLP_LAYERS}",
+                m.hidden.len()
+            )));
+        }
+        let mut widths = vec![784u128];
+        widths.extend(m.hidden.iter().map(|h| *h as u128));
+        widths.push(CLASSES as u128);
+        let weights: u128 = widths.windows(2).map(|w| w[0] * w[1] + w[1]).sum();
+        if weights > MAX_VALUES as u128 {
+            return Err(params.bad(format!("{weights} weights; at most {MAX_VALUES}")));
+        }
+        Ok(m)
+    }
+
+    /// Every parameter, as [`MlpSpec::parse`] reads them.
+    pub fn params(&self) -> BTreeMap<String, String> {
+        let h: Vec<String> = self.hidden.iter().map(|h| h.to_string()).collect();
+        BTreeMap::from([
+            ("hidden".to_string(), h.join("x")),
+            ("act".to_string(), self.activation.name().to_string()),
+            ("batch".to_string(), self.batch.to_string()),
+        ])
     }
 
     /// A short name: `mlp-20-sigmoid`, `mlp-20x20-relu`.

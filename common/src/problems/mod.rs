@@ -1,15 +1,28 @@
 //! Optimizee problems: the functions the learned optimizer trains on (spec §3).
+//!
+//! Each family lives whole in its module: its hyper-parameters and their parsing, its
+//! instances on the host ([`HostProblem`], for the fused kernels, the baselines and
+//! evaluation) and on a burn device ([`Problem`]), and its data. [`ProblemSpec`] is the
+//! registry: the worker, `eval` and the coordinator's sampler reach every family through
+//! it, so adding a family is a new module and one variant (with its match arms) here.
 
 pub mod mlp;
 pub mod mlp_on;
 pub mod mnist;
 pub mod quadratic;
 
-use burn::tensor::Tensor;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use burn::tensor::{DType, Device, Tensor};
+
+use crate::Error;
+use mnist::{Dataset, Split};
 
 pub use mlp::{Activation, Mlp, MlpSpec};
 pub use mlp_on::{DatasetOn, MlpOn};
-pub use quadratic::Quadratic;
+pub use quadratic::{Quadratic, QuadraticSpec};
 
 /// An optimizee on a device: its loss and its gradient at step t.
 ///
@@ -26,6 +39,15 @@ pub trait Problem {
     fn grad(&self, theta: Tensor<2>, step: usize) -> Tensor<2>;
 }
 
+/// An optimizee on the host: loss and gradient on f32 values (the fused kernels, the
+/// baselines and evaluation use it).
+pub trait HostProblem: Sync {
+    /// N, the number of coordinates.
+    fn num_coords(&self) -> usize;
+    /// f_t(θ), writing ∇f_t(θ) into `grad`.
+    fn eval(&self, theta: &[f32], step: usize, grad: &mut [f32]) -> f64;
+}
+
 /// Largest count in a problem spec (a batch, a dimension, a layer width).
 pub const MAX_COUNT: usize = 1 << 20;
 /// Largest number of values a problem's parameters or data may need (1 GiB of f32).
@@ -33,36 +55,118 @@ pub const MAX_VALUES: usize = 1 << 28;
 /// Largest number of hidden layers of an `mlp` problem.
 pub const MAX_MLP_LAYERS: usize = 16;
 
-/// A problem family with its hyper-parameters, as written on the command line:
-/// `quadratic`, `mlp`, or `mlp:hidden=40`, `mlp:hidden=20x20`, `mlp:act=relu`,
-/// `mlp:hidden=40,act=relu,batch=128`.
+/// A family's hyper-parameters as given (`key=value` pairs), for its parser.
+pub struct Params<'a> {
+    family: &'a str,
+    pairs: Vec<(&'a str, &'a str)>,
+}
+
+impl<'a> Params<'a> {
+    /// The pairs in order.
+    pub fn pairs(&self) -> &[(&'a str, &'a str)] {
+        &self.pairs
+    }
+
+    /// A refusal naming the family.
+    pub fn bad(&self, why: String) -> Error {
+        Error::Config(format!("problem {:?}: {why}", self.family))
+    }
+
+    /// `v` as a count in 1..=[`MAX_COUNT`].
+    pub fn count(&self, v: &str) -> Result<usize, Error> {
+        v.parse::<usize>()
+            .ok()
+            .filter(|n| (1..=MAX_COUNT).contains(n))
+            .ok_or_else(|| self.bad(format!("{v:?} is not a count in 1..={MAX_COUNT}")))
+    }
+
+    /// The refusal of an unknown key, listing the known ones.
+    pub fn unknown(&self, key: &str, known: &str) -> Error {
+        self.bad(format!(
+            "unknown {} parameter {key:?} ({known})",
+            self.family
+        ))
+    }
+}
+
+/// A problem family with its hyper-parameters: the registry of families. Written on the
+/// command line as `quadratic`, `mlp`, `mlp:hidden=40`, `mlp:hidden=20x20,act=relu`, …
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ProblemSpec {
     /// B quadratics of d dimensions (spec §3.1).
-    Quadratic {
-        /// B.
-        batch: usize,
-        /// d.
-        dims: usize,
-    },
+    Quadratic(QuadraticSpec),
     /// The MNIST network or a variant (spec §3.2).
     Mlp(MlpSpec),
 }
 
+/// The names of the registered families.
+pub const FAMILIES: [&str; 2] = ["quadratic", "mlp"];
+
 impl ProblemSpec {
+    /// The family with its `params` (each family's defaults fill the rest).
+    pub fn from_parts<'a>(
+        family: &'a str,
+        params: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Result<Self, Error> {
+        let params = Params {
+            family,
+            pairs: params.into_iter().collect(),
+        };
+        match family {
+            "quadratic" => QuadraticSpec::parse(&params).map(ProblemSpec::Quadratic),
+            "mlp" => MlpSpec::parse(&params).map(ProblemSpec::Mlp),
+            _ => Err(params.bad(format!(
+                "unknown family; use one of {}",
+                FAMILIES.join(", ")
+            ))),
+        }
+    }
+
+    /// The family's name, as on the wire.
+    pub fn family(&self) -> &'static str {
+        match self {
+            ProblemSpec::Quadratic(_) => "quadratic",
+            ProblemSpec::Mlp(_) => "mlp",
+        }
+    }
+
+    /// Every hyper-parameter, as `from_parts` reads them back.
+    pub fn params(&self) -> BTreeMap<String, String> {
+        match self {
+            ProblemSpec::Quadratic(q) => q.params(),
+            ProblemSpec::Mlp(m) => m.params(),
+        }
+    }
+
     /// A short name for tables and file names.
     pub fn name(&self) -> String {
         match self {
-            ProblemSpec::Quadratic { batch, dims } => format!("quadratic-{batch}x{dims}"),
+            ProblemSpec::Quadratic(q) => q.name(),
             ProblemSpec::Mlp(m) => m.name(),
         }
+    }
+
+    /// Whether instances need a data set (`--data`).
+    pub fn needs_data(&self) -> bool {
+        match self {
+            ProblemSpec::Quadratic(_) => false,
+            ProblemSpec::Mlp(_) => true,
+        }
+    }
+
+    /// The instance drawn from `seed`, its data (if any) from `data`.
+    pub fn instance(&self, seed: u64, data: &mut DataSource) -> Result<Optimizee, Error> {
+        Ok(match self {
+            ProblemSpec::Quadratic(q) => Optimizee::Quadratic(q.instance(seed)?),
+            ProblemSpec::Mlp(m) => Optimizee::Mlp(Mlp::new(m.clone(), data.get()?, seed)?),
+        })
     }
 }
 
 impl std::str::FromStr for ProblemSpec {
-    type Err = crate::Error;
-    fn from_str(s: &str) -> Result<Self, crate::Error> {
-        let bad = |why: String| crate::Error::Config(format!("problem {s:?}: {why}"));
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self, Error> {
+        let bad = |why: String| Error::Config(format!("problem {s:?}: {why}"));
         let (family, params) = s.split_once(':').unwrap_or((s, ""));
         let pairs: Vec<(&str, &str)> = params
             .split(',')
@@ -72,66 +176,107 @@ impl std::str::FromStr for ProblemSpec {
                     .ok_or_else(|| bad(format!("{p:?} is not key=value")))
             })
             .collect::<Result<_, _>>()?;
-        let count = |v: &str| {
-            v.parse::<usize>()
-                .ok()
-                .filter(|n| (1..=MAX_COUNT).contains(n))
-                .ok_or_else(|| bad(format!("{v:?} is not a count in 1..={MAX_COUNT}")))
-        };
-        match family {
-            "quadratic" => {
-                let (mut batch, mut dims) = (128, 10);
-                for (k, v) in pairs {
-                    match k {
-                        "batch" => batch = count(v)?,
-                        "dims" => dims = count(v)?,
-                        _ => {
-                            return Err(bad(format!(
-                                "unknown quadratic parameter {k:?} (batch, dims)"
-                            )));
-                        }
-                    }
-                }
-                // W holds batch · dims² values.
-                if (batch as u128) * (dims as u128) * (dims as u128) > MAX_VALUES as u128 {
-                    return Err(bad(format!(
-                        "batch {batch} × dims {dims}² values; at most {MAX_VALUES}"
-                    )));
-                }
-                Ok(ProblemSpec::Quadratic { batch, dims })
+        ProblemSpec::from_parts(family, pairs).map_err(|e| bad(e.to_string()))
+    }
+}
+
+impl std::fmt::Display for ProblemSpec {
+    /// `family:key=value,...`, every parameter written out.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let params: Vec<String> = self
+            .params()
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        write!(f, "{}:{}", self.family(), params.join(","))
+    }
+}
+
+/// A problem instance, on the host.
+#[derive(Debug, Clone)]
+pub enum Optimizee {
+    /// A batch of quadratics.
+    Quadratic(Quadratic),
+    /// An MNIST network.
+    Mlp(Mlp),
+}
+
+impl Optimizee {
+    /// The instance on the host.
+    pub fn host(&self) -> &(dyn HostProblem + Send) {
+        match self {
+            Optimizee::Quadratic(q) => q,
+            Optimizee::Mlp(m) => m,
+        }
+    }
+
+    /// θ₀.
+    pub fn theta0(&self) -> &[f32] {
+        match self {
+            Optimizee::Quadratic(q) => &q.theta0,
+            Optimizee::Mlp(m) => &m.theta0,
+        }
+    }
+
+    /// The instance on `dev` in float32, its data copied there through `cache`.
+    pub fn on(&self, dev: &Device, cache: &DeviceData) -> Box<dyn Problem + Send> {
+        match self {
+            Optimizee::Quadratic(q) => Box::new(q.on(dev, DType::F32)),
+            Optimizee::Mlp(m) => Box::new(m.on(&cache.get(&m.data, dev))),
+        }
+    }
+}
+
+/// Where instances find their data: a directory of MNIST-format files, loaded once on
+/// first use.
+#[derive(Debug, Clone)]
+pub struct DataSource {
+    dir: PathBuf,
+    split: Split,
+    loaded: Option<Arc<Dataset>>,
+}
+
+impl DataSource {
+    /// The `split` of the data in `dir`, not loaded yet.
+    pub fn new(dir: &Path, split: Split) -> Self {
+        Self {
+            dir: dir.to_path_buf(),
+            split,
+            loaded: None,
+        }
+    }
+
+    /// The data set, loaded on the first call.
+    pub fn get(&mut self) -> Result<Arc<Dataset>, Error> {
+        if let Some(d) = &self.loaded {
+            return Ok(d.clone());
+        }
+        let d = Arc::new(Dataset::load(&self.dir, self.split)?);
+        self.loaded = Some(d.clone());
+        Ok(d)
+    }
+
+    /// Whether the data was loaded already.
+    pub fn is_loaded(&self) -> bool {
+        self.loaded.is_some()
+    }
+}
+
+/// The last data set put on a device, shared by every instance that uses it there.
+#[derive(Debug, Default)]
+pub struct DeviceData(Mutex<Option<(Arc<Dataset>, DatasetOn)>>);
+
+impl DeviceData {
+    /// The device copy of `data`, made once while instances use one data set.
+    pub fn get(&self, data: &Arc<Dataset>, dev: &Device) -> DatasetOn {
+        let mut held = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        match &*held {
+            Some((d, on)) if Arc::ptr_eq(d, data) => on.clone(),
+            _ => {
+                let on = DatasetOn::new(data, dev, DType::F32);
+                *held = Some((data.clone(), on.clone()));
+                on
             }
-            "mlp" => {
-                let mut m = MlpSpec::default();
-                for (k, v) in pairs {
-                    match k {
-                        "hidden" => m.hidden = v.split('x').map(count).collect::<Result<_, _>>()?,
-                        "act" | "activation" => m.activation = v.parse()?,
-                        "batch" => m.batch = count(v)?,
-                        _ => {
-                            return Err(bad(format!(
-                                "unknown mlp parameter {k:?} (hidden, act, batch)"
-                            )));
-                        }
-                    }
-                }
-                if m.hidden.len() > MAX_MLP_LAYERS {
-                    return Err(bad(format!(
-                        "{} hidden layers; at most {MAX_MLP_LAYERS}",
-                        m.hidden.len()
-                    )));
-                }
-                let mut widths = vec![784u128];
-                widths.extend(m.hidden.iter().map(|h| *h as u128));
-                widths.push(10);
-                let params: u128 = widths.windows(2).map(|w| w[0] * w[1] + w[1]).sum();
-                if params > MAX_VALUES as u128 {
-                    return Err(bad(format!("{params} weights; at most {MAX_VALUES}")));
-                }
-                Ok(ProblemSpec::Mlp(m))
-            }
-            _ => Err(bad(format!(
-                "unknown family {family:?}; use quadratic or mlp"
-            ))),
         }
     }
 }
@@ -144,10 +289,10 @@ mod tests {
     fn problem_specs_parse_with_defaults_and_refuse_typos() {
         assert_eq!(
             "quadratic".parse::<ProblemSpec>().unwrap(),
-            ProblemSpec::Quadratic {
+            ProblemSpec::Quadratic(QuadraticSpec {
                 batch: 128,
                 dims: 10
-            }
+            })
         );
         let ProblemSpec::Mlp(m) = "mlp:hidden=20x20,act=relu".parse().unwrap() else {
             panic!("an mlp")
@@ -156,6 +301,17 @@ mod tests {
             (m.hidden, m.activation, m.batch),
             (vec![20, 20], Activation::Relu, 128)
         );
+        // Display writes every parameter; parsing it gives the same spec back.
+        for text in ["quadratic:batch=3", "mlp:hidden=20x20,act=relu", "mlp"] {
+            let spec: ProblemSpec = text.parse().unwrap();
+            assert_eq!(spec.to_string().parse::<ProblemSpec>().unwrap(), spec);
+            let params = spec.params();
+            let back = ProblemSpec::from_parts(
+                spec.family(),
+                params.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+            );
+            assert_eq!(back.unwrap(), spec);
+        }
         for bad in [
             "mlp:hiden=40",
             "mlp:hidden=0",

@@ -1,15 +1,74 @@
 //! The paper's quadratic functions (spec §3.1): f_b(θ_b) = ||W_b θ_b − y_b||².
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use burn::tensor::{DType, Device, Tensor};
 
 use crate::Error;
 use crate::checkpoint::{NamedTensor, TensorFile, encode, write_atomic};
-use crate::problems::Problem;
+use crate::problems::{HostProblem, MAX_VALUES, Params, Problem};
 use crate::rng::Rng;
 use crate::tensor::from_f32;
+
+/// The family's hyper-parameters: `quadratic:batch=128,dims=10`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuadraticSpec {
+    /// B, the number of independent functions.
+    pub batch: usize,
+    /// d, the dimension of each.
+    pub dims: usize,
+}
+
+impl Default for QuadraticSpec {
+    fn default() -> Self {
+        Self {
+            batch: 128,
+            dims: 10,
+        }
+    }
+}
+
+impl QuadraticSpec {
+    /// Reads `batch` and `dims` (defaults 128 and 10); refuses others and sizes beyond
+    /// [`MAX_VALUES`].
+    pub fn parse(params: &Params) -> Result<Self, Error> {
+        let mut q = Self::default();
+        for &(k, v) in params.pairs() {
+            match k {
+                "batch" => q.batch = params.count(v)?,
+                "dims" => q.dims = params.count(v)?,
+                _ => return Err(params.unknown(k, "batch, dims")),
+            }
+        }
+        // W holds batch · dims² values.
+        if (q.batch as u128) * (q.dims as u128) * (q.dims as u128) > MAX_VALUES as u128 {
+            return Err(params.bad(format!(
+                "batch {} × dims {}² values; at most {MAX_VALUES}",
+                q.batch, q.dims
+            )));
+        }
+        Ok(q)
+    }
+
+    /// Every parameter, as [`QuadraticSpec::parse`] reads them.
+    pub fn params(&self) -> BTreeMap<String, String> {
+        BTreeMap::from([
+            ("batch".to_string(), self.batch.to_string()),
+            ("dims".to_string(), self.dims.to_string()),
+        ])
+    }
+
+    /// `quadratic-128x10`.
+    pub fn name(&self) -> String {
+        format!("quadratic-{}x{}", self.batch, self.dims)
+    }
+
+    /// The instance drawn from `seed`.
+    pub fn instance(&self, seed: u64) -> Result<Quadratic, Error> {
+        Quadratic::from_seed(seed, self.batch, self.dims)
+    }
+}
 
 /// A batch of B quadratics in d dimensions, on the host.
 #[derive(Debug, Clone, PartialEq)]
@@ -164,10 +223,59 @@ impl Problem for QuadraticOn {
     }
 }
 
+impl HostProblem for Quadratic {
+    fn num_coords(&self) -> usize {
+        Quadratic::num_coords(self)
+    }
+
+    /// f = (1/B) Σ_b ||W_b θ_b − y_b||², ∇_b = (2/B) W_bᵀ (W_b θ_b − y_b).
+    fn eval(&self, theta: &[f32], _step: usize, grad: &mut [f32]) -> f64 {
+        let (d, scale) = (self.dims, 2.0 / self.batch as f32);
+        let mut loss = 0f64;
+        let mut r = vec![0f32; d];
+        for b in 0..self.batch {
+            let w = &self.w[b * d * d..(b + 1) * d * d];
+            let th = &theta[b * d..(b + 1) * d];
+            for (i, ri) in r.iter_mut().enumerate() {
+                let row = &w[i * d..(i + 1) * d];
+                *ri = row.iter().zip(th).map(|(a, t)| a * t).sum::<f32>() - self.y[b * d + i];
+                loss += (*ri as f64) * (*ri as f64);
+            }
+            let g = &mut grad[b * d..(b + 1) * d];
+            g.iter_mut().for_each(|v| *v = 0.0);
+            for (i, ri) in r.iter().enumerate() {
+                let row = &w[i * d..(i + 1) * d];
+                for (gj, wij) in g.iter_mut().zip(row) {
+                    *gj += wij * ri;
+                }
+            }
+            g.iter_mut().for_each(|v| *v *= scale);
+        }
+        loss / self.batch as f64
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::tensor::to_f64;
+
+    #[test]
+    fn host_loss_and_gradient_by_hand_are_batch_means() {
+        // B = 2, d = 2. First: W = [[1, 2], [3, 4]], y = [1, 1], θ = [1, −1]: r = [−2, −2],
+        // ||r||² = 8, Wᵀr = [−8, −12]. Second: W = I, y = 0, θ = [1, 1]: ||r||² = 2,
+        // Wᵀr = [1, 1]. f = (8 + 2) / 2 = 5 (a sum would be 10), ∇ = (2/B) Wᵀr.
+        let q = Quadratic {
+            batch: 2,
+            dims: 2,
+            w: vec![1.0, 2.0, 3.0, 4.0, 1.0, 0.0, 0.0, 1.0],
+            y: vec![1.0, 1.0, 0.0, 0.0],
+            theta0: vec![1.0, -1.0, 1.0, 1.0],
+        };
+        let mut g = [0f32; 4];
+        assert_eq!(q.eval(&q.theta0, 0, &mut g), 5.0);
+        assert_eq!(g, [-8.0, -12.0, 1.0, 1.0]);
+    }
 
     #[test]
     fn seeded_instances_are_reproducible_and_scaled() {

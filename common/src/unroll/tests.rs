@@ -69,8 +69,8 @@ impl Case {
         }
     }
 
-    fn carry(&self) -> Carry {
-        Carry {
+    fn carry(&self) -> DeviceCarry {
+        DeviceCarry {
             theta: self.quad.theta0(&self.dev, F64),
             state: LstmState::zeros(&self.lstm.config, self.quad.num_coords(), &self.dev, F64),
         }
@@ -233,7 +233,7 @@ fn f32_agrees_with_f64() {
     let quad = Quadratic::from_seed(5, 16, 10).unwrap();
     let dev = Device::flex().autodiff();
     let grads = |dtype| {
-        let carry = Carry {
+        let carry = DeviceCarry {
             theta: quad.theta0(&dev, dtype),
             state: LstmState::zeros(&config, quad.num_coords(), &dev, dtype),
         };
@@ -263,7 +263,7 @@ fn refuses_zero_steps_and_plain_devices() {
     let phi = Phi::init(OptimizerConfig::default(), 1).unwrap();
     let quad = Quadratic::from_seed(1, 2, 2).unwrap();
     for dev in [Device::flex(), Device::flex().autodiff()] {
-        let carry = Carry {
+        let carry = DeviceCarry {
             theta: quad.theta0(&dev, DType::F32),
             state: LstmState::zeros(&phi.config, 4, &dev, DType::F32),
         };

@@ -1,27 +1,28 @@
-//! Where a worker's unrolls run: the fused CPU kernels, burn's flex CPU backend, or burn
-//! wgpu on a GPU (Vulkan, Metal, DX12), behind one interface ([`Engine`]).
+//! Where unrolls run: the fused CPU kernels, burn's flex CPU backend, or burn wgpu on a
+//! GPU (Vulkan, Metal, DX12), behind one interface ([`Engine`]) that a worker, `eval` and
+//! a user's own training loop all call.
 //!
-//! `cpu` is the hand-differentiated path of [`l2l_common::fused`], the fastest on a CPU.
-//! `flex` and `wgpu` run the burn composition of [`l2l_common::unroll`] with autodiff on
-//! their device; the problem (quadratic or MNIST network) runs there too, and θ and the
+//! `fused` (spelled `cpu` before) is the hand-differentiated path of [`crate::fused`],
+//! the fastest on a CPU. `flex` and `wgpu` run the burn composition of [`crate::unroll`]
+//! with autodiff on their device; the problem (quadratic or MNIST network) runs there too, and θ and the
 //! LSTM state stay there between a trajectory's truncations. All three compute the same
 //! meta-gradient (tested to float32 rounding).
 
-use std::sync::{Arc, Mutex};
+use burn::tensor::{DType, Device};
 
-use l2l_common::burn::tensor::{DType, Device};
-use l2l_common::fused::{self, HostCarry, HostProblem};
-use l2l_common::problems::mnist::Dataset;
-use l2l_common::problems::{DatasetOn, Problem};
-use l2l_common::unroll::{self, Carry};
-use l2l_common::{Error, Lstm, LstmState, Mlp, Phi, Quadratic, eval};
+use crate::fused::{self, HostCarry};
+use crate::problems::{DeviceData, Optimizee, Problem};
+use crate::truncation::Truncation;
+use crate::unroll::{self, DeviceCarry};
+use crate::{Error, Lstm, LstmState, Phi, eval};
 
 /// A backend as named on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Backend {
-    /// Hand-differentiated fused kernels on the CPU: the fastest CPU path.
-    #[value(alias = "fused")]
-    Cpu,
+    /// Hand-differentiated fused kernels on the CPU: the fastest CPU path (also
+    /// accepted: `cpu`, its name before).
+    #[value(alias = "cpu")]
+    Fused,
     /// burn's flex CPU backend with autodiff: the reference composition.
     #[value(alias = "burn")]
     Flex,
@@ -33,7 +34,7 @@ impl Backend {
     /// The name on the command line and in metrics.
     pub fn name(self) -> &'static str {
         match self {
-            Backend::Cpu => "cpu",
+            Backend::Fused => "fused",
             Backend::Flex => "flex",
             Backend::Wgpu => "wgpu",
         }
@@ -73,38 +74,11 @@ pub enum BackendError {
 #[derive(Debug)]
 pub struct Engine {
     backend: Backend,
-    /// The autodiff device of `flex` and `wgpu`; `None` for `cpu`.
+    /// The autodiff device of `flex` and `wgpu`; `None` for `fused`.
     device: Option<Device>,
     adapter: String,
     /// The last data set put on the device, shared by every `mlp` instance on it.
-    data: Mutex<Option<(Arc<Dataset>, DatasetOn)>>,
-}
-
-/// A problem instance as the worker leases it.
-#[derive(Debug, Clone)]
-pub enum Optimizee {
-    /// A batch of quadratics.
-    Quadratic(Quadratic),
-    /// An MNIST network.
-    Mlp(Mlp),
-}
-
-impl Optimizee {
-    /// The instance on the host.
-    pub fn host(&self) -> &(dyn HostProblem + Send) {
-        match self {
-            Optimizee::Quadratic(q) => q,
-            Optimizee::Mlp(m) => m,
-        }
-    }
-
-    /// θ₀.
-    pub fn theta0(&self) -> &[f32] {
-        match self {
-            Optimizee::Quadratic(q) => &q.theta0,
-            Optimizee::Mlp(m) => &m.theta0,
-        }
-    }
+    data: DeviceData,
 }
 
 /// An instance made ready on an engine's device.
@@ -113,35 +87,23 @@ pub struct Loaded {
     device: Option<Box<dyn Problem + Send>>,
 }
 
-/// Where a trajectory stands between truncations, on the engine's side.
+/// Where a trajectory stands between truncations: θ and the LSTM state, kept where the
+/// engine computes.
 // One lives per trajectory and moves once per truncation: boxing saves nothing.
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
-pub enum State {
-    /// θ and the LSTM state in host memory (`cpu`).
+pub enum Carry {
+    /// In host memory (`fused`).
     Host(HostCarry),
-    /// θ and the LSTM state on the device (`flex`, `wgpu`).
-    Device(Carry),
-}
-
-/// A truncation's result, on the host but for the carried state.
-#[derive(Debug, Clone)]
-pub struct Truncation {
-    /// ∂L/∂φ in spec order and shapes.
-    pub grad: Phi,
-    /// L = (1/T) Σ w_t f_t(θ_t).
-    pub meta_loss: f64,
-    /// f_t(θ_t) of every step.
-    pub losses: Vec<f64>,
-    /// Where the trajectory ended, for the next truncation.
-    pub state: State,
+    /// On the device (`flex`, `wgpu`).
+    Device(DeviceCarry),
 }
 
 impl Engine {
     /// Opens `backend`: for `wgpu`, finds and opens the adapter (once per process).
     pub fn open(backend: Backend) -> Result<Self, BackendError> {
         let (device, adapter) = match backend {
-            Backend::Cpu => (
+            Backend::Fused => (
                 None,
                 format!("fused kernels, {} threads", rayon::current_num_threads()),
             ),
@@ -155,7 +117,7 @@ impl Engine {
             backend,
             device,
             adapter,
-            data: Mutex::new(None),
+            data: DeviceData::default(),
         })
     }
 
@@ -176,35 +138,20 @@ impl Engine {
 
     /// Makes `optimizee` ready on the device (copying its data set there on first use).
     pub fn load(&self, optimizee: Optimizee) -> Loaded {
-        let device = self.device.as_ref().map(|dev| -> Box<dyn Problem + Send> {
-            match &optimizee {
-                Optimizee::Quadratic(q) => Box::new(q.on(dev, DType::F32)),
-                Optimizee::Mlp(m) => Box::new(m.on(&self.data_on(&m.data, dev))),
-            }
-        });
+        let device = self
+            .device
+            .as_ref()
+            .map(|dev| optimizee.on(dev, &self.data));
         Loaded { optimizee, device }
     }
 
-    /// The device copy of `data`, made once while the worker leases from one data set.
-    fn data_on(&self, data: &Arc<Dataset>, dev: &Device) -> DatasetOn {
-        let mut held = self.data.lock().unwrap_or_else(|p| p.into_inner());
-        match &*held {
-            Some((d, on)) if Arc::ptr_eq(d, data) => on.clone(),
-            _ => {
-                let on = DatasetOn::new(data, dev, DType::F32);
-                *held = Some((data.clone(), on.clone()));
-                on
-            }
-        }
-    }
-
     /// θ₀ and zero LSTM state: the start of a trajectory.
-    pub fn start(&self, phi: &Phi, p: &Loaded) -> State {
+    pub fn start(&self, phi: &Phi, p: &Loaded) -> Carry {
         let theta0 = p.optimizee.theta0();
         match &self.device {
-            None => State::Host(HostCarry::start(&phi.config, theta0.to_vec())),
-            Some(dev) => State::Device(Carry {
-                theta: l2l_common::tensor::from_f32(theta0, [theta0.len(), 1], dev, DType::F32),
+            None => Carry::Host(HostCarry::start(&phi.config, theta0.to_vec())),
+            Some(dev) => Carry::Device(DeviceCarry {
+                theta: crate::tensor::from_f32(theta0, [theta0.len(), 1], dev, DType::F32),
                 state: LstmState::zeros(&phi.config, theta0.len(), dev, DType::F32),
             }),
         }
@@ -216,25 +163,20 @@ impl Engine {
         &self,
         phi: &Phi,
         p: &Loaded,
-        state: State,
+        carry: Carry,
         start: usize,
         steps: usize,
         weights: Option<&[f32]>,
-    ) -> Result<Truncation, Error> {
-        match (state, &self.device, &p.device) {
-            (State::Host(carry), None, _) => {
+    ) -> Result<Truncation<Carry>, Error> {
+        match (carry, &self.device, &p.device) {
+            (Carry::Host(carry), None, _) => {
                 let out = match weights {
                     None => fused::meta_grad(phi, p.optimizee.host(), carry, start, steps)?,
                     Some(w) => fused::meta_grad_weighted(phi, p.optimizee.host(), carry, start, w)?,
                 };
-                Ok(Truncation {
-                    grad: out.grad,
-                    meta_loss: out.meta_loss,
-                    losses: out.losses,
-                    state: State::Host(out.carry),
-                })
+                Ok(out.map_carry(Carry::Host))
             }
-            (State::Device(carry), Some(dev), Some(problem)) => {
+            (Carry::Device(carry), Some(dev), Some(problem)) => {
                 check_carry(&carry, phi, problem.num_coords(), dev)?;
                 let lstm = Lstm::new(phi, dev, DType::F32);
                 // burn reports device failures (out of memory, a lost device) by panicking;
@@ -250,12 +192,7 @@ impl Engine {
                         panic_text(&*p)
                     ))
                 })??;
-                Ok(Truncation {
-                    grad: out.grad,
-                    meta_loss: out.meta_loss,
-                    losses: out.losses,
-                    state: State::Device(out.carry),
-                })
+                Ok(out.map_carry(Carry::Device))
             }
             _ => Err(Error::Config(
                 "a trajectory's state and instance must come from the engine that runs it".into(),
@@ -272,19 +209,17 @@ impl Engine {
         // Forward only: nothing requires a gradient, so no graph is kept.
         let lstm = Lstm::new(phi, dev, DType::F32);
         let theta0 = p.optimizee.theta0();
-        let theta0 = l2l_common::tensor::from_f32(theta0, [theta0.len(), 1], dev, DType::F32);
+        let theta0 = crate::tensor::from_f32(theta0, [theta0.len(), 1], dev, DType::F32);
         let mut curve =
             eval::learned_curve(&lstm, problem.as_ref(), theta0, steps, dev, DType::F32)?;
-        if let Some(t) = curve.iter().position(|l| !l.is_finite()) {
-            curve[t..].iter_mut().for_each(|l| *l = f64::INFINITY);
-        }
+        eval::end_at_divergence(&mut curve, steps);
         Ok(curve)
     }
 }
 
 /// Refuses a carried state that does not fit φ and the problem, or lives elsewhere (a
 /// coordinator restarted with another φ shape; a state from another engine).
-fn check_carry(carry: &Carry, phi: &Phi, n: usize, dev: &Device) -> Result<(), Error> {
+fn check_carry(carry: &DeviceCarry, phi: &Phi, n: usize, dev: &Device) -> Result<(), Error> {
     let cfg = &phi.config;
     let fits = carry.theta.dims() == [n, 1]
         && carry.state.h.len() == cfg.layers
@@ -367,10 +302,10 @@ fn open_wgpu() -> Result<(Device, String), BackendError> {
 mod tests {
     use std::sync::Arc;
 
-    use l2l_common::problems::MlpSpec;
-    use l2l_common::problems::mnist::Dataset;
-    use l2l_common::rng::Rng;
-    use l2l_common::{OptimizerConfig, Preprocess};
+    use crate::problems::MlpSpec;
+    use crate::problems::mnist::Dataset;
+    use crate::rng::Rng;
+    use crate::{Mlp, OptimizerConfig, Preprocess, Quadratic};
 
     use super::*;
 
@@ -419,7 +354,7 @@ mod tests {
     /// every tensor of both meta-gradients within `tol` (max|diff| / max|ref|), and the
     /// losses of the second one too (so the carried θ and LSTM state agree).
     pub(crate) fn agrees_with_cpu(engine: &Engine, tol: f64) {
-        let cpu = Engine::open(Backend::Cpu).unwrap();
+        let cpu = Engine::open(Backend::Fused).unwrap();
         let mut worst = 0f64;
         for preprocess in [Preprocess::LogSign, Preprocess::Identity] {
             let phi = Phi::init(OptimizerConfig::new(preprocess), 7).unwrap();
@@ -455,7 +390,7 @@ mod tests {
                         m <= tol * tb.meta_loss.abs(),
                         "{what}: meta-loss off by {m}"
                     );
-                    (sa, sb) = (ta.state, tb.state);
+                    (sa, sb) = (ta.carry, tb.carry);
                 }
             }
         }
@@ -474,7 +409,7 @@ mod tests {
     fn curves_agree_across_backends() {
         let phi = Phi::init(OptimizerConfig::new(Preprocess::LogSign), 2).unwrap();
         let (cpu, flex) = (
-            Engine::open(Backend::Cpu).unwrap(),
+            Engine::open(Backend::Fused).unwrap(),
             Engine::open(Backend::Flex).unwrap(),
         );
         for (o, _) in cases() {
