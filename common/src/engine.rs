@@ -55,7 +55,7 @@ pub enum BackendError {
         "this binary was built without GPU support; rebuild it with the wgpu feature \
          (`cargo build --release -p l2l-worker --features wgpu`, or `-p l2l-coordinator` \
          for `local`; the GPU image: deploy/Dockerfile with \
-         --build-arg FEATURES=l2l-worker/wgpu), or choose --backend cpu"
+         --build-arg FEATURES=l2l-worker/wgpu), or choose --backend fused (the CPU kernels)"
     )]
     NotCompiled,
     /// wgpu found no adapter, or the adapter refused to open.
@@ -65,7 +65,7 @@ pub enum BackendError {
          NVIDIA_DRIVER_CAPABILITIES=compute,utility,graphics; AMD and Intel: Debian's \
          mesa-vulkan-drivers) and check that `vulkaninfo --summary` lists it. Without a \
          GPU, mesa-vulkan-drivers' lavapipe is a (slow) CPU adapter for testing; or choose \
-         --backend cpu"
+         --backend fused"
     )]
     NoAdapter(String),
 }
@@ -105,7 +105,7 @@ impl Engine {
         let (device, adapter) = match backend {
             Backend::Fused => (
                 None,
-                format!("fused kernels, {} threads", rayon::current_num_threads()),
+                format!("CPU kernels, {} threads", rayon::current_num_threads()),
             ),
             Backend::Flex => (Some(Device::flex().autodiff()), "burn flex".to_string()),
             Backend::Wgpu => {

@@ -56,7 +56,7 @@ impl Default for AggregationConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct InitConfig {
-    /// `identity` or `log_sign`.
+    /// `log_sign` (the paper's) or `identity`.
     pub preprocess: String,
     /// LSTM hidden size.
     pub hidden: usize,
@@ -64,8 +64,10 @@ pub struct InitConfig {
     pub layers: usize,
     /// log_sign's k.
     pub k: f64,
-    /// Output scale (0 = the spec's default for the preprocessing).
-    pub out_scale: f64,
+    /// Output scale; unset: the spec's default for the preprocessing (0.1 with
+    /// `log_sign`, 1.0 with `identity`; 0, as older files wrote it, means the same).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub out_scale: Option<f64>,
     /// Seed of φ's initial weights.
     pub seed: u64,
     /// Start from this φ (an optimizer file or a coordinator checkpoint) instead of fresh
@@ -76,11 +78,11 @@ pub struct InitConfig {
 impl Default for InitConfig {
     fn default() -> Self {
         Self {
-            preprocess: String::new(),
+            preprocess: "log_sign".into(),
             hidden: 20,
             layers: 2,
             k: 10.0,
-            out_scale: 0.0,
+            out_scale: None,
             seed: 0,
             phi: None,
         }
@@ -249,15 +251,10 @@ impl Config {
 
     /// The optimizer configuration of a fresh φ.
     pub fn optimizer(&self) -> Result<OptimizerConfig> {
-        let preprocess: Preprocess = if self.init.preprocess.is_empty() {
-            Preprocess::LogSign
-        } else {
-            self.init.preprocess.parse()?
-        };
-        let out_scale = if self.init.out_scale == 0.0 {
-            preprocess.default_out_scale()
-        } else {
-            self.init.out_scale
+        let preprocess: Preprocess = self.init.preprocess.parse()?;
+        let out_scale = match self.init.out_scale {
+            None | Some(0.0) => preprocess.default_out_scale(),
+            Some(s) => s,
         };
         let c = OptimizerConfig {
             preprocess,

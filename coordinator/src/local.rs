@@ -36,7 +36,7 @@ pub struct Local {
     /// MNIST-format IDX files for mlp problem families (the training split is used).
     #[arg(long, env = "L2L_DATA", default_value = l2l_worker::DEFAULT_DATA)]
     pub data: PathBuf,
-    /// Where the workers' unrolls run: `cpu` (fused CPU kernels), `flex` (burn on the
+    /// Where the workers' unrolls run: `fused` (the fused CPU kernels; `cpu` is accepted too), `flex` (burn on the
     /// CPU) or `wgpu` (burn on the GPU; needs a build with `--features wgpu`).
     #[arg(long, env = "L2L_BACKEND", value_enum, default_value_t = Backend::Fused)]
     pub backend: Backend,

@@ -41,7 +41,8 @@ fn gauge(e: &mut DescriptorEncoder, name: &str, help: &str, v: f64) -> std::fmt:
 /// "wgpu"); anything but the known kinds is "other", so label values stay few.
 fn backend_kind(reported: &str) -> &'static str {
     match reported.split_whitespace().next().unwrap_or("") {
-        "cpu" => "cpu",
+        // Workers before the fused backend had its name reported `cpu`.
+        "fused" | "cpu" => "fused",
         "flex" => "flex",
         "wgpu" => "wgpu",
         _ => "other",
@@ -58,10 +59,10 @@ impl Collector for CoordinatorCollector {
         let now = Instant::now();
         let (status, buckets, staleness_sum, finished, by_backend) = {
             let c = self.shared.lock();
-            // By the backend's kind (the first word a worker reports: cpu, flex, wgpu),
+            // By the backend's kind (the first word a worker reports: fused, flex, wgpu),
             // over every live worker (status lists only the most recent).
             let mut by: std::collections::BTreeMap<&str, u64> =
-                ["cpu", "flex", "wgpu"].map(|b| (b, 0)).into();
+                ["fused", "flex", "wgpu"].map(|b| (b, 0)).into();
             for b in c.live_worker_backends(now) {
                 *by.entry(backend_kind(b)).or_default() += 1;
             }
@@ -268,7 +269,7 @@ mod tests {
             "l2l_ready 0.0\n",
             "# TYPE l2l_staleness histogram\n",
             "l2l_live_workers_by_backend{backend=\"wgpu\"} 2.0\n",
-            "l2l_live_workers_by_backend{backend=\"cpu\"} 1.0\n",
+            "l2l_live_workers_by_backend{backend=\"fused\"} 1.0\n",
             "l2l_live_workers_by_backend{backend=\"flex\"} 0.0\n",
             "l2l_live_workers_by_backend{backend=\"other\"} 1.0\n",
         ] {

@@ -34,8 +34,8 @@ pub struct Bench {
     /// One JSON object per measurement on stdout instead of a table.
     #[arg(long)]
     json: bool,
-    /// Backends to time [default: cpu,flex]: `cpu` (the fused kernels workers use on a
-    /// CPU), `flex` (the burn composition on the CPU, the reference) and `wgpu` (the same
+    /// Backends to time [default: fused,flex]: `fused` (the CPU kernels workers use on a
+    /// CPU; `cpu` is accepted too), `flex` (the burn composition on the CPU, the reference) and `wgpu` (the same
     /// composition on the GPU; needs a build with `--features wgpu`).
     #[arg(long, alias = "impl", value_enum, value_delimiter = ',')]
     backend: Vec<Backend>,

@@ -66,7 +66,7 @@ pub struct EvalArgs {
     /// Directory for curves.csv, summary.csv and loss.png.
     #[arg(long)]
     out: PathBuf,
-    /// Where the learned optimizer runs: `cpu`, `flex` or `wgpu` (needs a build with
+    /// Where the learned optimizer runs: `fused` (`cpu` too), `flex` or `wgpu` (needs a build with
     /// `--features wgpu`). The baselines run on the CPU.
     #[arg(long, value_enum, default_value_t = Backend::Fused)]
     backend: Backend,

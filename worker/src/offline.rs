@@ -121,7 +121,7 @@ pub struct MetaGradArgs {
     /// Where to write ∂L/∂φ (same names and shapes as φ; meta_loss and steps in metadata).
     #[arg(long)]
     out: PathBuf,
-    /// Where to compute: `cpu` (fused CPU kernels), `flex` (the burn composition on the
+    /// Where to compute: `fused` (the fused CPU kernels; `cpu` is accepted too), `flex` (the burn composition on the
     /// CPU, the reference) or `wgpu` (the burn composition on the GPU; needs a build with
     /// `--features wgpu`).
     #[arg(long, alias = "impl", value_enum, default_value_t = Backend::Fused)]

@@ -43,7 +43,7 @@ pub struct RunArgs {
     /// Log format on stderr (RUST_LOG sets the level, default info).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
-    /// Where the unrolls run: `cpu` (fused CPU kernels), `flex` (burn on the CPU, the
+    /// Where the unrolls run: `fused` (the fused CPU kernels; `cpu` is accepted too), `flex` (burn on the CPU, the
     /// reference) or `wgpu` (burn on the GPU: Vulkan, Metal, DX12; needs a build with
     /// `--features wgpu` and the GPU's Vulkan driver).
     #[arg(long, env = "L2L_BACKEND", value_enum, default_value_t = Backend::Fused)]
