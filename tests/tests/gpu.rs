@@ -80,7 +80,8 @@ fn meta_grad_on_wgpu_matches_the_cpu_file() {
     };
     inputs(dir.path(), "log_sign", 8);
     let mut files = Vec::new();
-    for backend in ["cpu", "wgpu"] {
+    // `cpu`, the fused backend's older spelling, is still accepted.
+    for (backend, name) in [("cpu", "fused"), ("wgpu", "wgpu")] {
         let out = p(backend);
         let (_, stderr) = ok(&[
             "meta-grad",
@@ -95,7 +96,7 @@ fn meta_grad_on_wgpu_matches_the_cpu_file() {
             "--out",
             s(&out),
         ]);
-        assert!(stderr.contains(&format!("backend {backend} (")), "{stderr}");
+        assert!(stderr.contains(&format!("backend {name} (")), "{stderr}");
         files.push(MetaGradFile::load(&out).unwrap());
     }
     let (cpu, gpu) = (&files[0], &files[1]);
