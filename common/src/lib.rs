@@ -25,11 +25,11 @@
 #![warn(missing_docs)]
 
 pub mod baselines;
-pub mod checkpoint;
 pub mod config;
 pub mod engine;
 pub mod error;
 pub mod eval;
+pub mod files;
 pub mod fused;
 pub mod lstm;
 pub mod phi;
@@ -42,10 +42,10 @@ pub mod unroll;
 pub mod wire;
 
 pub use burn;
-pub use checkpoint::MetaGradFile;
 pub use config::{OptimizerConfig, Preprocess};
 pub use engine::{Backend, Engine};
 pub use error::Error;
+pub use files::MetaGradFile;
 pub use lstm::{Lstm, LstmState};
 pub use phi::Phi;
 pub use problems::{Mlp, MlpSpec, Optimizee, Problem, ProblemSpec, Quadratic, QuadraticSpec};

@@ -6,8 +6,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::Result;
 use l2l_proto::auth::Token;
+use l2l_proto::client::read_pem;
 use l2l_proto::refusal::Reason;
-use l2l_worker::connect::read_pem;
 use tonic::service::Interceptor;
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 

@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::Args;
+use l2l_proto::client::{Client, ClientArgs, ClientSecurity, client, connect, endpoint};
 use l2l_proto::v1::{FetchPhiRequest, LeaseRequest, RegisterRequest, SubmitRequest, Version};
-use l2l_worker::connect::{Client, ClientArgs, ClientSecurity, client, connect, endpoint};
 
 use crate::config::{Config, Mode};
 use crate::service::Server;

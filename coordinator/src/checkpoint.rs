@@ -14,13 +14,13 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use l2l_common::Phi;
-use l2l_common::checkpoint::{TensorFile, config_from, encode, phi_from, write_atomic};
+use l2l_common::files::{TensorFile, config_from, encode, phi_from, write_atomic};
 
 use crate::adam::Adam;
 use crate::config::Config;
 use crate::state::{Counters, Snapshot};
 
-pub use l2l_common::checkpoint::config_metadata;
+pub use l2l_common::files::config_metadata;
 
 /// Tag of a coordinator checkpoint.
 pub const CHECKPOINT_FORMAT: &str = "l2l-coordinator/1";
@@ -48,7 +48,7 @@ pub fn save(dir: &Path, snap: &Snapshot, config: &Config, keep: usize) -> Result
     ]));
     let layout = snap.phi.config.tensor_layout();
     let n = [snap.adam.m.len()];
-    let mut named: Vec<l2l_common::checkpoint::NamedTensor<'_>> = layout
+    let mut named: Vec<l2l_common::files::NamedTensor<'_>> = layout
         .iter()
         .zip(&snap.phi.tensors)
         .map(|((name, s), v)| (name.as_str(), s.as_slice(), v.as_slice()))

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::Result;
-use clap::{Args, ValueEnum};
+use clap::Args;
 
 use crate::config::{Config, Mode};
 
@@ -154,26 +154,4 @@ impl Overrides {
     }
 }
 
-/// Log output format.
-#[derive(Debug, Clone, Copy, Default, ValueEnum)]
-pub enum LogFormat {
-    /// Human-readable lines.
-    #[default]
-    Text,
-    /// One JSON object per event.
-    Json,
-}
-
-/// Installs the tracing subscriber: `RUST_LOG` filters (default `default_level`), to stderr.
-pub fn init_logging(format: LogFormat, default_level: &str) {
-    use tracing_subscriber::EnvFilter;
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
-    };
-}
+pub use l2l_proto::logging::{LogFormat, init_logging};

@@ -115,7 +115,7 @@ pub async fn run(args: Local) -> Result<LocalOutcome> {
     if !tls && (args.tls_ca.is_some() || args.worker_tls_cert.is_some()) {
         bail!("--tls-ca and --worker-tls-cert need TLS: give --tls-cert and --tls-key too");
     }
-    let mut client = l2l_worker::connect::ClientArgs {
+    let mut client = l2l_proto::client::ClientArgs {
         token_file: None,
         tls_ca: args.tls_ca.clone(),
         tls_cert: args.worker_tls_cert.clone(),

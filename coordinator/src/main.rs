@@ -97,10 +97,10 @@ async fn serve(o: Overrides) -> Result<()> {
     let server = Server::start(coordinator, config.listen, security).await?;
     let metrics_task = match config.metrics_listen {
         Some(addr) => {
-            let listener = l2l_worker::metrics::bind(addr).await?;
+            let listener = l2l_proto::metrics_http::bind(addr).await?;
             tracing::info!(addr = %listener.local_addr()?, token = metrics_token.is_some(), "serving metrics at /metrics");
             let registry = std::sync::Arc::new(metrics::registry(server.shared.clone()));
-            Some(tokio::spawn(l2l_worker::metrics::serve(
+            Some(tokio::spawn(l2l_proto::metrics_http::serve(
                 listener,
                 registry,
                 metrics_token,

@@ -259,7 +259,7 @@ mod tests {
                 .unwrap();
             c.register("odd", "\"}\n{evil=", s, now).unwrap();
         }
-        let text = l2l_worker::metrics::render(&registry(shared));
+        let text = l2l_proto::metrics_http::render(&registry(shared));
         for line in [
             "l2l_version 0.0\n",
             "l2l_accepted_total 0\n",

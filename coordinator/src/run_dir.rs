@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use l2l_common::Phi;
-use l2l_common::checkpoint::{TensorFile, write_atomic};
+use l2l_common::files::{TensorFile, write_atomic};
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint;

@@ -312,7 +312,7 @@ impl Coordinator {
             ),
             ("run".to_string(), self.run.clone()),
         ]);
-        self.phi_bytes = Bytes::from(l2l_common::checkpoint::encode_phi(&phi, meta)?);
+        self.phi_bytes = Bytes::from(l2l_common::files::encode_phi(&phi, meta)?);
         Ok(())
     }
 

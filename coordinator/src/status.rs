@@ -2,8 +2,8 @@
 
 use anyhow::Result;
 use clap::Args;
+use l2l_proto::client::{ClientArgs, connect};
 use l2l_proto::v1::StatusRequest;
-use l2l_worker::connect::{ClientArgs, connect};
 use serde_json::json;
 
 /// Arguments of `status`.
@@ -32,7 +32,7 @@ pub async fn run(a: Status) -> Result<()> {
     let s = match client.status(StatusRequest {}).await {
         Ok(s) => s.into_inner(),
         Err(e) => {
-            let advice = l2l_worker::connect::transport_advice(&security, &e);
+            let advice = l2l_proto::client::transport_advice(&security, &e);
             return Err(anyhow::Error::new(e).context(match advice {
                 Some(a) => format!("status request failed: {a}"),
                 None => "status request failed".to_string(),

@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::path::Path;
 use std::time::Duration;
 
-use l2l_common::checkpoint::TensorFile;
+use l2l_common::files::TensorFile;
 use l2l_common::rng::Rng;
 use l2l_tests::{Coordinator, Host, Proc, start_worker, version};
 

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use l2l_common::checkpoint::{NamedTensor, encode, write_atomic};
+use l2l_common::files::{NamedTensor, encode, write_atomic};
 use l2l_common::wire::f32_to_le_bytes;
 use l2l_common::{OptimizerConfig, Phi};
 use l2l_proto::v1::coordinator_client::CoordinatorClient;
@@ -102,7 +102,7 @@ fn a_huge_gradient_is_refused_and_the_run_survives_restarts_with_its_own_phi() {
         .unwrap()
         .unwrap()
         .run;
-    let phi_file = l2l_common::checkpoint::TensorFile::read(&d.join("phi.safetensors")).unwrap();
+    let phi_file = l2l_common::files::TensorFile::read(&d.join("phi.safetensors")).unwrap();
     assert_eq!(phi_file.metadata()["run"], run, "the final φ names its run");
     // Restarted: the same run, a new epoch, the version where it stopped.
     let c = Coordinator::serve(d, "127.0.0.1:0", &args);
@@ -225,7 +225,7 @@ fn crafted_phi(path: &Path, layers: &str, checkpoint: bool) {
         .zip(&phi.tensors)
         .map(|((n, s), v)| (n.as_str(), s.as_slice(), v.as_slice()))
         .collect();
-    let mut meta = l2l_common::checkpoint::config_metadata(&cfg);
+    let mut meta = l2l_common::files::config_metadata(&cfg);
     meta.insert("layers".into(), layers.into());
     if checkpoint {
         meta.insert("checkpoint".into(), "l2l-coordinator/1".into());

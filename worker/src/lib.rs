@@ -1,13 +1,14 @@
 //! The l2l worker as a library: the loop that joins a coordinator, leases optimizee
 //! instances, unrolls the learned optimizer and submits meta-gradients ([`run`]), how it
-//! connects ([`connect`]: token and TLS), and its Prometheus endpoint ([`metrics`]).
+//! backs off after failures ([`backoff`]), and its Prometheus metrics ([`metrics`]).
+//! How it connects (token, TLS) is [`l2l_proto::client`]; where unrolls run is
+//! [`l2l_common::engine`].
 //!
 //! The `l2l-worker` binary wraps it (`l2l-worker run`), and the coordinator's local
 //! single-node mode runs it in-process on threads of its own.
 #![warn(missing_docs)]
 
 pub mod backoff;
-pub mod connect;
 pub mod metrics;
 pub mod run;
 

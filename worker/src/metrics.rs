@@ -1,17 +1,12 @@
-//! Prometheus metrics: the worker's own, and the HTTP endpoint that serves a registry
-//! (also used by the coordinator).
+//! The worker's Prometheus metrics (served by [`l2l_proto::metrics_http`]).
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
-use anyhow::{Context, Result};
-use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
-use tokio::net::TcpListener;
 
 /// Labels as name/value pairs.
 type Labels = Vec<(String, String)>;
@@ -87,64 +82,6 @@ impl WorkerMetrics {
     }
 }
 
-/// Renders `registry` in the OpenMetrics text format.
-pub fn render(registry: &Registry) -> String {
-    let mut out = String::new();
-    // Writing into a String cannot fail.
-    let _ = encode(&mut out, registry);
-    out
-}
-
-/// Serves `GET /metrics` from `registry` on `listener` until the task is dropped; with
-/// a `token`, only to requests that carry it (`authorization: Bearer …`), others get 401.
-pub async fn serve(
-    listener: TcpListener,
-    registry: Arc<Registry>,
-    token: Option<l2l_proto::auth::Token>,
-) -> Result<()> {
-    use axum::http::StatusCode;
-    use axum::http::header::{AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
-    use axum::response::IntoResponse;
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move |headers: axum::http::HeaderMap| {
-            let allowed = token.as_ref().is_none_or(|t| {
-                headers
-                    .get(AUTHORIZATION)
-                    .is_some_and(|v| t.accepts_header(v.as_bytes()))
-            });
-            let response = if allowed {
-                (
-                    [(
-                        CONTENT_TYPE,
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    )],
-                    render(&registry),
-                )
-                    .into_response()
-            } else {
-                (
-                    StatusCode::UNAUTHORIZED,
-                    [(WWW_AUTHENTICATE, "Bearer")],
-                    "missing or wrong token: /metrics needs the coordinator's token\n",
-                )
-                    .into_response()
-            };
-            async move { response }
-        }),
-    );
-    axum::serve(listener, app)
-        .await
-        .context("the metrics endpoint failed")
-}
-
-/// Binds `addr` for the metrics endpoint.
-pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("cannot listen for metrics on {addr}; is the port in use?"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -158,7 +95,7 @@ mod tests {
         m.submission("accepted");
         m.submission("stale");
         m.submission("accepted");
-        let text = render(&r);
+        let text = l2l_proto::metrics_http::render(&r);
         assert!(text.contains("l2l_worker_truncations_total 1\n"), "{text}");
         assert!(
             text.contains("l2l_worker_submissions_total{outcome=\"accepted\"} 2\n"),

@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use l2l_common::Phi;
-use l2l_common::checkpoint::TensorFile;
-use l2l_common::checkpoint::{config_from, phi_from};
+use l2l_common::files::TensorFile;
+use l2l_common::files::{config_from, phi_from};
 use l2l_common::problems::DataSource;
 use l2l_common::problems::mnist::Split;
 use l2l_proto::refusal::Reason;
@@ -17,9 +17,9 @@ use l2l_proto::v1::{
 };
 
 use crate::backoff::Backoff;
-use crate::connect::{Client, ClientSecurity, connect, fatal_refusal, transport_advice};
 use crate::metrics::WorkerMetrics;
 use l2l_common::engine::{Backend, Engine, Loaded};
+use l2l_proto::client::{Client, ClientSecurity, connect, fatal_refusal, transport_advice};
 
 /// How a worker runs.
 #[derive(Debug, Clone)]

@@ -5,20 +5,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use clap::{Args, ValueEnum};
-use l2l_worker::connect::ClientArgs;
-use l2l_worker::metrics::{WorkerMetrics, bind, serve};
+use clap::Args;
+use l2l_proto::client::ClientArgs;
+use l2l_proto::logging::{LogFormat, init_logging};
+use l2l_proto::metrics_http::{bind, serve};
+use l2l_worker::metrics::WorkerMetrics;
 use l2l_worker::{Backend, Engine, WorkerOptions, run_worker};
 use prometheus_client::registry::Registry;
-
-/// Log output format.
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum LogFormat {
-    /// Human-readable lines.
-    Text,
-    /// One JSON object per event.
-    Json,
-}
 
 /// Arguments of `run`.
 #[derive(Debug, Args)]
@@ -56,15 +49,7 @@ pub struct RunArgs {
 
 /// Runs the worker until done or signalled.
 pub fn run(a: RunArgs) -> Result<()> {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = match a.log_format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
-    };
+    init_logging(a.log_format, "info");
     if let Some(n) = a.threads {
         rayon::ThreadPoolBuilder::new()
             .num_threads(n as usize)

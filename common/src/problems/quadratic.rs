@@ -6,7 +6,7 @@ use std::path::Path;
 use burn::tensor::{DType, Device, Tensor};
 
 use crate::Error;
-use crate::checkpoint::{NamedTensor, TensorFile, encode, write_atomic};
+use crate::files::{NamedTensor, TensorFile, encode, write_atomic};
 use crate::problems::{HostProblem, MAX_VALUES, Params, Problem};
 use crate::rng::Rng;
 use crate::tensor::from_f32;

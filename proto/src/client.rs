@@ -8,11 +8,11 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::auth::{TOKEN_FILE_ENV, Token};
+use crate::refusal::{REFUSAL_KEY, Reason};
+use crate::v1::coordinator_client::CoordinatorClient;
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use l2l_proto::auth::{TOKEN_FILE_ENV, Token};
-use l2l_proto::refusal::{REFUSAL_KEY, Reason};
-use l2l_proto::v1::coordinator_client::CoordinatorClient;
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};

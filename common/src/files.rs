@@ -1,4 +1,5 @@
-//! Files of spec §4: φ checkpoints and meta-gradients (`l2l-lstm/1`) in safetensors.
+//! The file formats of spec §4 (`l2l-lstm/1` optimizers and meta-gradients, problem
+//! instances) in safetensors, and φ's own file I/O (`Phi::load`, `Phi::save`).
 //!
 //! Readers are strict: an unknown format, a missing metadata field or tensor, a tensor
 //! that is not float32, a shape that disagrees with the metadata, or a non-finite number
