@@ -303,3 +303,22 @@ pub fn version(s: &serde_json::Value) -> u64 {
 pub fn refused(s: &serde_json::Value, reason: &str) -> u64 {
     s["refused"][reason].as_u64().unwrap_or(0)
 }
+
+/// `GET /metrics` on `addr`, with an optional bearer token: the status line and the body.
+pub fn get_metrics(addr: &str, token: Option<&str>) -> (String, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("the metrics port answers");
+    let auth = token.map_or(String::new(), |t| format!("authorization: Bearer {t}\r\n"));
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nhost: {addr}\r\n{auth}connection: close\r\n\r\n"
+    )
+    .expect("the request is sent");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("the reply is read");
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    (
+        head.lines().next().unwrap_or("").to_string(),
+        body.to_string(),
+    )
+}

@@ -3,12 +3,11 @@
 //! written, and a checkpoint that cannot be written turns health NOT_SERVING (and
 //! `/metrics`' `l2l_ready` to 0) until one can.
 
-use std::io::{Read, Write};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use l2l_coordinator::checkpoint;
-use l2l_tests::{Coordinator, start_worker, version};
+use l2l_tests::{Coordinator, get_metrics, start_worker, version};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -143,19 +142,11 @@ fn health(url: &str) -> ServingStatus {
     })
 }
 
-/// The body of `GET /metrics` on `addr`.
+/// The body of `GET /metrics` on `addr` (which must answer 200).
 fn metrics(addr: &str) -> String {
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    body.to_string()
+    let (line, body) = get_metrics(addr, None);
+    assert!(line.starts_with("HTTP/1.1 200"), "{line}");
+    body
 }
 
 fn ready(addr: &str) -> bool {

@@ -2,7 +2,6 @@
 //! huge gradients, crashes before a checkpoint, unreadable checkpoints, crafted files,
 //! floods of registrations, a coordinator that serves garbage, and `/metrics`.
 
-use std::io::{Read, Write};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -12,7 +11,7 @@ use l2l_common::wire::f32_to_le_bytes;
 use l2l_common::{OptimizerConfig, Phi};
 use l2l_proto::v1::coordinator_client::CoordinatorClient;
 use l2l_proto::v1::{LeaseRequest, RegisterRequest, SubmitRequest, Version};
-use l2l_tests::{Coordinator, Proc, binary, refused, start_worker, text, version};
+use l2l_tests::{Coordinator, Proc, binary, get_metrics, refused, start_worker, text, version};
 
 const MINUTE: Duration = Duration::from_secs(60);
 
@@ -439,24 +438,6 @@ fn a_worker_backs_off_when_the_coordinator_serves_garbage() {
 /// The accepted connections of `listener` as the stream tonic serves.
 fn tokio_stream_from(listener: tokio::net::TcpListener) -> tonic::transport::server::TcpIncoming {
     tonic::transport::server::TcpIncoming::from(listener)
-}
-
-/// `GET /metrics` on `addr`, with an optional bearer token; the status line and body.
-fn get_metrics(addr: &str, token: Option<&str>) -> (String, String) {
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    let auth = token.map_or(String::new(), |t| format!("authorization: Bearer {t}\r\n"));
-    write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nhost: {addr}\r\n{auth}connection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
-    (
-        head.lines().next().unwrap_or("").to_string(),
-        body.to_string(),
-    )
 }
 
 #[test]
