@@ -3,6 +3,12 @@
 //! why a request was refused ([`refusal::Reason`]); instances and the problem specs they
 //! name ([`instance`]); how a client connects, with TLS ([`client`]); the Prometheus
 //! endpoint ([`metrics_http`]) and the logging ([`logging`]) of both binaries.
+//!
+//! Where this differs from `../shared/design.md`'s picture (proto as the contract alone,
+//! coordinator → common ← worker): this crate depends on `l2l-common`, for the problem
+//! specs an instance names, and holds the networking both binaries share, so that
+//! `common` stays free of networking and the coordinator depends on the worker crate
+//! only for its local mode (which runs the worker loop in-process).
 #![allow(clippy::all)]
 
 pub mod auth;
