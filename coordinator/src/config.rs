@@ -221,6 +221,18 @@ impl Config {
         toml::to_string(self).unwrap_or_else(|e| format!("# cannot print config: {e}"))
     }
 
+    /// The TOML as printed at start, followed by each problem family with every
+    /// parameter written out (defaults included), as comments.
+    pub fn describe(&self) -> String {
+        let mut out = self.to_toml();
+        for p in &self.problems {
+            if let Ok(spec) = p.spec() {
+                out.push_str(&format!("# sampled: {spec} (weight {})\n", p.weight));
+            }
+        }
+        out
+    }
+
     /// The meta-loss weight of each step 1..=S of a trajectory, mean 1; empty when all
     /// are 1 (p = 0).
     pub fn step_weights(&self) -> Vec<f32> {
@@ -334,6 +346,21 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_printout_shows_no_sentinels_and_each_family_in_full() {
+        let text = Config::default().describe();
+        assert!(text.contains("preprocess = \"log_sign\""), "{text}");
+        assert!(!text.contains("out_scale"), "unset means the spec's default: {text}");
+        assert!(!text.contains("hidden = [20]"), "no other family's fields: {text}");
+        assert!(
+            text.contains("# sampled: quadratic:batch=128,dims=10 (weight 1)"),
+            "{text}"
+        );
+        // What is printed reads back as the same configuration.
+        let back: Config = toml::from_str(&Config::default().to_toml()).unwrap();
+        assert_eq!(back, Config::default());
+    }
 
     #[test]
     fn the_example_config_parses_and_validates() {

@@ -93,7 +93,7 @@ pub async fn run(args: Local) -> Result<LocalOutcome> {
     eprintln!(
         "l2l local: {} workers, configuration:\n{}",
         args.workers,
-        config.to_toml()
+        config.describe()
     );
     // Opened before anything starts, so a missing GPU is an error here and not a run
     // whose workers never come.

@@ -72,7 +72,7 @@ async fn serve(o: Overrides) -> Result<()> {
     let config = o.apply(Config::default())?;
     eprintln!(
         "l2l-coordinator serve, configuration:\n{}",
-        config.to_toml()
+        config.describe()
     );
     let security = ServerSecurity::resolve(&config.security)?;
     if security.token.is_none() && !config.listen.ip().is_loopback() {

@@ -523,7 +523,8 @@ impl Worker {
             .instance(i.seed, &mut self.data)
             .map_err(|e| format!("cannot make the {} instance: {e}", spec.family()))?;
         if first_data {
-            tracing::info!(dir = %self.opts.data.display(), "training data loaded");
+            let examples = self.data.get().map_or(0, |d| d.len());
+            tracing::info!(dir = %self.opts.data.display(), examples, "training data loaded");
         }
         Ok(self.engine.load(optimizee))
     }
