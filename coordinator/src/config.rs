@@ -351,8 +351,14 @@ mod tests {
     fn the_printout_shows_no_sentinels_and_each_family_in_full() {
         let text = Config::default().describe();
         assert!(text.contains("preprocess = \"log_sign\""), "{text}");
-        assert!(!text.contains("out_scale"), "unset means the spec's default: {text}");
-        assert!(!text.contains("hidden = [20]"), "no other family's fields: {text}");
+        assert!(
+            !text.contains("out_scale"),
+            "unset means the spec's default: {text}"
+        );
+        assert!(
+            !text.contains("hidden = [20]"),
+            "no other family's fields: {text}"
+        );
         assert!(
             text.contains("# sampled: quadratic:batch=128,dims=10 (weight 1)"),
             "{text}"

@@ -32,11 +32,7 @@ pub async fn run(a: Status) -> Result<()> {
     let s = match client.status(StatusRequest {}).await {
         Ok(s) => s.into_inner(),
         Err(e) => {
-            let advice = l2l_proto::client::transport_advice(&security, &e);
-            return Err(anyhow::Error::new(e).context(match advice {
-                Some(a) => format!("status request failed: {a}"),
-                None => "status request failed".to_string(),
-            }));
+            return Err(l2l_proto::client::explain(&security, e).context("status request failed"));
         }
     };
     let v = s.version.unwrap_or_default();

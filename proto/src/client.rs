@@ -186,6 +186,16 @@ pub fn transport_advice(security: &ClientSecurity, s: &tonic::Status) -> Option<
     })
 }
 
+/// `s` as an error, with [`transport_advice`] as context where there is any.
+pub fn explain(security: &ClientSecurity, s: tonic::Status) -> anyhow::Error {
+    let advice = transport_advice(security, &s);
+    let err = anyhow::Error::new(s);
+    match advice {
+        Some(a) => err.context(a),
+        None => err,
+    }
+}
+
 /// The one-line advice for a status the coordinator sent when refusing the caller
 /// itself rather than a request (wrong token, or no client certificate); such refusals
 /// are not retried.

@@ -6,10 +6,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use l2l_common::Phi;
+use l2l_common::engine::{Backend, Engine, Loaded};
 use l2l_common::files::TensorFile;
 use l2l_common::files::{config_from, phi_from};
 use l2l_common::problems::DataSource;
 use l2l_common::problems::mnist::Split;
+use l2l_proto::client::{Client, ClientSecurity, connect, explain, fatal_refusal};
 use l2l_proto::refusal::Reason;
 use l2l_proto::v1::{
     FetchPhiRequest, HeartbeatRequest, Instance, LeaseReply, LeaseRequest, RegisterRequest,
@@ -18,8 +20,6 @@ use l2l_proto::v1::{
 
 use crate::backoff::Backoff;
 use crate::metrics::WorkerMetrics;
-use l2l_common::engine::{Backend, Engine, Loaded};
-use l2l_proto::client::{Client, ClientSecurity, connect, fatal_refusal, transport_advice};
 
 /// How a worker runs.
 #[derive(Debug, Clone)]
@@ -84,11 +84,6 @@ enum Outcome {
     Stop,
 }
 
-/// The refusal reason a coordinator put in a status, if any.
-fn reason(s: &tonic::Status) -> Option<Reason> {
-    Reason::of(s)
-}
-
 /// Why a submission did not land.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum NotLanded {
@@ -113,7 +108,7 @@ impl NotLanded {
 
 /// A transport-level failure (coordinator down or unreachable) rather than a refusal.
 fn is_transport(s: &tonic::Status) -> bool {
-    reason(s).is_none()
+    Reason::of(s).is_none()
         && matches!(
             s.code(),
             tonic::Code::Unavailable
@@ -161,9 +156,9 @@ pub fn run_worker(opts: WorkerOptions, stop: Arc<AtomicBool>) -> Result<WorkerSu
         .enable_all()
         .build()
         .context("cannot start the worker's I/O runtime")?;
-    let opts_data = opts.data.clone();
     let mut w = Worker {
         backoff: Backoff::new(opts.min_backoff, opts.max_backoff, opts.seed),
+        data: DataSource::new(&opts.data, Split::Train),
         opts,
         rt,
         client: None,
@@ -175,7 +170,6 @@ pub fn run_worker(opts: WorkerOptions, stop: Arc<AtomicBool>) -> Result<WorkerSu
         phi: None,
         stop,
         summary: WorkerSummary::default(),
-        data: DataSource::new(&opts_data, Split::Train),
         engine,
     };
     w.main_loop()?;
@@ -239,14 +233,7 @@ impl Worker {
             backend: self.engine.describe(),
         })) {
             Ok(r) => r.into_inner(),
-            Err(e) => {
-                let advice = transport_advice(&self.opts.security, &e);
-                let err = anyhow::Error::new(e);
-                return Err(match advice {
-                    Some(a) => err.context(a),
-                    None => err,
-                });
-            }
+            Err(e) => return Err(explain(&self.opts.security, e)),
         };
         self.id = reply.worker_id;
         self.session = reply.session;
@@ -275,10 +262,10 @@ impl Worker {
                 }));
                 let lease = match lease {
                     Ok(l) => l.into_inner(),
-                    Err(s) if reason(&s) == Some(Reason::Finished) => return Ok(()),
+                    Err(s) if Reason::of(&s) == Some(Reason::Finished) => return Ok(()),
                     Err(s)
                         if matches!(
-                            reason(&s),
+                            Reason::of(&s),
                             Some(Reason::UnknownWorker | Reason::BadSession)
                         ) =>
                     {
@@ -472,7 +459,7 @@ impl Worker {
                     self.sleep(delay);
                 }
                 Err(s) => {
-                    let r = reason(&s).map_or(NotLanded::Unrecognised, NotLanded::Refused);
+                    let r = Reason::of(&s).map_or(NotLanded::Unrecognised, NotLanded::Refused);
                     tracing::info!(reason = r.label(), "submission refused: {}", s.message());
                     return Err(r);
                 }
