@@ -3,6 +3,7 @@
 use std::sync::atomic::Ordering;
 use std::time::{Instant, SystemTime};
 
+use l2l_proto::refusal::Reason;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::MetricType;
@@ -12,7 +13,6 @@ use prometheus_client::registry::Registry;
 
 use crate::service::Shared;
 use crate::state::STALENESS_BOUNDS;
-use l2l_proto::refusal::Reason;
 
 /// A registry (prefix `l2l_`) with the coordinator's metrics.
 pub fn registry(shared: Shared) -> Registry {

@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result};
+use l2l_proto::refusal::Reason;
 use l2l_proto::v1::coordinator_server::{Coordinator as Rpc, CoordinatorServer};
 use l2l_proto::v1::{
     FetchPhiReply, FetchPhiRequest, HeartbeatReply, HeartbeatRequest, LeaseReply, LeaseRequest,
@@ -28,7 +29,6 @@ use crate::auth::{CheckToken, ServerSecurity};
 use crate::checkpoint;
 use crate::schedule::Schedule;
 use crate::state::{Coordinator, SESSION_BYTES};
-use l2l_proto::refusal::Reason;
 
 /// The health-check service name that reports liveness (the empty name reports readiness).
 pub const LIVENESS: &str = "liveness";
