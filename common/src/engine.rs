@@ -126,6 +126,11 @@ impl Engine {
         self.backend
     }
 
+    /// The autodiff device unrolls run on; `None` for `fused` (the host).
+    pub fn device(&self) -> Option<&Device> {
+        self.device.as_ref()
+    }
+
     /// What the unrolls run on: the adapter's name for `wgpu`.
     pub fn adapter(&self) -> &str {
         &self.adapter

@@ -273,6 +273,15 @@ pub fn config_from(file: &TensorFile) -> Result<OptimizerConfig, Error> {
 
 /// Takes φ's tensors from `file` by the layout `config` implies; refuses extra tensors.
 pub fn phi_from(file: &mut TensorFile, config: OptimizerConfig) -> Result<Phi, Error> {
+    if let Some(groups) = file.metadata().get(crate::groups::GROUPS_FIELD) {
+        return Err(Error::format(
+            file.path(),
+            format!(
+                "holds one LSTM per parameter group ({groups}; spec §5), not one φ; read it \
+                 as grouped φ (`PhiGroups::load`, `LearnedOptimizer::load_groups`)"
+            ),
+        ));
+    }
     let tensors = config
         .tensor_layout()
         .iter()

@@ -31,7 +31,10 @@ pub mod error;
 pub mod eval;
 pub mod files;
 pub mod fused;
+pub mod groups;
 pub mod lstm;
+#[cfg(feature = "optim")]
+pub mod optimizer;
 pub mod phi;
 pub mod preprocess;
 pub mod problems;
@@ -46,6 +49,7 @@ pub use config::{OptimizerConfig, Preprocess};
 pub use engine::{Backend, Engine};
 pub use error::Error;
 pub use files::MetaGradFile;
+pub use groups::PhiGroups;
 pub use lstm::{Lstm, LstmState};
 pub use phi::Phi;
 pub use problems::{Mlp, MlpSpec, Optimizee, Problem, ProblemSpec, Quadratic, QuadraticSpec};
