@@ -51,6 +51,22 @@ impl PhiGroups {
         Ok(Self { groups })
     }
 
+    /// Fresh groups for a new run: group i (in `names` order) is [`Phi::init`] with seed
+    /// `seed + i` (wrapping), so a one-group φ of `seed` equals the first group's.
+    pub fn init(config: OptimizerConfig, names: &[&str], seed: u64) -> Result<Self, Error> {
+        let groups = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                Ok((
+                    n.to_string(),
+                    Phi::init(config, seed.wrapping_add(i as u64))?,
+                ))
+            })
+            .collect::<Result<Vec<_>, Error>>()?;
+        Self::new(groups)
+    }
+
     /// The configuration every group shares.
     pub fn config(&self) -> OptimizerConfig {
         self.groups[0].1.config
@@ -127,6 +143,11 @@ impl PhiGroups {
     pub fn save(&self, path: &Path, extra: HashMap<String, String>) -> Result<(), Error> {
         files::write_atomic(path, &self.encode(extra)?)
     }
+}
+
+/// The group names of the optimizer file at `path`, or `None` for a one-group φ.
+pub fn names_in(path: &Path) -> Result<Option<Vec<String>>, Error> {
+    group_names(&TensorFile::read(path)?)
 }
 
 /// The group names a file declares, or `None` for a one-group φ.
@@ -215,6 +236,15 @@ mod tests {
             .unwrap();
         let e = PhiGroups::load(&single).unwrap_err().to_string();
         assert!(e.contains("one-group"), "{e}");
+    }
+
+    #[test]
+    fn fresh_groups_draw_group_i_from_seed_plus_i() {
+        let cfg = OptimizerConfig::default();
+        let g = PhiGroups::init(cfg, &["conv", "fc"], 7).unwrap();
+        assert_eq!(g.names(), ["conv", "fc"]);
+        assert_eq!(g.get("conv").unwrap(), &Phi::init(cfg, 7).unwrap());
+        assert_eq!(g.get("fc").unwrap(), &Phi::init(cfg, 8).unwrap());
     }
 
     #[test]

@@ -34,8 +34,7 @@ use burn::module::ParamGroup;
 use burn::optim::{LearningRate, ModuleOptimizer, Optimizer, RecordState, StateSink, StateSource};
 use burn::tensor::{DType, Device, Tensor};
 
-use crate::files::TensorFile;
-use crate::groups::{self, PhiGroups};
+use crate::groups::PhiGroups;
 use crate::lstm::{Lstm, LstmState};
 use crate::{Error, Phi};
 
@@ -81,15 +80,6 @@ impl LearnedOptimizer {
         rest: &str,
         rules: Vec<(&str, ParamGroup)>,
     ) -> Result<ModuleOptimizer, Error> {
-        let file = TensorFile::read(path)?;
-        if groups::group_names(&file)?.is_none() {
-            return Err(Error::format(
-                path,
-                "a one-group φ (no \"groups\" metadata field): use LearnedOptimizer::load, \
-                 which needs no rule",
-            ));
-        }
-        drop(file);
         Self::for_groups(&PhiGroups::load(path)?, rest, rules)
     }
 

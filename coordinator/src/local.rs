@@ -296,8 +296,11 @@ impl std::fmt::Display for Report {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(
             f,
-            "mean loss on {} fresh quadratics (128 × 10-d each); Adam lr {} chosen on other problems",
-            self.problems, self.adam_lr
+            "mean loss on {} fresh quadratics (128 × 10-d each); Adam lr {:.*} chosen on other problems",
+            self.problems,
+            // Three significant digits.
+            (2.0 - self.adam_lr.log10().floor()).max(0.0) as usize,
+            self.adam_lr
         )?;
         writeln!(
             f,
@@ -311,11 +314,14 @@ impl std::fmt::Display for Report {
     }
 }
 
-/// Adam's learning-rate grid: half-decades from 1e-3 to 3.16.
-pub const ADAM_GRID: [f64; 8] = [1e-3, 3.16e-3, 1e-2, 3.16e-2, 0.1, 0.316, 1.0, 3.16];
+/// Adam's learning-rate grid: four rates per decade from 1e-3 to 10 (then refined).
+pub fn adam_grid() -> Vec<f64> {
+    baselines::log_grid(-3.0, 1.0, 17)
+}
 
 /// Evaluates `phi` against tuned Adam: the learning rate with the best mean loss at step
-/// 100 on 4 tuning problems ([`baselines::tune`]), then both on `problems` report
+/// 100 on 4 tuning problems (the grid of [`adam_grid`] refined to 1/16 of a decade,
+/// [`baselines::tune_refined`]), then both on `problems` report
 /// problems (all seeds fresh), on the host.
 pub fn evaluate(phi: &Phi, seed: u64, problems: usize) -> Result<Report> {
     let steps = 100;
@@ -331,7 +337,7 @@ pub fn evaluate(phi: &Phi, seed: u64, problems: usize) -> Result<Report> {
         .iter()
         .map(|q| (q as &dyn HostProblem, q.theta0.as_slice()))
         .collect();
-    let adam_lr = baselines::tune(Baseline::Adam, &tuning, &ADAM_GRID, steps).lr;
+    let adam_lr = baselines::tune_refined(Baseline::Adam, &tuning, &adam_grid(), steps, 4).lr;
     let learned = mean_curves(
         report
             .iter()

@@ -456,3 +456,88 @@ fn the_pretrained_optimizers_load_and_the_quadratic_one_beats_tuned_baselines() 
         "{stdout}"
     );
 }
+
+/// `init-phi --groups` writes a grouped φ (spec §5); the commands whose families have no
+/// parameter groups refuse it, naming the groups and the family, and write nothing.
+#[test]
+fn a_grouped_phi_is_written_and_refused_by_families_without_groups() {
+    use l2l_common::PhiGroups;
+    let dir = tempfile::tempdir().unwrap();
+    let (phi, prob, grad) = (
+        dir.path().join("phi"),
+        dir.path().join("prob"),
+        dir.path().join("grad"),
+    );
+    let out = worker(&[
+        "init-phi",
+        "--preprocess",
+        "log_sign",
+        "--groups",
+        "conv,fc",
+        "--seed",
+        "4",
+        "--out",
+        s(&phi),
+    ]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("10282 numbers, groups conv,fc"), "{stdout}");
+    let groups = PhiGroups::load(&phi).unwrap();
+    assert_eq!(groups.names(), ["conv", "fc"]);
+    let cfg = groups.config();
+    assert_eq!(groups.get("fc").unwrap(), &Phi::init(cfg, 5).unwrap());
+    assert!(
+        worker(&["gen-problem", "quadratic", "--seed", "1", "--out", s(&prob)])
+            .status
+            .success()
+    );
+    refused(
+        &[
+            "meta-grad",
+            "--phi",
+            s(&phi),
+            "--problem",
+            s(&prob),
+            "--steps",
+            "3",
+            "--out",
+            s(&grad),
+        ],
+        &[
+            "parameter groups conv,fc",
+            "quadratic family has no parameter groups",
+        ],
+    );
+    refused(
+        &[
+            "eval",
+            "--phi",
+            s(&phi),
+            "--out",
+            s(&dir.path().join("eval")),
+        ],
+        &[
+            "parameter groups conv,fc",
+            "quadratic family has no parameter groups",
+        ],
+    );
+    assert!(
+        !grad.exists() && !dir.path().join("eval").exists(),
+        "nothing written"
+    );
+    refused(
+        &[
+            "init-phi",
+            "--preprocess",
+            "log_sign",
+            "--groups",
+            "conv,conv",
+            "--seed",
+            "1",
+            "--out",
+            s(&grad),
+        ],
+        &["--groups", "named twice"],
+    );
+    assert!(!grad.exists());
+}

@@ -12,7 +12,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use l2l_common::Phi;
-use l2l_common::baselines::{Baseline, Tuned, log_grid, tune};
+use l2l_common::baselines::{Baseline, Tuned, log_grid, tune_refined};
 use l2l_common::engine::{Backend, Engine};
 use l2l_common::problems::HostProblem;
 use l2l_common::problems::ProblemSpec;
@@ -51,9 +51,13 @@ pub struct EvalArgs {
     /// log10 of the largest learning rate of the tuning grid.
     #[arg(long, default_value_t = 1.0, allow_hyphen_values = true)]
     grid_hi: f64,
-    /// Learning rates in the tuning grid.
-    #[arg(long, default_value_t = 11)]
+    /// Learning rates in the tuning grid (21: four per decade from 1e-4 to 10).
+    #[arg(long, default_value_t = 21)]
     grid_points: usize,
+    /// Then tune again around each baseline's best rate, the grid's spacing cut into this
+    /// many parts (4: 1/16 of a decade with the default grid; 1: no refinement).
+    #[arg(long, default_value_t = 4)]
+    refine: usize,
     /// Steps shown in the table [default: steps/5, steps/2, steps].
     #[arg(long, value_delimiter = ',')]
     at: Vec<usize>,
@@ -146,8 +150,8 @@ struct Row {
 
 /// Runs the evaluation and writes its files.
 pub fn run(a: EvalArgs) -> Result<()> {
-    if a.steps == 0 || a.runs == 0 || a.tune_runs == 0 || a.grid_points == 0 {
-        bail!("--steps, --runs, --tune-runs and --grid-points must be positive");
+    if a.steps == 0 || a.runs == 0 || a.tune_runs == 0 || a.grid_points == 0 || a.refine == 0 {
+        bail!("--steps, --runs, --tune-runs, --grid-points and --refine must be positive");
     }
     let at: Vec<usize> = if a.at.is_empty() {
         let mut v = vec![a.steps / 5, a.steps / 2, a.steps];
@@ -159,6 +163,15 @@ pub fn run(a: EvalArgs) -> Result<()> {
     };
     if let Some(t) = at.iter().find(|t| **t > a.steps) {
         bail!("--at {t} is beyond --steps {}", a.steps);
+    }
+    if let Some(groups) = l2l_common::groups::names_in(&a.phi).context("cannot load φ (--phi)")? {
+        bail!(
+            "--phi {}: a φ with parameter groups {} (spec §5), and the {} family has no \
+             parameter groups; give a one-group φ",
+            a.phi.display(),
+            groups.join(","),
+            a.problem.family()
+        );
     }
     let phi = Phi::load_any(&a.phi).context("cannot load φ (--phi)")?;
     let engine = Engine::open(a.backend).with_context(|| format!("--backend {}", a.backend))?;
@@ -184,14 +197,15 @@ pub fn run(a: EvalArgs) -> Result<()> {
         .baselines
         .iter()
         .map(|b| {
-            let t = tune(*b, &pairs, &grid, a.steps);
+            let t = tune_refined(*b, &pairs, &grid, a.steps, a.refine);
             progress.inc(1);
             t
         })
         .collect();
     progress.finish_and_clear();
     for t in &tuned {
-        if grid.len() > 1 && (t.lr == grid[0] || t.lr == grid[grid.len() - 1]) {
+        let (lo, hi) = (grid[0], grid[grid.len() - 1]);
+        if grid.len() > 1 && (t.lr <= lo * 1.000001 || t.lr >= hi / 1.000001) {
             eprintln!(
                 "note: {}'s best rate {} is at the edge of the grid; widen it with --grid-lo/--grid-hi",
                 t.baseline.name(),
@@ -348,6 +362,21 @@ fn render_table(title: &str, all: &[(&Row, Stats)], at: &[usize], steps: usize) 
             best.name,
             learned.1.mean_over_steps / bs.mean_over_steps
         );
+    }
+    // A rate tuned on a few problems can sit at the edge of stability: say where a
+    // held-out run ended above its start, since such runs dominate that row's means.
+    for (r, _) in all {
+        let up = r.curves.iter().filter(|c| !(c[steps] <= c[0])).count();
+        if up > 0 {
+            let lr =
+                r.lr.map_or(String::new(), |lr| format!(" (lr {})", rate(lr)));
+            let _ = writeln!(
+                out,
+                "note: {}{lr} ended above its starting loss on {up} of {} problems; its means include them",
+                r.name,
+                r.curves.len()
+            );
+        }
     }
     out
 }

@@ -3,11 +3,11 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use l2l_common::engine::{Backend, Engine};
 use l2l_common::problems::Optimizee;
-use l2l_common::{MetaGradFile, OptimizerConfig, Phi, Preprocess, Quadratic};
+use l2l_common::{MetaGradFile, OptimizerConfig, Phi, PhiGroups, Preprocess, Quadratic};
 
 use crate::PreprocessArg;
 
@@ -32,6 +32,10 @@ pub struct InitPhi {
     /// Seed of the portable RNG that draws the weights.
     #[arg(long)]
     seed: u64,
+    /// One LSTM per parameter group (spec §5), e.g. `conv,fc`: a grouped φ whose group i
+    /// is drawn with seed + i. Without it, the one-group φ of spec §4.1.
+    #[arg(long, value_delimiter = ',')]
+    groups: Vec<String>,
     /// Where to write φ (safetensors, format l2l-lstm/1).
     #[arg(long)]
     out: PathBuf,
@@ -47,13 +51,19 @@ pub fn init_phi(a: InitPhi) -> Result<()> {
         layers: a.layers as usize,
         out_scale: a.out_scale.unwrap_or(preprocess.default_out_scale()),
     };
-    let phi = Phi::init(config, a.seed)?;
     let meta = HashMap::from([("seed".to_string(), a.seed.to_string())]);
-    phi.save(&a.out, meta)?;
+    let (numbers, groups) = if a.groups.is_empty() {
+        Phi::init(config, a.seed)?.save(&a.out, meta)?;
+        (config.num_params(), String::new())
+    } else {
+        let names: Vec<&str> = a.groups.iter().map(String::as_str).collect();
+        let phi = PhiGroups::init(config, &names, a.seed).context("--groups")?;
+        phi.save(&a.out, meta)?;
+        (phi.flatten().len(), format!(", groups {}", names.join(",")))
+    };
     println!(
-        "wrote {} ({} numbers, {preprocess}, hidden {}, layers {}, k {}, out_scale {})",
+        "wrote {} ({numbers} numbers{groups}, {preprocess}, hidden {}, layers {}, k {}, out_scale {})",
         a.out.display(),
-        config.num_params(),
         config.hidden,
         config.layers,
         config.k,
@@ -130,6 +140,14 @@ pub struct MetaGradArgs {
 
 /// `meta-grad`: one truncation from zero state and θ_0, in float32.
 pub fn meta_grad(a: MetaGradArgs) -> Result<()> {
+    if let Some(groups) = l2l_common::groups::names_in(&a.phi).context("cannot load φ (--phi)")? {
+        bail!(
+            "--phi {}: a φ with parameter groups {} (spec §5), and the quadratic family has \
+             no parameter groups; give a one-group φ (init-phi without --groups)",
+            a.phi.display(),
+            groups.join(",")
+        );
+    }
     let phi = Phi::load(&a.phi).context("cannot load φ (--phi)")?;
     let quad = Quadratic::load(&a.problem).context("cannot load the problem (--problem)")?;
     let steps = a.steps as usize;
