@@ -273,6 +273,24 @@ pub fn vulkan_driver_installed() -> bool {
         .any(|d| std::fs::read_dir(d).is_ok_and(|mut e| e.next().is_some()))
 }
 
+/// The wgpu engine for a test; `None` (the test is skipped, saying what to install) only
+/// where no Vulkan driver is installed at all, and a failure instead where
+/// `L2L_REQUIRE_ALL=1` (CI) forbids skips.
+#[cfg(all(test, feature = "wgpu"))]
+pub(crate) fn wgpu_for_test() -> Option<Engine> {
+    if !vulkan_driver_installed() {
+        let why = "no Vulkan driver is installed; `apt-get install mesa-vulkan-drivers` \
+                   (lavapipe, a CPU Vulkan driver) runs this test on any machine";
+        assert!(
+            std::env::var("L2L_REQUIRE_ALL").map_or(true, |v| v != "1"),
+            "{why}; L2L_REQUIRE_ALL=1 forbids skips"
+        );
+        eprintln!("SKIPPED: {why}");
+        return None;
+    }
+    Some(Engine::open(Backend::Wgpu).unwrap_or_else(|e| panic!("{e}")))
+}
+
 /// The wgpu device and its adapter's name, opened once per process (wgpu's runtime
 /// cannot be initialised twice).
 #[cfg(feature = "wgpu")]
@@ -441,18 +459,9 @@ mod tests {
     #[cfg(feature = "wgpu")]
     #[test]
     fn wgpu_meta_gradients_match_the_cpu_backend() {
-        if !vulkan_driver_installed() {
-            let why = "no Vulkan driver is installed; `apt-get install mesa-vulkan-drivers` \
-                       (lavapipe, a CPU Vulkan driver) runs this test on any machine";
-            // CI sets L2L_REQUIRE_ALL=1: a skip there is a failure.
-            assert!(
-                std::env::var("L2L_REQUIRE_ALL").map_or(true, |v| v != "1"),
-                "{why}; L2L_REQUIRE_ALL=1 forbids skips"
-            );
-            eprintln!("SKIPPED: {why}");
+        let Some(engine) = wgpu_for_test() else {
             return;
-        }
-        let engine = Engine::open(Backend::Wgpu).unwrap_or_else(|e| panic!("{e}"));
+        };
         eprintln!("wgpu adapter: {}", engine.adapter());
         agrees_with_cpu(&engine, 1e-3);
     }

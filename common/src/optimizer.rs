@@ -336,18 +336,9 @@ mod tests {
     #[cfg(feature = "wgpu")]
     #[test]
     fn on_wgpu_the_steps_match_the_cpu() {
-        use crate::engine::{Backend, Engine, vulkan_driver_installed};
-        if !vulkan_driver_installed() {
-            let why = "no Vulkan driver is installed; `apt-get install mesa-vulkan-drivers` \
-                       (lavapipe, a CPU Vulkan driver) runs this test on any machine";
-            assert!(
-                std::env::var("L2L_REQUIRE_ALL").map_or(true, |v| v != "1"),
-                "{why}; L2L_REQUIRE_ALL=1 forbids skips"
-            );
-            eprintln!("SKIPPED: {why}");
+        let Some(engine) = crate::engine::wgpu_for_test() else {
             return;
-        }
-        let engine = Engine::open(Backend::Wgpu).unwrap_or_else(|e| panic!("{e}"));
+        };
         let gpu = engine.device().expect("wgpu runs on a device").clone();
         let cpu = Device::flex().autodiff();
         let phi = Phi::init(OptimizerConfig::default(), 8).unwrap();
