@@ -314,7 +314,11 @@ impl Phi {
     /// Reads φ from an optimizer file or from a coordinator checkpoint, whose Adam
     /// moments (`adam.m`, `adam.v`) are skipped.
     pub fn load_any(path: &Path) -> Result<Self, Error> {
-        let mut file = TensorFile::read(path)?;
+        Self::any_from(TensorFile::read(path)?)
+    }
+
+    /// φ from a file already read, as [`Phi::load_any`] takes it.
+    pub fn any_from(mut file: TensorFile) -> Result<Self, Error> {
         let config = config_from(&file)?;
         for moment in ["adam.m", "adam.v"] {
             if let Some(shape) = file.shape(moment).map(<[usize]>::to_vec) {

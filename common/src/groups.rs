@@ -145,9 +145,22 @@ impl PhiGroups {
     }
 }
 
-/// The group names of the optimizer file at `path`, or `None` for a one-group φ.
-pub fn names_in(path: &Path) -> Result<Option<Vec<String>>, Error> {
-    group_names(&TensorFile::read(path)?)
+/// φ for `family`, a problem family without parameter groups, from an optimizer file or
+/// a coordinator checkpoint; a grouped file is refused, naming its groups and the family
+/// (spec §5).
+pub fn load_for_family(path: &Path, family: &str) -> Result<Phi, Error> {
+    let file = TensorFile::read(path)?;
+    if let Some(names) = group_names(&file)? {
+        return Err(Error::format(
+            path,
+            format!(
+                "a φ with parameter groups {} (spec §5), and the {family} family has no \
+                 parameter groups; give a one-group φ (init-phi without --groups)",
+                names.join(",")
+            ),
+        ));
+    }
+    Phi::any_from(file)
 }
 
 /// The group names a file declares, or `None` for a one-group φ.

@@ -91,11 +91,11 @@ impl LearnedOptimizer {
     ) -> Result<ModuleOptimizer, Error> {
         let mut named: Vec<&str> = rules.iter().map(|(n, _)| *n).collect();
         named.insert(0, rest);
-        let mut sorted_named = named.clone();
+        let (mut sorted_named, mut sorted_file) = (named.clone(), phi.names());
         sorted_named.sort_unstable();
-        let mut sorted_file = phi.names();
         sorted_file.sort_unstable();
-        if sorted_named != sorted_file || sorted_named.windows(2).any(|w| w[0] == w[1]) {
+        // φ's names are distinct, so equal sorted lists also mean no rule is repeated.
+        if sorted_named != sorted_file {
             return Err(Error::Config(format!(
                 "the rules name groups [{}] (rest: {rest}), φ has groups [{}]; give each of \
                  φ's groups exactly once, one of them as the rest",
@@ -138,10 +138,11 @@ pub struct LearnedState<const D: usize> {
 }
 
 impl<const D: usize> LearnedState<D> {
-    /// Whether this state belongs to a tensor of `n` values under `phi`'s configuration.
-    fn fits(&self, phi: &Phi, n: usize) -> bool {
+    /// Whether this state belongs to a tensor of `n` values in `dtype` under `phi`'s
+    /// configuration (a record from elsewhere may hold other shapes or float types).
+    fn fits(&self, phi: &Phi, n: usize, dtype: DType) -> bool {
         let cfg = &phi.config;
-        let ok = |t: &Tensor<2>| t.dims() == [n, cfg.hidden];
+        let ok = |t: &Tensor<2>| t.dims() == [n, cfg.hidden] && t.dtype() == dtype;
         self.lstm.h.len() == cfg.layers
             && self.lstm.c.len() == cfg.layers
             && self.lstm.h.iter().chain(&self.lstm.c).all(ok)
@@ -163,7 +164,7 @@ impl Optimizer for LearnedOptimizer {
         let (device, dtype) = (grad.device(), grad.dtype());
         let lstm = self.lstm_on(&device, dtype);
         let state = match state {
-            Some(s) if s.fits(&self.phi, n) => s.lstm,
+            Some(s) if s.fits(&self.phi, n, dtype) => s.lstm,
             _ => LstmState::zeros(&self.phi.config, n, &device, dtype),
         };
         let (u, lstm_state) = lstm.step(grad.reshape([n, 1]), state);

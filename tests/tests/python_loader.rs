@@ -61,15 +61,15 @@ fn updates<const D: usize>(
 }
 
 /// Writes one fixture: φ (one group, or groups), `steps.safetensors` and `case.json`.
-fn fixture(dir: &Path, phi: Either, seed: u64) {
+fn fixture(dir: &Path, phi: Kind, seed: u64) {
     let mut rng = Rng::new(seed);
     let (opts, groups): (Vec<(Option<String>, LearnedOptimizer)>, bool) = match &phi {
-        Either::One(p) => {
+        Kind::One(p) => {
             p.save(&dir.join("phi.safetensors"), HashMap::new())
                 .unwrap();
             (vec![(None, LearnedOptimizer::new(p.clone()))], false)
         }
-        Either::Groups(g) => {
+        Kind::Groups(g) => {
             g.save(&dir.join("phi.safetensors"), HashMap::new())
                 .unwrap();
             let opts = g
@@ -116,7 +116,8 @@ fn fixture(dir: &Path, phi: Either, seed: u64) {
     std::fs::write(dir.join("case.json"), case.to_string()).unwrap();
 }
 
-enum Either {
+/// The φ of a fixture: one group, or groups.
+enum Kind {
     One(Phi),
     Groups(PhiGroups),
 }
@@ -152,12 +153,12 @@ fn python_reproduces_the_rust_updates() {
         ..OptimizerConfig::new(Preprocess::LogSign)
     };
     let cases = [
-        ("mlp", Either::One(shipped("mlp.safetensors"))),
-        ("quadratic", Either::One(shipped("quadratic.safetensors"))),
-        ("identity", Either::One(Phi::init(identity, 3).unwrap())),
+        ("mlp", Kind::One(shipped("mlp.safetensors"))),
+        ("quadratic", Kind::One(shipped("quadratic.safetensors"))),
+        ("identity", Kind::One(Phi::init(identity, 3).unwrap())),
         (
             "groups",
-            Either::Groups(
+            Kind::Groups(
                 PhiGroups::new(vec![
                     ("conv".into(), Phi::init(k5, 4).unwrap()),
                     ("fc".into(), Phi::init(k5, 5).unwrap()),

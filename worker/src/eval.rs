@@ -11,7 +11,6 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use l2l_common::Phi;
 use l2l_common::baselines::{Baseline, Tuned, log_grid, tune_refined};
 use l2l_common::engine::{Backend, Engine};
 use l2l_common::problems::HostProblem;
@@ -164,16 +163,8 @@ pub fn run(a: EvalArgs) -> Result<()> {
     if let Some(t) = at.iter().find(|t| **t > a.steps) {
         bail!("--at {t} is beyond --steps {}", a.steps);
     }
-    if let Some(groups) = l2l_common::groups::names_in(&a.phi).context("cannot load φ (--phi)")? {
-        bail!(
-            "--phi {}: a φ with parameter groups {} (spec §5), and the {} family has no \
-             parameter groups; give a one-group φ",
-            a.phi.display(),
-            groups.join(","),
-            a.problem.family()
-        );
-    }
-    let phi = Phi::load_any(&a.phi).context("cannot load φ (--phi)")?;
+    let phi = l2l_common::groups::load_for_family(&a.phi, a.problem.family())
+        .context("cannot load φ (--phi)")?;
     let engine = Engine::open(a.backend).with_context(|| format!("--backend {}", a.backend))?;
     eprintln!("learned optimizer on {}", engine.describe());
     // Baselines are tuned on the training split, everything is reported on the test split.

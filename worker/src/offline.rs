@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use l2l_common::engine::{Backend, Engine};
 use l2l_common::problems::Optimizee;
@@ -57,9 +57,11 @@ pub fn init_phi(a: InitPhi) -> Result<()> {
         (config.num_params(), String::new())
     } else {
         let names: Vec<&str> = a.groups.iter().map(String::as_str).collect();
-        let phi = PhiGroups::init(config, &names, a.seed).context("--groups")?;
-        phi.save(&a.out, meta)?;
-        (phi.flatten().len(), format!(", groups {}", names.join(",")))
+        PhiGroups::init(config, &names, a.seed)
+            .context("--groups")?
+            .save(&a.out, meta)?;
+        let total = config.num_params() * names.len();
+        (total, format!(", groups {}", names.join(",")))
     };
     println!(
         "wrote {} ({numbers} numbers{groups}, {preprocess}, hidden {}, layers {}, k {}, out_scale {})",
@@ -140,15 +142,8 @@ pub struct MetaGradArgs {
 
 /// `meta-grad`: one truncation from zero state and θ_0, in float32.
 pub fn meta_grad(a: MetaGradArgs) -> Result<()> {
-    if let Some(groups) = l2l_common::groups::names_in(&a.phi).context("cannot load φ (--phi)")? {
-        bail!(
-            "--phi {}: a φ with parameter groups {} (spec §5), and the quadratic family has \
-             no parameter groups; give a one-group φ (init-phi without --groups)",
-            a.phi.display(),
-            groups.join(",")
-        );
-    }
-    let phi = Phi::load(&a.phi).context("cannot load φ (--phi)")?;
+    let phi = l2l_common::groups::load_for_family(&a.phi, "quadratic")
+        .context("cannot load φ (--phi)")?;
     let quad = Quadratic::load(&a.problem).context("cannot load the problem (--problem)")?;
     let steps = a.steps as usize;
     let engine = Engine::open(a.backend).with_context(|| format!("--backend {}", a.backend))?;
