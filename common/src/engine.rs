@@ -11,10 +11,12 @@
 use burn::tensor::{DType, Device};
 
 use crate::fused::{self, HostCarry};
+use crate::groups::AnyPhi;
+use crate::lstm::Lstms;
 use crate::problems::{DeviceData, Optimizee, Problem};
 use crate::truncation::Truncation;
 use crate::unroll::{self, DeviceCarry};
-use crate::{Error, Lstm, LstmState, Phi, eval};
+use crate::{Error, LstmState, OptimizerConfig, eval};
 
 /// A backend as named on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -151,13 +153,13 @@ impl Engine {
     }
 
     /// θ₀ and zero LSTM state: the start of a trajectory.
-    pub fn start(&self, phi: &Phi, p: &Loaded) -> Carry {
+    pub fn start(&self, phi: &AnyPhi, p: &Loaded) -> Carry {
         let theta0 = p.optimizee.theta0();
         match &self.device {
-            None => Carry::Host(HostCarry::start(&phi.config, theta0.to_vec())),
+            None => Carry::Host(HostCarry::start(&phi.config(), theta0.to_vec())),
             Some(dev) => Carry::Device(DeviceCarry {
                 theta: crate::tensor::from_f32(theta0, [theta0.len(), 1], dev, DType::F32),
-                state: LstmState::zeros(&phi.config, theta0.len(), dev, DType::F32),
+                state: LstmState::zeros(&phi.config(), theta0.len(), dev, DType::F32),
             }),
         }
     }
@@ -166,7 +168,7 @@ impl Engine {
     /// `weights` the weighted meta-loss over `weights.len()` steps.
     pub fn truncation(
         &self,
-        phi: &Phi,
+        phi: &AnyPhi,
         p: &Loaded,
         carry: Carry,
         start: usize,
@@ -182,8 +184,10 @@ impl Engine {
                 Ok(out.map_carry(Carry::Host))
             }
             (Carry::Device(carry), Some(dev), Some(problem)) => {
-                check_carry(&carry, phi, problem.num_coords(), dev)?;
-                let lstm = Lstm::new(phi, dev, DType::F32);
+                let n = problem.num_coords();
+                check_carry(&carry, &phi.config(), n, dev)?;
+                let groups = p.optimizee.host().groups();
+                let lstm = Lstms::new(phi, groups.as_ref(), n, dev, DType::F32)?;
                 // burn reports device failures (out of memory, a lost device) by panicking;
                 // a worker drops the trajectory instead of dying.
                 let run = std::panic::AssertUnwindSafe(|| match weights {
@@ -207,13 +211,14 @@ impl Engine {
 
     /// f(θ_t) for t = 0 ..= steps under the learned optimizer from θ₀, state carried
     /// throughout; once a loss is not finite the rest of the curve is +∞.
-    pub fn curve(&self, phi: &Phi, p: &Loaded, steps: usize) -> Result<Vec<f64>, Error> {
+    pub fn curve(&self, phi: &AnyPhi, p: &Loaded, steps: usize) -> Result<Vec<f64>, Error> {
         let (Some(dev), Some(problem)) = (&self.device, &p.device) else {
             return eval::host_learned_curve(phi, p.optimizee.host(), p.optimizee.theta0(), steps);
         };
         // Forward only: nothing requires a gradient, so no graph is kept.
-        let lstm = Lstm::new(phi, dev, DType::F32);
         let theta0 = p.optimizee.theta0();
+        let groups = p.optimizee.host().groups();
+        let lstm = Lstms::new(phi, groups.as_ref(), theta0.len(), dev, DType::F32)?;
         let theta0 = crate::tensor::from_f32(theta0, [theta0.len(), 1], dev, DType::F32);
         let mut curve =
             eval::learned_curve(&lstm, problem.as_ref(), theta0, steps, dev, DType::F32)?;
@@ -224,8 +229,12 @@ impl Engine {
 
 /// Refuses a carried state that does not fit φ and the problem, or lives elsewhere (a
 /// coordinator restarted with another φ shape; a state from another engine).
-fn check_carry(carry: &DeviceCarry, phi: &Phi, n: usize, dev: &Device) -> Result<(), Error> {
-    let cfg = &phi.config;
+fn check_carry(
+    carry: &DeviceCarry,
+    cfg: &OptimizerConfig,
+    n: usize,
+    dev: &Device,
+) -> Result<(), Error> {
     let fits = carry.theta.dims() == [n, 1]
         && carry.state.h.len() == cfg.layers
         && carry.state.c.len() == cfg.layers
@@ -328,7 +337,7 @@ mod tests {
     use crate::problems::MlpSpec;
     use crate::problems::mnist::Dataset;
     use crate::rng::Rng;
-    use crate::{Mlp, OptimizerConfig, Preprocess, Quadratic};
+    use crate::{Mlp, OptimizerConfig, Phi, Preprocess, Quadratic};
 
     use super::*;
 
@@ -380,7 +389,7 @@ mod tests {
         let cpu = Engine::open(Backend::Fused).unwrap();
         let mut worst = 0f64;
         for preprocess in [Preprocess::LogSign, Preprocess::Identity] {
-            let phi = Phi::init(OptimizerConfig::new(preprocess), 7).unwrap();
+            let phi = AnyPhi::from(Phi::init(OptimizerConfig::new(preprocess), 7).unwrap());
             for (optimizee, weights) in cases() {
                 let steps = weights.as_ref().map_or(5, Vec::len);
                 let name = match &optimizee {
@@ -396,12 +405,12 @@ mod tests {
                         .unwrap();
                     let tb = cpu.truncation(&phi, &b, sb, k * steps, steps, w).unwrap();
                     let what = format!("{} {preprocess} {name} truncation {k}", engine.backend());
-                    for (i, (ga, gb)) in ta.grad.tensors.iter().zip(&tb.grad.tensors).enumerate() {
+                    for (i, (ga, gb)) in ta.grad.tensors().zip(tb.grad.tensors()).enumerate() {
                         let r = rel(ga, gb);
                         worst = worst.max(r);
                         assert!(r <= tol, "{what}: tensor {i} off by {r:.2e}");
                     }
-                    assert!(tb.grad.tensors.iter().flatten().any(|v| *v != 0.0));
+                    assert!(tb.grad.tensors().flatten().any(|v| *v != 0.0));
                     for (la, lb) in ta.losses.iter().zip(&tb.losses) {
                         assert!(
                             (la - lb).abs() <= tol * lb.abs(),
@@ -430,7 +439,7 @@ mod tests {
 
     #[test]
     fn curves_agree_across_backends() {
-        let phi = Phi::init(OptimizerConfig::new(Preprocess::LogSign), 2).unwrap();
+        let phi = AnyPhi::from(Phi::init(OptimizerConfig::new(Preprocess::LogSign), 2).unwrap());
         let (cpu, flex) = (
             Engine::open(Backend::Fused).unwrap(),
             Engine::open(Backend::Flex).unwrap(),

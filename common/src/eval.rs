@@ -4,9 +4,9 @@
 use burn::tensor::{DType, Device, Tensor};
 
 use crate::Error;
-use crate::Phi;
 use crate::fused::{self, HostCarry};
-use crate::lstm::{Lstm, LstmState};
+use crate::groups::AnyPhi;
+use crate::lstm::{LstmState, Lstms};
 use crate::problems::HostProblem;
 use crate::problems::Problem;
 use crate::tensor::to_f64;
@@ -16,7 +16,7 @@ use crate::unroll::{DeviceCarry, unroll};
 ///
 /// Forward only (no autodiff); `lstm` and `theta0` must be on `device`.
 pub fn learned_curve(
-    lstm: &Lstm,
+    lstm: &Lstms,
     problem: &dyn Problem,
     theta0: Tensor<2>,
     steps: usize,
@@ -25,7 +25,7 @@ pub fn learned_curve(
 ) -> Result<Vec<f64>, Error> {
     let first = problem.loss(theta0.clone(), 0);
     let carry = DeviceCarry {
-        state: LstmState::zeros(&lstm.config, problem.num_coords(), device, dtype),
+        state: LstmState::zeros(&lstm.config(), problem.num_coords(), device, dtype),
         theta: theta0,
     };
     let run = unroll(lstm, problem, carry, 0, steps);
@@ -43,14 +43,14 @@ const HOST_CHUNK: usize = 20;
 /// chunk that blows up is run again one step at a time, so the curve keeps every finite
 /// loss before the blow-up, as [`learned_curve`] does.
 pub fn host_learned_curve(
-    phi: &Phi,
+    phi: &AnyPhi,
     problem: &dyn HostProblem,
     theta0: &[f32],
     steps: usize,
 ) -> Result<Vec<f64>, Error> {
     let mut g = vec![0f32; theta0.len()];
     let mut out = vec![problem.eval(theta0, 0, &mut g)];
-    let mut carry = HostCarry::start(&phi.config, theta0.to_vec());
+    let mut carry = HostCarry::start(&phi.config(), theta0.to_vec());
     let mut t = 0;
     let mut chunk = HOST_CHUNK;
     while t < steps {
@@ -104,7 +104,8 @@ mod tests {
     /// 20-step chunk where it happens, and is +∞ from there on.
     #[test]
     fn a_host_curve_ends_at_the_step_that_blew_up() {
-        let phi = Phi::init(OptimizerConfig::new(Preprocess::LogSign), 3).unwrap();
+        let phi =
+            AnyPhi::from(crate::Phi::init(OptimizerConfig::new(Preprocess::LogSign), 3).unwrap());
         let q = Quadratic::from_seed(2, 3, 10).unwrap();
         let whole = host_learned_curve(&phi, &q, &q.theta0, 50).unwrap();
         assert!(whole.iter().all(|l| l.is_finite()));

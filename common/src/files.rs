@@ -337,8 +337,8 @@ impl Phi {
 /// The meta-gradient of one truncation as a file holds it (spec §4.1).
 #[derive(Debug, Clone, PartialEq)]
 pub struct MetaGradFile {
-    /// ∂L/∂φ, same names and shapes as φ.
-    pub grad: Phi,
+    /// ∂L/∂φ, same names and shapes as φ (with its groups, spec §5).
+    pub grad: crate::AnyPhi,
     /// L, the truncation's meta-loss.
     pub meta_loss: f64,
     /// T, the truncation's length.
@@ -355,7 +355,7 @@ impl MetaGradFile {
         if !meta_loss.is_finite() {
             return Err(Error::format(path, format!("meta_loss is {meta_loss}")));
         }
-        let grad = phi_from(&mut file, config)?;
+        let grad = crate::AnyPhi::take_from(&mut file, config)?;
         Ok(Self {
             grad,
             meta_loss,
@@ -370,7 +370,7 @@ impl MetaGradFile {
             ("meta_loss".to_string(), format!("{:?}", self.meta_loss)),
             ("steps".to_string(), self.steps.to_string()),
         ]);
-        write_atomic(path, &encode_phi(&self.grad, meta)?)
+        write_atomic(path, &self.grad.encode(meta)?)
     }
 }
 
@@ -485,7 +485,7 @@ mod tests {
         let dir = tmp();
         let path = dir.path().join("grad.safetensors");
         let g = MetaGradFile {
-            grad: Phi::init(OptimizerConfig::default(), 4).unwrap(),
+            grad: Phi::init(OptimizerConfig::default(), 4).unwrap().into(),
             meta_loss: 0.1 + 0.2,
             steps: 20,
         };

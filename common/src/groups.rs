@@ -8,6 +8,7 @@
 //! saying which loader to use.
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::path::Path;
 
 use crate::files::{self, FORMAT, NamedTensor, TensorFile};
@@ -96,12 +97,224 @@ impl PhiGroups {
     pub fn load(path: &Path) -> Result<Self, Error> {
         let mut file = TensorFile::read(path)?;
         let config = files::config_from(&file)?;
-        let Some(names) = group_names(&file)? else {
+        if group_names(&file)?.is_none() {
             return Err(Error::format(
                 path,
                 "a one-group φ (no \"groups\" metadata field); read it as one φ \
                  (`Phi::load`, `LearnedOptimizer::load`)",
             ));
+        }
+        match AnyPhi::take_from(&mut file, config)? {
+            AnyPhi::Groups(g) => Ok(g),
+            AnyPhi::One(_) => Err(Error::format(path, "no \"groups\" metadata field")),
+        }
+    }
+
+    /// Encodes the groups as one file (spec §5) with `extra` metadata fields.
+    pub fn encode(&self, extra: HashMap<String, String>) -> Result<Vec<u8>, Error> {
+        AnyPhi::Groups(self.clone()).encode(extra)
+    }
+
+    /// Writes a grouped optimizer file atomically.
+    pub fn save(&self, path: &Path, extra: HashMap<String, String>) -> Result<(), Error> {
+        files::write_atomic(path, &self.encode(extra)?)
+    }
+}
+
+/// φ of either kind, as a run holds it: the one-group φ of spec §4.1, or named groups
+/// (§5). Gradients with respect to φ use the same type.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AnyPhi {
+    /// One LSTM for every coordinate (§4.1).
+    One(Phi),
+    /// One LSTM per named group (§5).
+    Groups(PhiGroups),
+}
+
+impl From<Phi> for AnyPhi {
+    fn from(phi: Phi) -> Self {
+        AnyPhi::One(phi)
+    }
+}
+
+impl From<PhiGroups> for AnyPhi {
+    fn from(g: PhiGroups) -> Self {
+        AnyPhi::Groups(g)
+    }
+}
+
+impl AnyPhi {
+    /// The configuration every LSTM shares.
+    pub fn config(&self) -> OptimizerConfig {
+        match self {
+            AnyPhi::One(p) => p.config,
+            AnyPhi::Groups(g) => g.config(),
+        }
+    }
+
+    /// The group names in order; `None` for a one-group φ.
+    pub fn names(&self) -> Option<Vec<&str>> {
+        match self {
+            AnyPhi::One(_) => None,
+            AnyPhi::Groups(g) => Some(g.names()),
+        }
+    }
+
+    /// Each LSTM's φ, in flat order (one for a one-group φ).
+    pub fn parts(&self) -> Vec<&Phi> {
+        match self {
+            AnyPhi::One(p) => vec![p],
+            AnyPhi::Groups(g) => g.groups.iter().map(|(_, p)| p).collect(),
+        }
+    }
+
+    /// The same kind and names with other values, one φ per part (e.g. a gradient).
+    pub fn with_parts(&self, parts: Vec<Phi>) -> Result<Self, Error> {
+        match self {
+            AnyPhi::One(_) => {
+                let [p]: [Phi; 1] = parts.try_into().map_err(|v: Vec<Phi>| {
+                    Error::Shape(format!("{} parts for a one-group φ", v.len()))
+                })?;
+                Ok(AnyPhi::One(p))
+            }
+            AnyPhi::Groups(g) => {
+                if parts.len() != g.groups.len() {
+                    return Err(Error::Shape(format!(
+                        "{} parts for a φ of {} groups",
+                        parts.len(),
+                        g.groups.len()
+                    )));
+                }
+                let named = g.groups.iter().map(|(n, _)| n.clone()).zip(parts).collect();
+                Ok(AnyPhi::Groups(PhiGroups::new(named)?))
+            }
+        }
+    }
+
+    /// Every tensor, group by group, each in §4.1 order.
+    pub fn tensors(&self) -> impl Iterator<Item = &Vec<f32>> {
+        self.parts().into_iter().flat_map(|p| &p.tensors)
+    }
+
+    /// Values in φ, all groups together.
+    pub fn num_params(&self) -> usize {
+        self.parts().len() * self.config().num_params()
+    }
+
+    /// All values concatenated in flat order (§5; §4.1 for one group).
+    pub fn flatten(&self) -> Vec<f32> {
+        match self {
+            AnyPhi::One(p) => p.flatten(),
+            AnyPhi::Groups(g) => g.flatten(),
+        }
+    }
+
+    /// Splits a flat vector back into φ of `config` with the groups `names` (`None`: one
+    /// group), checking the length and finiteness.
+    pub fn unflatten(
+        config: OptimizerConfig,
+        names: Option<&[String]>,
+        flat: &[f32],
+    ) -> Result<Self, Error> {
+        let Some(names) = names else {
+            return Ok(AnyPhi::One(Phi::unflatten(config, flat)?));
+        };
+        let per = config.num_params();
+        if flat.len() != per * names.len() {
+            return Err(Error::Shape(format!(
+                "{} values given, {} groups of this configuration need {}",
+                flat.len(),
+                names.len(),
+                per * names.len()
+            )));
+        }
+        let groups = names
+            .iter()
+            .zip(flat.chunks(per.max(1)))
+            .map(|(n, v)| Ok((n.clone(), Phi::unflatten(config, v)?)))
+            .collect::<Result<Vec<_>, Error>>()?;
+        Ok(AnyPhi::Groups(PhiGroups::new(groups)?))
+    }
+
+    /// Zeros of the same kind, names and shapes (a gradient accumulator).
+    pub fn zeros_like(&self) -> Self {
+        let parts = self.parts().iter().map(|p| Phi::zeros(p.config)).collect();
+        // Same count and names as `self`: cannot fail.
+        self.with_parts(parts).expect("same parts")
+    }
+
+    /// Fresh φ for a new run: one group (`names` empty) or the named groups, drawn as
+    /// [`PhiGroups::init`] does.
+    pub fn init(config: OptimizerConfig, names: &[&str], seed: u64) -> Result<Self, Error> {
+        if names.is_empty() {
+            Ok(AnyPhi::One(Phi::init(config, seed)?))
+        } else {
+            Ok(AnyPhi::Groups(PhiGroups::init(config, names, seed)?))
+        }
+    }
+
+    /// Encodes φ as its kind's file (§4.1 or §5) with `extra` metadata fields.
+    pub fn encode(&self, extra: HashMap<String, String>) -> Result<Vec<u8>, Error> {
+        self.encode_with(extra, &[])
+    }
+
+    /// [`AnyPhi::encode`] with `more` tensors after φ's (a checkpoint's Adam moments).
+    pub fn encode_with(
+        &self,
+        mut extra: HashMap<String, String>,
+        more: &[NamedTensor<'_>],
+    ) -> Result<Vec<u8>, Error> {
+        let config = self.config();
+        extra.extend(files::config_metadata(&config));
+        let layout = config.tensor_layout();
+        let prefixes: Vec<String> = match self.names() {
+            None => vec![String::new()],
+            Some(names) => {
+                extra.insert(GROUPS_FIELD.into(), names.join(","));
+                names.iter().map(|n| format!("{n}.")).collect()
+            }
+        };
+        let names: Vec<String> = prefixes
+            .iter()
+            .flat_map(|g| layout.iter().map(move |(t, _)| format!("{g}{t}")))
+            .collect();
+        let shapes = prefixes.iter().flat_map(|_| layout.iter());
+        let mut named: Vec<NamedTensor<'_>> = names
+            .iter()
+            .zip(shapes)
+            .zip(self.tensors())
+            .map(|((n, (_, s)), v)| (n.as_str(), s.as_slice(), v.as_slice()))
+            .collect();
+        named.extend_from_slice(more);
+        files::encode(&named, extra)
+    }
+
+    /// Writes φ's file atomically.
+    pub fn save(&self, path: &Path, extra: HashMap<String, String>) -> Result<(), Error> {
+        files::write_atomic(path, &self.encode(extra)?)
+    }
+
+    /// Reads φ of either kind from an optimizer file or a coordinator checkpoint (whose
+    /// Adam moments are skipped).
+    pub fn load(path: &Path) -> Result<Self, Error> {
+        Self::from_file(TensorFile::read(path)?)
+    }
+
+    /// φ of either kind from a file already read, as [`AnyPhi::load`] takes it.
+    pub fn from_file(mut file: TensorFile) -> Result<Self, Error> {
+        let config = files::config_from(&file)?;
+        for moment in ["adam.m", "adam.v"] {
+            if let Some(shape) = file.shape(moment).map(<[usize]>::to_vec) {
+                file.take(moment, &shape)?;
+            }
+        }
+        Self::take_from(&mut file, config)
+    }
+
+    /// Takes φ's tensors of either kind from `file`, refusing any other tensor.
+    pub fn take_from(file: &mut TensorFile, config: OptimizerConfig) -> Result<Self, Error> {
+        let Some(names) = group_names(file)? else {
+            return Ok(AnyPhi::One(files::phi_from(file, config)?));
         };
         let groups = names
             .into_iter()
@@ -115,52 +328,108 @@ impl PhiGroups {
             })
             .collect::<Result<Vec<_>, Error>>()?;
         file.expect_no_more(&format!("a grouped {FORMAT} file"))?;
-        Self::new(groups).map_err(|e| Error::format(path, e.to_string()))
+        let path = file.path().to_path_buf();
+        PhiGroups::new(groups)
+            .map(AnyPhi::Groups)
+            .map_err(|e| Error::format(path, e.to_string()))
     }
 
-    /// Encodes the groups as one file (spec §5) with `extra` metadata fields.
-    pub fn encode(&self, mut extra: HashMap<String, String>) -> Result<Vec<u8>, Error> {
-        extra.extend(files::config_metadata(&self.config()));
-        extra.insert(GROUPS_FIELD.into(), self.names().join(","));
-        let layout = self.config().tensor_layout();
-        let names: Vec<String> = self
-            .groups
-            .iter()
-            .flat_map(|(g, _)| layout.iter().map(move |(t, _)| format!("{g}.{t}")))
-            .collect();
-        let values = self.groups.iter().flat_map(|(_, p)| &p.tensors);
-        let shapes = self.groups.iter().flat_map(|_| layout.iter());
-        let named: Vec<NamedTensor<'_>> = names
-            .iter()
-            .zip(shapes)
-            .zip(values)
-            .map(|((n, (_, s)), v)| (n.as_str(), s.as_slice(), v.as_slice()))
-            .collect();
-        files::encode(&named, extra)
-    }
-
-    /// Writes a grouped optimizer file atomically.
-    pub fn save(&self, path: &Path, extra: HashMap<String, String>) -> Result<(), Error> {
-        files::write_atomic(path, &self.encode(extra)?)
+    /// Binds each LSTM of φ to the coordinates it updates, refusing (§5) a φ whose groups
+    /// the problem does not name and a one-group φ for a problem with groups.
+    pub fn bind(
+        &self,
+        problem: Option<&GroupMap>,
+        n: usize,
+    ) -> Result<Vec<(&Phi, Range<usize>)>, Error> {
+        check_groups(
+            self.names().as_deref(),
+            problem.map(GroupMap::names).as_deref(),
+            "this problem",
+        )?;
+        match problem {
+            None => Ok(vec![(self.parts()[0], 0..n)]),
+            Some(map) => {
+                map.check(n)?;
+                Ok(self
+                    .parts()
+                    .into_iter()
+                    .zip(map.groups.iter().map(|(_, r)| r.clone()))
+                    .collect())
+            }
+        }
     }
 }
 
-/// φ for `family`, a problem family without parameter groups, from an optimizer file or
-/// a coordinator checkpoint; a grouped file is refused, naming its groups and the family
-/// (spec §5).
-pub fn load_for_family(path: &Path, family: &str) -> Result<Phi, Error> {
-    let file = TensorFile::read(path)?;
-    if let Some(names) = group_names(&file)? {
-        return Err(Error::format(
-            path,
-            format!(
-                "a φ with parameter groups {} (spec §5), and the {family} family has no \
-                 parameter groups; give a one-group φ (init-phi without --groups)",
-                names.join(",")
-            ),
-        ));
+/// Which coordinates of θ each group's LSTM updates: contiguous ranges in group order
+/// that cover θ (a family lays out its tensors group by group).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupMap {
+    /// (group name, coordinates) in the order of a φ's groups.
+    pub groups: Vec<(&'static str, Range<usize>)>,
+}
+
+impl GroupMap {
+    /// The group names in order.
+    pub fn names(&self) -> Vec<&str> {
+        self.groups.iter().map(|(n, _)| *n).collect()
     }
-    Phi::any_from(file)
+
+    /// Refuses ranges that are not contiguous, in order, and covering 0..n.
+    pub fn check(&self, n: usize) -> Result<(), Error> {
+        let mut at = 0;
+        for (name, r) in &self.groups {
+            if r.start != at || r.end < r.start {
+                return Err(Error::Shape(format!(
+                    "group {name:?} covers {r:?}; groups must cover θ in order from {at}"
+                )));
+            }
+            at = r.end;
+        }
+        if at != n {
+            return Err(Error::Shape(format!(
+                "the groups cover {at} of {n} coordinates"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Refuses (spec §5) a φ whose groups `phi` (`None`: one group) are not exactly the
+/// groups `family` names (`None`: no groups), naming both.
+pub fn check_groups(phi: Option<&[&str]>, family: Option<&[&str]>, who: &str) -> Result<(), Error> {
+    match (phi, family) {
+        (None, None) => Ok(()),
+        (Some(p), Some(f)) if p == f => Ok(()),
+        (Some(p), None) => Err(Error::Config(format!(
+            "φ has one LSTM per parameter group ({}; spec §5), and {who} has no parameter \
+             groups; give a one-group φ (init-phi without --groups)",
+            p.join(",")
+        ))),
+        (None, Some(f)) => Err(Error::Config(format!(
+            "{who} needs one LSTM per parameter group ({}; spec §5), and φ has one LSTM for \
+             everything; give a grouped φ (init-phi --groups {})",
+            f.join(","),
+            f.join(",")
+        ))),
+        (Some(p), Some(f)) => Err(Error::Config(format!(
+            "φ's parameter groups are {}, and {who} names {}; give a φ with groups {} in \
+             this order (init-phi --groups {})",
+            p.join(","),
+            f.join(","),
+            f.join(","),
+            f.join(",")
+        ))),
+    }
+}
+
+/// φ of either kind from an optimizer file or a coordinator checkpoint, for instances
+/// of `spec`: refused, naming the file, φ's groups and the family's, unless they agree
+/// (spec §5).
+pub fn load_for(path: &Path, spec: &crate::ProblemSpec) -> Result<AnyPhi, Error> {
+    let phi = AnyPhi::load(path)?;
+    spec.check_phi(phi.names().as_deref())
+        .map_err(|e| Error::format(path, e.to_string()))?;
+    Ok(phi)
 }
 
 /// The group names a file declares, or `None` for a one-group φ.

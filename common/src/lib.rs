@@ -8,7 +8,7 @@
 //!
 //! ```no_run
 //! use burn::tensor::{DType, Device};
-//! use l2l_common::{Lstm, LstmState, OptimizerConfig, Phi, Quadratic, unroll};
+//! use l2l_common::{Lstm, LstmState, Lstms, OptimizerConfig, Phi, Quadratic, unroll};
 //!
 //! let phi = Phi::init(OptimizerConfig::default(), 1)?;
 //! let problem = Quadratic::from_seed(2, 128, 10)?;
@@ -17,7 +17,7 @@
 //!     theta: problem.theta0(&dev, DType::F32),
 //!     state: LstmState::zeros(&phi.config, problem.num_coords(), &dev, DType::F32),
 //! };
-//! let lstm = Lstm::new(&phi, &dev, DType::F32);
+//! let lstm = Lstms::one(Lstm::new(&phi, &dev, DType::F32), problem.num_coords());
 //! let out = unroll::meta_grad(&lstm, &problem.on(&dev, DType::F32), carry, 0, 20)?;
 //! println!("meta-loss {}", out.meta_loss);
 //! # Ok::<(), l2l_common::Error>(())
@@ -49,8 +49,8 @@ pub use config::{OptimizerConfig, Preprocess};
 pub use engine::{Backend, Engine};
 pub use error::Error;
 pub use files::MetaGradFile;
-pub use groups::PhiGroups;
-pub use lstm::{Lstm, LstmState};
+pub use groups::{AnyPhi, PhiGroups};
+pub use lstm::{Lstm, LstmState, Lstms};
 pub use phi::Phi;
 pub use problems::{Mlp, MlpSpec, Optimizee, Problem, ProblemSpec, Quadratic, QuadraticSpec};
 pub use truncation::Truncation;

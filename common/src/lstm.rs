@@ -5,6 +5,9 @@ use burn::tensor::{DType, Device, Tensor};
 
 use crate::preprocess::preprocess;
 use crate::tensor::{from_f32, to_f32};
+use std::ops::Range;
+
+use crate::groups::{AnyPhi, GroupMap, PhiGroups};
 use crate::{Error, OptimizerConfig, Phi};
 
 /// One LSTM layer's parameters: `w_x [I, 4H]`, `w_h [H, 4H]`, `b [1, 4H]`.
@@ -142,6 +145,150 @@ impl Lstm {
         }
         let u = (x.matmul(self.out_w.clone()) + self.out_b.clone()).mul_scalar(cfg.out_scale);
         (u, next)
+    }
+}
+
+/// A φ of either kind on a device (spec §5): each LSTM with the coordinates it updates.
+///
+/// With one group this is one [`Lstm`] over all coordinates, computed exactly as
+/// [`Lstm::step`]; with several, each step slices g and the state by group, steps each
+/// group's LSTM on its slice and joins the results.
+#[derive(Debug, Clone)]
+pub struct Lstms {
+    names: Option<Vec<String>>,
+    parts: Vec<(Lstm, Range<usize>)>,
+}
+
+impl Lstms {
+    /// Puts host φ on `device`, bound to `groups` of an N-coordinate problem; refuses a
+    /// φ whose groups the problem does not name (spec §5).
+    pub fn new(
+        phi: &AnyPhi,
+        groups: Option<&GroupMap>,
+        n: usize,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self, Error> {
+        let parts = phi
+            .bind(groups, n)?
+            .into_iter()
+            .map(|(p, r)| (Lstm::new(p, device, dtype), r))
+            .collect();
+        Ok(Self {
+            names: phi
+                .names()
+                .map(|v| v.into_iter().map(String::from).collect()),
+            parts,
+        })
+    }
+
+    /// One LSTM for all `n` coordinates (a one-group φ).
+    pub fn one(lstm: Lstm, n: usize) -> Self {
+        Self {
+            names: None,
+            parts: vec![(lstm, 0..n)],
+        }
+    }
+
+    /// The configuration every LSTM shares.
+    pub fn config(&self) -> OptimizerConfig {
+        self.parts[0].0.config
+    }
+
+    /// Each LSTM with its coordinates, in φ's group order.
+    pub fn parts(&self) -> &[(Lstm, Range<usize>)] {
+        &self.parts
+    }
+
+    /// Every parameter tensor, group by group, each in spec §4.1 order.
+    pub fn params(&self) -> Vec<&Tensor<2>> {
+        self.parts.iter().flat_map(|(l, _)| l.params()).collect()
+    }
+
+    /// Applies `f` to every parameter tensor, in [`Lstms::params`] order.
+    pub fn map_params(self, mut f: impl FnMut(Tensor<2>) -> Tensor<2>) -> Self {
+        Self {
+            names: self.names,
+            parts: self
+                .parts
+                .into_iter()
+                .map(|(l, r)| (l.map_params(&mut f), r))
+                .collect(),
+        }
+    }
+
+    /// Host φ of this kind and names from tensors in [`Lstms::params`] order (e.g. the
+    /// gradient), checking sizes and finiteness.
+    pub fn phi_from(&self, tensors: Vec<Vec<f32>>) -> Result<AnyPhi, Error> {
+        let config = self.config();
+        let per = 3 * config.layers + 2;
+        if tensors.len() != per * self.parts.len() {
+            return Err(Error::Shape(format!(
+                "{} tensors for {} LSTMs of {per}",
+                tensors.len(),
+                self.parts.len()
+            )));
+        }
+        let mut it = tensors.into_iter();
+        let phis = (0..self.parts.len())
+            .map(|_| Phi::from_tensors(config, it.by_ref().take(per).collect()))
+            .collect::<Result<Vec<_>, _>>()?;
+        match &self.names {
+            None => match <[Phi; 1]>::try_from(phis) {
+                Ok([phi]) => Ok(AnyPhi::One(phi)),
+                Err(v) => Err(Error::Shape(format!("{} LSTMs for a one-group φ", v.len()))),
+            },
+            Some(names) => Ok(AnyPhi::Groups(PhiGroups::new(
+                names.iter().cloned().zip(phis).collect(),
+            )?)),
+        }
+    }
+
+    /// Back to host φ (values rounded to f32).
+    pub fn to_phi(&self) -> Result<AnyPhi, Error> {
+        let tensors = self
+            .params()
+            .into_iter()
+            .map(to_f32)
+            .collect::<Result<_, _>>()?;
+        self.phi_from(tensors)
+    }
+
+    /// Whether φ's tensors are on an autodiff graph's device.
+    pub fn is_autodiff(&self) -> bool {
+        self.parts[0].0.out_b.is_autodiff()
+    }
+
+    /// One optimizer step over all coordinates: each group's LSTM on its own.
+    pub fn step(&self, g: Tensor<2>, state: LstmState) -> (Tensor<2>, LstmState) {
+        if let [(lstm, _)] = self.parts.as_slice() {
+            return lstm.step(g, state);
+        }
+        let layers = self.config().layers;
+        let mut us = Vec::with_capacity(self.parts.len());
+        let mut h: Vec<Vec<Tensor<2>>> = vec![Vec::with_capacity(self.parts.len()); layers];
+        let mut c = h.clone();
+        for (lstm, r) in &self.parts {
+            if r.is_empty() {
+                continue;
+            }
+            let cut = |t: &Tensor<2>| t.clone().narrow(0, r.start, r.len());
+            let part = LstmState {
+                h: state.h.iter().map(cut).collect(),
+                c: state.c.iter().map(cut).collect(),
+            };
+            let (u, next) = lstm.step(cut(&g), part);
+            us.push(u);
+            for (l, (hl, cl)) in next.h.into_iter().zip(next.c).enumerate() {
+                h[l].push(hl);
+                c[l].push(cl);
+            }
+        }
+        let next = LstmState {
+            h: h.into_iter().map(|v| Tensor::cat(v, 0)).collect(),
+            c: c.into_iter().map(|v| Tensor::cat(v, 0)).collect(),
+        };
+        (Tensor::cat(us, 0), next)
     }
 }
 

@@ -1,14 +1,14 @@
 //! One truncation's result, whichever path computed it (the fused kernels, the burn
 //! composition on any device, or the [`crate::engine::Engine`] in front of both).
 
-use crate::Phi;
+use crate::groups::AnyPhi;
 
 /// A truncation's meta-gradient ∂L/∂φ, its meta-loss L, each step's loss, and where the
 /// trajectory stands after it (`C`: on the host, on a device, or either).
 #[derive(Debug, Clone)]
 pub struct Truncation<C> {
-    /// ∂L/∂φ in spec order and shapes.
-    pub grad: Phi,
+    /// ∂L/∂φ in spec order and shapes (one part per parameter group).
+    pub grad: AnyPhi,
     /// L = (1/T) Σ w_t f_t(θ_t), t = s+1 ..= s+T (w_t = 1 unless weighted).
     pub meta_loss: f64,
     /// f_t(θ_t) of every step, for progress and evaluation.

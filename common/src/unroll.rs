@@ -2,11 +2,11 @@
 
 use burn::tensor::Tensor;
 
-use crate::lstm::{Lstm, LstmState};
+use crate::Error;
+use crate::lstm::{LstmState, Lstms};
 use crate::problems::Problem;
 use crate::tensor::{from_f32, to_f64};
 use crate::truncation::Truncation;
-use crate::{Error, Phi};
 
 /// Where an optimizee trajectory stands between truncations on a device: θ_t and the
 /// LSTM state.
@@ -43,7 +43,7 @@ pub struct Unrolled {
 /// back through θ and the LSTM state. On a device without autodiff this is the
 /// forward-only evaluation path.
 pub fn unroll(
-    lstm: &Lstm,
+    lstm: &Lstms,
     problem: &dyn Problem,
     carry: DeviceCarry,
     start: usize,
@@ -71,7 +71,7 @@ pub fn unroll(
 ///
 /// `lstm` and `carry` must live on an autodiff device (`Device::flex().autodiff()`).
 pub fn meta_grad(
-    lstm: &Lstm,
+    lstm: &Lstms,
     problem: &dyn Problem,
     carry: DeviceCarry,
     start: usize,
@@ -84,7 +84,7 @@ pub fn meta_grad(
 /// [`meta_grad`] of the weighted meta-loss L = (1/T) Σ w_t f_t(θ_t) (spec §2), with
 /// `weights[i]` the weight of step start+i+1; T = `weights.len()`.
 pub fn meta_grad_weighted(
-    lstm: &Lstm,
+    lstm: &Lstms,
     problem: &dyn Problem,
     carry: DeviceCarry,
     start: usize,
@@ -96,7 +96,7 @@ pub fn meta_grad_weighted(
 
 /// Brings a meta-gradient to the host; the meta-loss is weighted as the gradient was.
 fn download(
-    lstm: &Lstm,
+    lstm: &Lstms,
     raw: RawMetaGrad,
     weights: Option<&[f32]>,
 ) -> Result<Truncation<DeviceCarry>, Error> {
@@ -113,7 +113,7 @@ fn download(
             t + 1
         )));
     }
-    let grad = Phi::from_tensors(lstm.config, grad).map_err(|e| match e {
+    let grad = lstm.phi_from(grad).map_err(|e| match e {
         Error::NonFinite(what) => Error::NonFinite(format!(
             "the meta-gradient diverged ({what}); the optimizee blew up under this φ"
         )),
@@ -137,7 +137,7 @@ fn download(
 /// [`meta_grad`]'s result before it leaves the device, in the unroll's precision.
 #[derive(Debug, Clone)]
 pub struct RawMetaGrad {
-    /// ∂L/∂φ per parameter tensor, shaped as in [`Lstm::params`].
+    /// ∂L/∂φ per parameter tensor, shaped as in [`Lstms::params`].
     pub grad: Vec<Tensor<2>>,
     /// f_t(θ_t) of every step, `[T]`.
     pub losses: Tensor<1>,
@@ -147,7 +147,7 @@ pub struct RawMetaGrad {
 
 /// The meta-gradient as device tensors; see [`meta_grad`].
 pub fn meta_grad_tensors(
-    lstm: &Lstm,
+    lstm: &Lstms,
     problem: &dyn Problem,
     carry: DeviceCarry,
     start: usize,
@@ -157,7 +157,7 @@ pub fn meta_grad_tensors(
 }
 
 fn raw_meta_grad(
-    lstm: &Lstm,
+    lstm: &Lstms,
     problem: &dyn Problem,
     carry: DeviceCarry,
     start: usize,
@@ -167,7 +167,7 @@ fn raw_meta_grad(
     if steps == 0 {
         return Err(Error::Config("a truncation needs at least one step".into()));
     }
-    if !lstm.out_b.is_autodiff() {
+    if !lstm.is_autodiff() {
         return Err(Error::Config(
             "meta_grad needs φ on an autodiff device (e.g. Device::flex().autodiff())".into(),
         ));

@@ -17,7 +17,7 @@ use l2l_common::problems::mnist::Dataset;
 use l2l_common::problems::{DatasetOn, Mlp, MlpSpec};
 use l2l_common::rng::Rng;
 use l2l_common::tensor::{from_f32, to_f32, to_f64};
-use l2l_common::{Lstm, Phi, eval};
+use l2l_common::{Lstm, Lstms, Phi, eval};
 
 /// One fully connected layer: `w [inputs, outputs]`, `b [outputs]`.
 #[derive(Module, Debug)]
@@ -141,7 +141,7 @@ fn a_burn_module_trained_with_the_shipped_phi_follows_evals_learned_curve() {
     const STEPS: usize = 100;
     let phi = shipped();
     let mlp = Mlp::new(MlpSpec::default(), images(600, 1), 7).unwrap();
-    let want = eval::host_learned_curve(&phi, &mlp, &mlp.theta0, STEPS).unwrap();
+    let want = eval::host_learned_curve(&phi.clone().into(), &mlp, &mlp.theta0, STEPS).unwrap();
 
     let dev = Device::flex().autodiff();
     let mut optim = LearnedOptimizer::new(phi).init();
@@ -164,7 +164,7 @@ fn a_burn_module_trained_with_the_shipped_phi_follows_evals_learned_curve() {
     // mean relative difference 1.1e-2, and 1.9e-2 between eval's backends).
     let flex = Device::flex();
     let on_flex = eval::learned_curve(
-        &Lstm::new(&shipped(), &flex, DType::F32),
+        &Lstms::one(Lstm::new(&shipped(), &flex, DType::F32), mlp.theta0.len()),
         &mlp.on(&DatasetOn::new(&mlp.data, &flex, DType::F32)),
         from_f32(&mlp.theta0, [mlp.theta0.len(), 1], &flex, DType::F32),
         STEPS,

@@ -2,8 +2,9 @@
 //! one safetensors file, written atomically; a restarted coordinator resumes the newest.
 //!
 //! File `checkpoint-<version>.safetensors` in the run directory: φ's tensors under their
-//! spec names (so any `l2l-lstm/1` reader sees φ, after ignoring two extra tensors),
-//! `adam.m` and `adam.v` (flat, φ's size), and metadata `checkpoint = "l2l-coordinator/1"`,
+//! spec names, with the `groups` field and `{group}.` prefixes of spec §5 for a grouped φ
+//! (so any `l2l-lstm/1` reader sees φ, after ignoring two extra tensors), `adam.m` and
+//! `adam.v` (flat, φ's size, in §5's flat order), and metadata `checkpoint = "l2l-coordinator/1"`,
 //! `run`, `epoch`, `version`, `adam_t`, `sampler_state`, `counters` (JSON), `config` (TOML).
 //!
 //! Retention never deletes the newest loadable checkpoint: a new file is read back before
@@ -13,8 +14,9 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use l2l_common::Phi;
-use l2l_common::files::{TensorFile, config_from, encode, phi_from, write_atomic};
+use l2l_common::AnyPhi;
+use l2l_common::files::{TensorFile, config_from, write_atomic};
+use l2l_common::groups::group_names;
 
 use crate::adam::Adam;
 use crate::config::Config;
@@ -32,8 +34,7 @@ fn file_name(version: u64) -> String {
 /// Writes `snap` into `dir` atomically and keeps only the newest `keep` checkpoints.
 pub fn save(dir: &Path, snap: &Snapshot, config: &Config, keep: usize) -> Result<PathBuf> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let mut meta = config_metadata(&snap.phi.config);
-    meta.extend(HashMap::from([
+    let meta = HashMap::from([
         ("checkpoint".to_string(), CHECKPOINT_FORMAT.to_string()),
         ("run".to_string(), snap.run.clone()),
         ("epoch".to_string(), snap.epoch.to_string()),
@@ -45,18 +46,14 @@ pub fn save(dir: &Path, snap: &Snapshot, config: &Config, keep: usize) -> Result
             serde_json::to_string(&snap.counters)?,
         ),
         ("config".to_string(), config.to_toml()),
-    ]));
-    let layout = snap.phi.config.tensor_layout();
+    ]);
     let n = [snap.adam.m.len()];
-    let mut named: Vec<l2l_common::files::NamedTensor<'_>> = layout
-        .iter()
-        .zip(&snap.phi.tensors)
-        .map(|((name, s), v)| (name.as_str(), s.as_slice(), v.as_slice()))
-        .collect();
-    named.push(("adam.m", &n, &snap.adam.m));
-    named.push(("adam.v", &n, &snap.adam.v));
+    let moments = [
+        ("adam.m", &n[..], &snap.adam.m[..]),
+        ("adam.v", &n[..], &snap.adam.v[..]),
+    ];
     let path = dir.join(file_name(snap.version));
-    write_atomic(&path, &encode(&named, meta)?)?;
+    write_atomic(&path, &snap.phi.encode_with(meta, &moments)?)?;
     // Read it back before removing anything: a file that cannot be loaded never
     // replaces one that can.
     load(&path).with_context(|| {
@@ -108,10 +105,11 @@ pub fn load(path: &Path) -> Result<Snapshot> {
         bail!("{}: not an {CHECKPOINT_FORMAT} checkpoint", path.display());
     }
     let config = config_from(&file)?;
-    let n = [config.num_params()];
+    let groups = group_names(&file)?.map_or(1, |g| g.len());
+    let n = [groups * config.num_params()];
     let m = file.take("adam.m", &n)?;
     let v = file.take("adam.v", &n)?;
-    let phi: Phi = phi_from(&mut file, config)?;
+    let phi = AnyPhi::take_from(&mut file, config)?;
     let counters: Counters = serde_json::from_str(file.meta("counters")?)
         .with_context(|| format!("{}: bad counters", path.display()))?;
     let saved: Config = toml::from_str(file.meta("config")?)
@@ -226,5 +224,35 @@ mod tests {
                 .unwrap()
                 .is_none()
         );
+    }
+
+    #[test]
+    fn a_grouped_phi_and_its_moments_round_trip_under_the_names_of_spec_5() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config {
+            dir: dir.path().into(),
+            ..Config::default()
+        };
+        let mut snap = Coordinator::new(config.clone(), crate::state::Start::fresh())
+            .unwrap()
+            .snapshot()
+            .unwrap();
+        let opt = snap.phi.config();
+        snap.phi = AnyPhi::init(opt, &["conv", "fc"], 3).unwrap();
+        let n = snap.phi.num_params();
+        snap.adam = Adam::new(config.adam, n);
+        snap.adam.m = (0..n).map(|i| i as f32 * 1e-3).collect();
+        snap.adam.v = (0..n).map(|i| (n - i) as f32 * 1e-4).collect();
+        snap.version = 7;
+        let path = save(dir.path(), &snap, &config, 2).unwrap();
+        let back = load(&path).unwrap();
+        assert_eq!(back.phi, snap.phi);
+        assert_eq!(back.adam, snap.adam);
+        // Any reader of spec §5 sees φ; the moments are φ's size, in §5's flat order.
+        let file = TensorFile::read(&path).unwrap();
+        assert_eq!(file.meta("groups").unwrap(), "conv,fc");
+        assert!(file.shape("fc.out.b").is_some() && file.shape("out.b").is_none());
+        assert_eq!(file.shape("adam.m"), Some(&[n][..]));
+        assert_eq!(AnyPhi::load(&path).unwrap(), snap.phi);
     }
 }

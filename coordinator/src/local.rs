@@ -14,7 +14,7 @@ use l2l_common::baselines::{self, Baseline};
 use l2l_common::eval::host_learned_curve;
 use l2l_common::problems::HostProblem;
 use l2l_common::rng::Rng;
-use l2l_common::{Phi, Quadratic};
+use l2l_common::{AnyPhi, Quadratic};
 use l2l_worker::{Backend, Engine, WorkerOptions, run_worker};
 
 use crate::auth::ServerSecurity;
@@ -323,7 +323,7 @@ pub fn adam_grid() -> Vec<f64> {
 /// 100 on 4 tuning problems (the grid of [`adam_grid`] refined to 1/16 of a decade,
 /// [`baselines::tune_refined`]), then both on `problems` report
 /// problems (all seeds fresh), on the host.
-pub fn evaluate(phi: &Phi, seed: u64, problems: usize) -> Result<Report> {
+pub fn evaluate(phi: &AnyPhi, seed: u64, problems: usize) -> Result<Report> {
     let steps = 100;
     // Seeds drawn from a stream of their own, away from the training sampler's.
     let mut rng = Rng::new(seed ^ 0x6576_616c_7561_7465);

@@ -11,7 +11,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use l2l_common::Phi;
+use l2l_common::AnyPhi;
 use l2l_common::files::{TensorFile, write_atomic};
 use serde::{Deserialize, Serialize};
 
@@ -276,7 +276,7 @@ fn check_final_phi(dir: &Path, run: &str, continuing: bool) -> Result<()> {
 
 /// Writes the run's final φ to `dir/phi.safetensors`, naming the run in its metadata;
 /// refuses to replace a φ of another run.
-pub fn save_final_phi(dir: &Path, run: &str, phi: &Phi) -> Result<PathBuf> {
+pub fn save_final_phi(dir: &Path, run: &str, phi: &AnyPhi) -> Result<PathBuf> {
     let path = dir.join(PHI_FILE);
     if path.exists() {
         match phi_run(&path) {

@@ -216,7 +216,7 @@ async fn set_ready(health: &HealthReporter, stats: &ServiceStats, ready: bool) {
 /// parameter), the largest reply φ's file; both with room for the envelope.
 fn message_limits(c: &Coordinator) -> (usize, usize) {
     const SLACK: usize = 64 << 10;
-    let params = c.phi().map_or(0, |p| p.config.num_params());
+    let params = c.phi().map_or(0, |p| p.num_params());
     let phi_file = c.fetch_phi(None).phi.len();
     // A lease reply carries one f32 weight per trajectory step.
     let weights = c.config().trajectory_steps as usize * 4;

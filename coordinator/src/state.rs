@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use bytes::Bytes;
-use l2l_common::{OptimizerConfig, Phi};
+use l2l_common::{AnyPhi, OptimizerConfig};
 use l2l_proto::v1::{
     FetchPhiReply, LeaseReply, StatusReply, SubmitReply, SubmitRequest, Version, WorkerInfo,
 };
@@ -128,6 +128,8 @@ pub struct Coordinator {
     /// The run's identity, the same across restarts.
     run: String,
     optimizer: OptimizerConfig,
+    /// φ's parameter groups (spec §5); `None` for one LSTM.
+    groups: Option<Vec<String>>,
     phi: Vec<f32>,
     phi_bytes: Bytes,
     adam: Adam,
@@ -152,8 +154,8 @@ pub struct Coordinator {
 pub struct Snapshot {
     /// The run's identity.
     pub run: String,
-    /// φ, flat in spec order.
-    pub phi: Phi,
+    /// φ (one group or several, spec §5).
+    pub phi: AnyPhi,
     /// Adam's state.
     pub adam: Adam,
     /// Restart epoch of the run that wrote it.
@@ -200,12 +202,16 @@ impl Coordinator {
             },
             None => {
                 let phi = match &config.init.phi {
-                    Some(path) => Phi::load_any(path).with_context(|| {
+                    Some(path) => AnyPhi::load(path).with_context(|| {
                         format!("cannot start from init.phi {}", path.display())
                     })?,
-                    None => Phi::init(config.optimizer()?, config.init.seed)?,
+                    None => {
+                        // The groups the families need (all must agree; checked below).
+                        let groups = config.problems[0].spec()?.groups().unwrap_or_default();
+                        AnyPhi::init(config.optimizer()?, &groups, config.init.seed)?
+                    }
                 };
-                let n = phi.config.num_params();
+                let n = phi.num_params();
                 Snapshot {
                     run: start.run.clone(),
                     phi,
@@ -217,8 +223,19 @@ impl Coordinator {
                 }
             }
         };
-        let optimizer = snapshot.phi.config;
-        let n = optimizer.num_params();
+        let optimizer = snapshot.phi.config();
+        let groups: Option<Vec<String>> = snapshot
+            .phi
+            .names()
+            .map(|v| v.into_iter().map(String::from).collect());
+        // Spec §5: every family of the run must take this φ's groups.
+        for family in &config.problems {
+            family
+                .spec()?
+                .check_phi(snapshot.phi.names().as_deref())
+                .context("φ does not fit the run's problems")?;
+        }
+        let n = snapshot.phi.num_params();
         if snapshot.adam.m.len() != n || snapshot.adam.v.len() != n {
             anyhow::bail!("Adam's moments do not have φ's {n} values");
         }
@@ -248,6 +265,7 @@ impl Coordinator {
             recent_updates: VecDeque::new(),
             scratch: Vec::with_capacity(n),
             optimizer,
+            groups,
             config,
         };
         me.publish()?;
@@ -283,8 +301,12 @@ impl Coordinator {
     }
 
     /// φ on the host.
-    pub fn phi(&self) -> Result<Phi> {
-        Ok(Phi::unflatten(self.optimizer, &self.phi)?)
+    pub fn phi(&self) -> Result<AnyPhi> {
+        Ok(AnyPhi::unflatten(
+            self.optimizer,
+            self.groups.as_deref(),
+            &self.phi,
+        )?)
     }
 
     /// The persistent state, for a checkpoint.
@@ -312,7 +334,7 @@ impl Coordinator {
             ),
             ("run".to_string(), self.run.clone()),
         ]);
-        self.phi_bytes = Bytes::from(l2l_common::files::encode_phi(&phi, meta)?);
+        self.phi_bytes = Bytes::from(phi.encode(meta)?);
         Ok(())
     }
 

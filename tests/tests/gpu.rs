@@ -100,7 +100,7 @@ fn meta_grad_on_wgpu_matches_the_cpu_file() {
         files.push(MetaGradFile::load(&out).unwrap());
     }
     let (cpu, gpu) = (&files[0], &files[1]);
-    for (i, (a, b)) in gpu.grad.tensors.iter().zip(&cpu.grad.tensors).enumerate() {
+    for (i, (a, b)) in gpu.grad.tensors().zip(cpu.grad.tensors()).enumerate() {
         let diff = a
             .iter()
             .zip(b)

@@ -68,7 +68,7 @@ fn init_gen_meta_grad_pipeline() {
     assert!(out.status.success(), "{stderr}");
     let file = MetaGradFile::load(&grad).unwrap();
     assert_eq!(file.steps, 5);
-    assert_eq!(file.grad.config, loaded.config);
+    assert_eq!(file.grad.config(), loaded.config);
     // The printed meta-loss is the one in the file.
     let printed: f64 = stdout
         .lines()
@@ -97,7 +97,7 @@ fn init_gen_meta_grad_pipeline() {
     assert!(out.status.success(), "{:?}", text(&out));
     assert!(text(&out).1.contains("backend flex ("), "{:?}", text(&out));
     let flex = MetaGradFile::load(&flex).unwrap();
-    for (a, b) in flex.grad.tensors.iter().zip(&file.grad.tensors) {
+    for (a, b) in flex.grad.tensors().zip(file.grad.tensors()) {
         let scale = b.iter().map(|v| v.abs()).fold(0f32, f32::max);
         let diff = a
             .iter()

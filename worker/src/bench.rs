@@ -8,7 +8,7 @@ use clap::Args;
 use l2l_common::engine::{Backend, Engine};
 use l2l_common::fused;
 use l2l_common::problems::Optimizee;
-use l2l_common::{OptimizerConfig, Phi, Preprocess, Quadratic};
+use l2l_common::{AnyPhi, OptimizerConfig, Phi, Preprocess, Quadratic};
 use serde_json::json;
 
 use crate::PreprocessArg;
@@ -103,7 +103,7 @@ pub fn run(a: Bench) -> Result<()> {
         );
     }
     for &preprocess in &modes {
-        let phi = Phi::init(OptimizerConfig::new(preprocess), 1)?;
+        let phi = AnyPhi::from(Phi::init(OptimizerConfig::new(preprocess), 1)?);
         for &n in &a.n {
             let quad = Quadratic::from_seed(2, n / 10, 10)?;
             for engine in &engines {
@@ -156,7 +156,7 @@ pub fn run(a: Bench) -> Result<()> {
 /// from θ₀, and the results back to the host (which waits for the device to finish).
 fn measure(
     engine: &Engine,
-    phi: &Phi,
+    phi: &AnyPhi,
     problem: &l2l_common::engine::Loaded,
     steps: usize,
     what: What,

@@ -163,8 +163,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
     if let Some(t) = at.iter().find(|t| **t > a.steps) {
         bail!("--at {t} is beyond --steps {}", a.steps);
     }
-    let phi = l2l_common::groups::load_for_family(&a.phi, a.problem.family())
-        .context("cannot load φ (--phi)")?;
+    let phi = l2l_common::groups::load_for(&a.phi, &a.problem).context("cannot load φ (--phi)")?;
     let engine = Engine::open(a.backend).with_context(|| format!("--backend {}", a.backend))?;
     eprintln!("learned optimizer on {}", engine.describe());
     // Baselines are tuned on the training split, everything is reported on the test split.

@@ -142,8 +142,8 @@ pub struct MetaGradArgs {
 
 /// `meta-grad`: one truncation from zero state and θ_0, in float32.
 pub fn meta_grad(a: MetaGradArgs) -> Result<()> {
-    let phi = l2l_common::groups::load_for_family(&a.phi, "quadratic")
-        .context("cannot load φ (--phi)")?;
+    let spec = l2l_common::ProblemSpec::from_parts("quadratic", [])?;
+    let phi = l2l_common::groups::load_for(&a.phi, &spec).context("cannot load φ (--phi)")?;
     let quad = Quadratic::load(&a.problem).context("cannot load the problem (--problem)")?;
     let steps = a.steps as usize;
     let engine = Engine::open(a.backend).with_context(|| format!("--backend {}", a.backend))?;

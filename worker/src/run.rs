@@ -5,10 +5,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
-use l2l_common::Phi;
+use l2l_common::AnyPhi;
 use l2l_common::engine::{Backend, Engine, Loaded};
 use l2l_common::files::TensorFile;
-use l2l_common::files::{config_from, phi_from};
+use l2l_common::files::config_from;
 use l2l_common::problems::DataSource;
 use l2l_common::problems::mnist::Split;
 use l2l_proto::client::{Client, ClientSecurity, connect, explain, fatal_refusal};
@@ -134,7 +134,7 @@ struct Worker {
     /// submission in sync mode, across trajectory boundaries too (a worker that starts a
     /// new trajectory must not compute on a φ whose round is still open).
     next_wait: Duration,
-    phi: Option<(Version, Phi)>,
+    phi: Option<(Version, AnyPhi)>,
     stop: Arc<AtomicBool>,
     summary: WorkerSummary,
     /// The training split, loaded on the first lease that needs data.
@@ -492,11 +492,11 @@ impl Worker {
     }
 }
 
-/// Decodes φ as served by the coordinator (an `l2l-lstm/1` file).
-fn decode_phi(bytes: &[u8]) -> Result<Phi> {
+/// Decodes φ as served by the coordinator (an `l2l-lstm/1` file, one group or several).
+fn decode_phi(bytes: &[u8]) -> Result<AnyPhi> {
     let mut file = TensorFile::parse(std::path::Path::new("<coordinator φ>"), bytes)?;
     let config = config_from(&file)?;
-    Ok(phi_from(&mut file, config)?)
+    Ok(AnyPhi::take_from(&mut file, config)?)
 }
 
 impl Worker {

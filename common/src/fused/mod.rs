@@ -18,6 +18,9 @@ use rayon::prelude::*;
 
 use crate::problems::HostProblem;
 use crate::truncation::Truncation;
+use std::ops::Range;
+
+use crate::groups::AnyPhi;
 use crate::{Error, OptimizerConfig, Phi};
 
 use cell::{Accumulator, LANES, Layout, Weights};
@@ -51,11 +54,13 @@ const TASK_BLOCKS: usize = 8;
 
 /// The meta-gradient of T steps from `carry` at step `start` (spec §2), fused.
 ///
-/// On x86-64 CPUs with AVX2 and FMA the kernels use fused multiply-adds; elsewhere plain
-/// ones. Results are bitwise reproducible on one kind of CPU, whatever the thread count,
-/// and agree across kinds to float32 rounding.
+/// `phi` may have parameter groups (spec §5): each group's LSTM updates the coordinates
+/// the problem assigns it ([`HostProblem::groups`]), and the gradient has one part per
+/// group. On x86-64 CPUs with AVX2 and FMA the kernels use fused multiply-adds; elsewhere
+/// plain ones. Results are bitwise reproducible on one kind of CPU, whatever the thread
+/// count, and agree across kinds to float32 rounding.
 pub fn meta_grad(
-    phi: &Phi,
+    phi: &AnyPhi,
     problem: &dyn HostProblem,
     carry: HostCarry,
     start: usize,
@@ -67,7 +72,7 @@ pub fn meta_grad(
 /// [`meta_grad`] of the weighted meta-loss L = (1/T) Σ w_t f_t(θ_t) (spec §2), with
 /// `weights[i]` the weight of step start+i+1; T = `weights.len()`.
 pub fn meta_grad_weighted(
-    phi: &Phi,
+    phi: &AnyPhi,
     problem: &dyn HostProblem,
     carry: HostCarry,
     start: usize,
@@ -99,7 +104,7 @@ pub fn release_buffers() {
 /// [`meta_grad`], with `portable` forcing the kernels that run on any CPU.
 pub(crate) fn meta_grad_with(
     portable: bool,
-    phi: &Phi,
+    phi: &AnyPhi,
     problem: &dyn HostProblem,
     carry: HostCarry,
     start: usize,
@@ -121,9 +126,25 @@ pub(crate) fn meta_grad_with(
     out
 }
 
+/// One group's coordinates: `natural` in θ, from block `block` on in the padded layout,
+/// where each group starts on a whole SIMD block so every block has one LSTM.
+struct Segment {
+    weights: Weights,
+    natural: Range<usize>,
+    block: usize,
+    blocks: usize,
+}
+
+impl Segment {
+    /// Index in the padded layout of the segment's first coordinate.
+    fn pad(&self) -> usize {
+        self.block * LANES
+    }
+}
+
 fn run(
     portable: bool,
-    phi: &Phi,
+    phi: &AnyPhi,
     problem: &dyn HostProblem,
     carry: HostCarry,
     start: usize,
@@ -132,7 +153,7 @@ fn run(
     records: &mut Vec<Vec<f32>>,
 ) -> Result<Truncation<HostCarry>, Error> {
     let weight = |t: usize| weights.map_or(1.0, |w| w[t]);
-    let cfg = phi.config;
+    let cfg = phi.config();
     let n = problem.num_coords();
     if steps == 0 {
         return Err(Error::Config("a truncation needs at least one step".into()));
@@ -150,17 +171,63 @@ fn run(
             cfg.layers, cfg.hidden
         )));
     }
-    let weights = Weights::new(phi);
+    let mut block = 0;
+    let segments: Vec<Segment> = phi
+        .bind(problem.groups().as_ref(), n)?
+        .into_iter()
+        .map(|(part, natural)| {
+            let blocks = natural.len().div_ceil(LANES);
+            let s = Segment {
+                weights: Weights::new(part),
+                natural,
+                block,
+                blocks,
+            };
+            block += blocks;
+            s
+        })
+        .collect();
     let lay = Layout::new(&cfg);
     let (hidden, rl) = (cfg.hidden, lay.record * LANES);
-    // Coordinates are padded to whole SIMD blocks; padding has g = 0 and ∂L/∂u = 0, so it
-    // contributes nothing to the gradient and is dropped at the end.
-    let blocks = n.div_ceil(LANES);
+    // Coordinates are padded to whole SIMD blocks, group by group; padding has g = 0 and
+    // ∂L/∂u = 0, so it contributes nothing to the gradient and is dropped at the end.
+    let blocks = block;
     let n_pad = blocks * LANES;
-    let at = |k: usize, offset: usize| (k / LANES) * rl + offset * LANES + k % LANES;
+    // With one group the padded layout is θ itself (plus a tail), so no copies are made.
+    let single = segments.len() == 1;
+    let pad_of = |k: usize| -> usize {
+        let s = segments
+            .iter()
+            .find(|s| s.natural.contains(&k))
+            .unwrap_or(&segments[0]);
+        s.pad() + k - s.natural.start
+    };
+    let at = |p: usize, offset: usize| (p / LANES) * rl + offset * LANES + p % LANES;
     let HostCarry { theta, h, c } = carry;
-    let mut theta_pad = theta;
-    theta_pad.resize(n_pad, 0.0);
+    let mut theta_pad = vec![0f32; n_pad];
+    for s in &segments {
+        theta_pad[s.pad()..s.pad() + s.natural.len()].copy_from_slice(&theta[s.natural.clone()]);
+    }
+    // θ and ∇f in θ's own order, for the problem (only with several groups).
+    let (mut theta_nat, mut g_nat) = if single {
+        (Vec::new(), Vec::new())
+    } else {
+        (theta, vec![0f32; n])
+    };
+    let mut eval = |theta_pad: &[f32], step: usize, g_pad: &mut [f32]| -> f64 {
+        if single {
+            return problem.eval(&theta_pad[..n], step, &mut g_pad[..n]);
+        }
+        for s in &segments {
+            theta_nat[s.natural.clone()]
+                .copy_from_slice(&theta_pad[s.pad()..s.pad() + s.natural.len()]);
+        }
+        let f = problem.eval(&theta_nat, step, &mut g_nat);
+        for s in &segments {
+            g_pad[s.pad()..s.pad() + s.natural.len()].copy_from_slice(&g_nat[s.natural.clone()]);
+        }
+        f
+    };
 
     // records[t]: for every block, everything step t produced (record 0: the initial h, c).
     // Reused buffers need no zeroing: the forward pass writes every value it later reads.
@@ -170,18 +237,15 @@ fn run(
         r.resize(blocks * rl, 0.0);
     }
     let first = &mut records[0];
-    for k in 0..n_pad {
+    // Padding starts from zero state, whatever a reused buffer held before (a diverged
+    // earlier truncation could have left NaN there).
+    first.fill(0.0);
+    for k in 0..n {
+        let p = pad_of(k);
         for l in 0..cfg.layers {
             for j in 0..hidden {
-                // Padding starts from zero state, whatever a reused buffer held before
-                // (a diverged earlier truncation could have left NaN there).
-                let (hv, cv) = if k < n {
-                    (h[l][k * hidden + j], c[l][k * hidden + j])
-                } else {
-                    (0.0, 0.0)
-                };
-                first[at(k, lay.h_at(l) + j)] = hv;
-                first[at(k, lay.c_at(l) + j)] = cv;
+                first[at(p, lay.h_at(l) + j)] = h[l][k * hidden + j];
+                first[at(p, lay.c_at(l) + j)] = c[l][k * hidden + j];
             }
         }
     }
@@ -189,20 +253,24 @@ fn run(
     let mut grads: Vec<Vec<f32>> = Vec::with_capacity(steps + 1);
     let mut losses = Vec::with_capacity(steps);
     let mut g = vec![0f32; n_pad];
-    problem.eval(&theta_pad[..n], start, &mut g[..n]);
+    eval(&theta_pad, start, &mut g);
     let chunk = TASK_BLOCKS * LANES;
     for t in 0..steps {
         let (done, rest) = records.split_at_mut(t + 1);
         let (prev, cur) = (&done[t], &mut rest[0]);
-        cur.par_chunks_mut(TASK_BLOCKS * rl)
-            .zip(prev.par_chunks(TASK_BLOCKS * rl))
-            .zip(theta_pad.par_chunks_mut(chunk))
-            .zip(g.par_chunks(chunk))
-            .for_each(|(((cur, prev), theta), g)| {
-                cell::forward_blocks(portable, &weights, &lay, g, prev, cur, theta)
-            });
+        for s in &segments {
+            let (b, e) = (s.block, s.block + s.blocks);
+            cur[b * rl..e * rl]
+                .par_chunks_mut(TASK_BLOCKS * rl)
+                .zip(prev[b * rl..e * rl].par_chunks(TASK_BLOCKS * rl))
+                .zip(theta_pad[b * LANES..e * LANES].par_chunks_mut(chunk))
+                .zip(g[b * LANES..e * LANES].par_chunks(chunk))
+                .for_each(|(((cur, prev), theta), g)| {
+                    cell::forward_blocks(portable, &s.weights, &lay, g, prev, cur, theta)
+                });
+        }
         grads.push(std::mem::replace(&mut g, vec![0f32; n_pad]));
-        let f = problem.eval(&theta_pad[..n], start + t + 1, &mut g[..n]);
+        let f = eval(&theta_pad, start + t + 1, &mut g);
         losses.push(f);
     }
     grads.push(g);
@@ -226,42 +294,59 @@ fn run(
         du[t].copy_from_slice(&acc);
     }
 
-    // Each task sums its blocks into its own accumulator; the tasks' sums are then added
-    // in task order, so the result does not depend on scheduling or the thread count.
-    let tasks = blocks.div_ceil(TASK_BLOCKS);
-    let partial: Vec<Vec<f32>> = (0..tasks)
-        .into_par_iter()
-        .map(|task| {
-            let mut acc = Accumulator::new(&weights);
-            let range = task * TASK_BLOCKS..((task + 1) * TASK_BLOCKS).min(blocks);
-            cell::backward_blocks(portable, &weights, &lay, records, &du, range, &mut acc);
+    // Each task sums blocks of one group into its own accumulator; each group's tasks are
+    // then added in task order, so the result does not depend on scheduling or the thread
+    // count.
+    let tasks: Vec<(usize, Range<usize>)> = segments
+        .iter()
+        .enumerate()
+        .flat_map(|(i, s)| {
+            (0..s.blocks.div_ceil(TASK_BLOCKS)).map(move |task| {
+                let b = s.block + task * TASK_BLOCKS;
+                (i, b..(b + TASK_BLOCKS).min(s.block + s.blocks))
+            })
+        })
+        .collect();
+    let partial: Vec<Vec<f32>> = tasks
+        .par_iter()
+        .map(|(i, range)| {
+            let w = &segments[*i].weights;
+            let mut acc = Accumulator::new(w);
+            cell::backward_blocks(portable, w, &lay, records, &du, range.clone(), &mut acc);
             acc.total()
         })
         .collect();
-    let mut total = vec![0f32; weights.num_params()];
-    for p in &partial {
-        total.iter_mut().zip(p).for_each(|(t, v)| *t += v);
+    let mut parts = Vec::with_capacity(segments.len());
+    for (i, s) in segments.iter().enumerate() {
+        let mut total = vec![0f32; s.weights.num_params()];
+        for (_, p) in tasks.iter().zip(&partial).filter(|((j, _), _)| *j == i) {
+            total.iter_mut().zip(p).for_each(|(t, v)| *t += v);
+        }
+        parts.push(Phi::unflatten(cfg, &total).map_err(|e| match e {
+            Error::NonFinite(what) => Error::NonFinite(format!(
+                "the meta-gradient diverged ({what}); the optimizee blew up under this φ"
+            )),
+            other => other,
+        })?);
     }
-    let grad = Phi::unflatten(cfg, &total).map_err(|e| match e {
-        Error::NonFinite(what) => Error::NonFinite(format!(
-            "the meta-gradient diverged ({what}); the optimizee blew up under this φ"
-        )),
-        other => other,
-    })?;
+    let grad = phi.with_parts(parts)?;
 
     let last = &records[steps];
     let mut h: Vec<Vec<f32>> = vec![vec![0.0; n * hidden]; cfg.layers];
     let mut c: Vec<Vec<f32>> = vec![vec![0.0; n * hidden]; cfg.layers];
     for k in 0..n {
+        let p = pad_of(k);
         for l in 0..cfg.layers {
             for j in 0..hidden {
-                h[l][k * hidden + j] = last[at(k, lay.h_at(l) + j)];
-                c[l][k * hidden + j] = last[at(k, lay.c_at(l) + j)];
+                h[l][k * hidden + j] = last[at(p, lay.h_at(l) + j)];
+                c[l][k * hidden + j] = last[at(p, lay.c_at(l) + j)];
             }
         }
     }
-    theta_pad.truncate(n);
-    let theta = theta_pad;
+    let mut theta = vec![0f32; n];
+    for s in &segments {
+        theta[s.natural.clone()].copy_from_slice(&theta_pad[s.pad()..s.pad() + s.natural.len()]);
+    }
     Ok(Truncation {
         grad,
         meta_loss: losses

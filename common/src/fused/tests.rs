@@ -4,20 +4,23 @@ use burn::tensor::{DType, Device};
 
 use super::*;
 use crate::Quadratic;
+use crate::groups::AnyPhi;
+use crate::groups::GroupMap;
 use crate::tensor::{from_f32, to_f64};
 use crate::unroll::{DeviceCarry, meta_grad_tensors};
-use crate::{Lstm, LstmState, Preprocess};
+use crate::{LstmState, Lstms, Preprocess};
 
 /// The burn path's meta-gradient (f64), meta-loss and final θ and state.
 fn reference(
-    phi: &Phi,
+    phi: &AnyPhi,
+    groups: Option<&GroupMap>,
     q: &Quadratic,
     carry: &HostCarry,
     start: usize,
     steps: usize,
 ) -> (Vec<Vec<f64>>, f64, Vec<f64>, Vec<Vec<f64>>) {
     let dev = Device::flex().autodiff();
-    let (n, h) = (q.num_coords(), phi.config.hidden);
+    let (n, h) = (q.num_coords(), phi.config().hidden);
     let state = LstmState {
         h: carry
             .h
@@ -35,7 +38,7 @@ fn reference(
         state,
     };
     let raw = meta_grad_tensors(
-        &Lstm::new(phi, &dev, DType::F64),
+        &Lstms::new(phi, groups, n, &dev, DType::F64).unwrap(),
         &q.on(&dev, DType::F64),
         c,
         start,
@@ -72,20 +75,66 @@ fn max_rel(got: &[f32], want: &[f64]) -> f64 {
 }
 
 fn compare(config: OptimizerConfig, batch: usize, steps: usize) {
-    let phi = Phi::init(config, 11).unwrap();
+    let phi = AnyPhi::from(Phi::init(config, 11).unwrap());
+    compare_with(&phi, None, config, batch, steps);
+}
+
+/// A quadratic whose coordinates fall into parameter groups (spec §5).
+struct Grouped<'a> {
+    q: &'a Quadratic,
+    map: GroupMap,
+}
+
+impl HostProblem for Grouped<'_> {
+    fn num_coords(&self) -> usize {
+        self.q.num_coords()
+    }
+    fn eval(&self, theta: &[f32], step: usize, grad: &mut [f32]) -> f64 {
+        self.q.eval(theta, step, grad)
+    }
+    fn groups(&self) -> Option<GroupMap> {
+        Some(self.map.clone())
+    }
+}
+
+fn compare_with(
+    phi: &AnyPhi,
+    groups: Option<&GroupMap>,
+    config: OptimizerConfig,
+    batch: usize,
+    steps: usize,
+) {
     let q = Quadratic::from_seed(12, batch, 10).unwrap();
+    let grouped = groups.map(|map| Grouped {
+        q: &q,
+        map: map.clone(),
+    });
+    let host: &dyn HostProblem = match &grouped {
+        Some(g) => g,
+        None => &q,
+    };
+    let layout: Vec<String> = phi
+        .parts()
+        .iter()
+        .enumerate()
+        .flat_map(|(g, _)| {
+            config
+                .tensor_layout()
+                .into_iter()
+                .map(move |(n, _)| format!("{g}:{n}"))
+        })
+        .collect();
     let mut carry = HostCarry::start(&config, q.theta0.clone());
     // Two truncations in a row: the second starts from a non-zero state.
     for trunc in 0..2 {
         let start = trunc * steps;
-        let (want, want_loss, want_theta, want_state) = reference(&phi, &q, &carry, start, steps);
-        let got = meta_grad(&phi, &q, carry.clone(), start, steps).unwrap();
+        let (want, want_loss, want_theta, want_state) =
+            reference(phi, groups, &q, &carry, start, steps);
+        let got = meta_grad(phi, host, carry.clone(), start, steps).unwrap();
+        assert_eq!(got.grad.names(), phi.names());
+        assert_eq!(want.len(), layout.len());
         // Float32 against float64 at a fresh φ: about 1e-6 (spec); allow 1e-4.
-        for ((name, _), (g, w)) in config
-            .tensor_layout()
-            .iter()
-            .zip(got.grad.tensors.iter().zip(&want))
-        {
+        for (name, (g, w)) in layout.iter().zip(got.grad.tensors().zip(&want)) {
             let e = max_rel(g, w);
             assert!(e < 1e-4, "{config:?} truncation {trunc}: {name} rel {e:e}");
         }
@@ -141,6 +190,87 @@ fn matches_the_burn_path_identity() {
 }
 
 #[test]
+fn two_groups_match_the_burn_path() {
+    // 130 coordinates in groups of 37 and 93: neither starts or ends on a SIMD block, so
+    // the per-group padding is exercised; each group has its own φ.
+    let config = OptimizerConfig {
+        hidden: 6,
+        ..OptimizerConfig::default()
+    };
+    let phi = AnyPhi::init(config, &["conv", "fc"], 21).unwrap();
+    let map = GroupMap {
+        groups: vec![("conv", 0..37), ("fc", 37..130)],
+    };
+    compare_with(&phi, Some(&map), config, 13, 9);
+}
+
+#[test]
+fn two_groups_with_one_phi_sum_to_the_one_group_gradient() {
+    // The same φ in both groups runs the same steps as one φ for all coordinates, and
+    // ∂L/∂φ of the one φ is the sum of the two groups' parts.
+    let config = OptimizerConfig::default();
+    let one = Phi::init(config, 4).unwrap();
+    let both = AnyPhi::Groups(
+        crate::PhiGroups::new(vec![
+            ("conv".into(), one.clone()),
+            ("fc".into(), one.clone()),
+        ])
+        .unwrap(),
+    );
+    let q = Quadratic::from_seed(3, 7, 10).unwrap();
+    let g = Grouped {
+        q: &q,
+        map: GroupMap {
+            groups: vec![("conv", 0..21), ("fc", 21..70)],
+        },
+    };
+    let carry = HostCarry::start(&config, q.theta0.clone());
+    let a = meta_grad(&AnyPhi::from(one), &q, carry.clone(), 0, 10).unwrap();
+    let b = meta_grad(&both, &g, carry, 0, 10).unwrap();
+    assert_eq!(a.losses, b.losses);
+    assert_eq!(a.carry, b.carry);
+    let parts = b.grad.parts();
+    let summed: Vec<f32> = parts[0]
+        .flatten()
+        .iter()
+        .zip(parts[1].flatten())
+        .map(|(x, y)| x + y)
+        .collect();
+    let want: Vec<f64> = a.grad.flatten().iter().map(|v| *v as f64).collect();
+    let e = max_rel(&summed, &want);
+    assert!(e < 1e-5, "rel {e:e}");
+    assert!(parts.iter().all(|p| p.flatten().iter().any(|v| *v != 0.0)));
+}
+
+#[test]
+fn refuses_a_phi_that_does_not_fit_the_problems_groups() {
+    let config = OptimizerConfig::default();
+    let q = Quadratic::from_seed(3, 2, 10).unwrap();
+    let g = Grouped {
+        q: &q,
+        map: GroupMap {
+            groups: vec![("conv", 0..5), ("fc", 5..20)],
+        },
+    };
+    let carry = HostCarry::start(&config, q.theta0.clone());
+    let one = AnyPhi::from(Phi::init(config, 1).unwrap());
+    let e = meta_grad(&one, &g, carry.clone(), 0, 3)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("conv,fc") && e.contains("one LSTM for everything"),
+        "{e}"
+    );
+    let two = AnyPhi::init(config, &["fc", "conv"], 1).unwrap();
+    let e = meta_grad(&two, &g, carry.clone(), 0, 3)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("fc,conv") && e.contains("names conv,fc"), "{e}");
+    let e = meta_grad(&two, &q, carry, 0, 3).unwrap_err().to_string();
+    assert!(e.contains("no parameter groups"), "{e}");
+}
+
+#[test]
 fn matches_the_burn_path_other_sizes() {
     let c = OptimizerConfig {
         hidden: 7,
@@ -159,9 +289,9 @@ fn matches_the_burn_path_other_sizes() {
 
 #[test]
 fn refuses_zero_steps_and_a_carry_of_the_wrong_size() {
-    let phi = Phi::init(OptimizerConfig::default(), 1).unwrap();
+    let phi = AnyPhi::from(Phi::init(OptimizerConfig::default(), 1).unwrap());
     let q = Quadratic::from_seed(1, 2, 10).unwrap();
-    let carry = HostCarry::start(&phi.config, q.theta0.clone());
+    let carry = HostCarry::start(&phi.config(), q.theta0.clone());
     assert!(matches!(
         meta_grad(&phi, &q, carry.clone(), 0, 0),
         Err(Error::Config(_))
@@ -178,19 +308,13 @@ fn refuses_zero_steps_and_a_carry_of_the_wrong_size() {
 fn portable_kernels_agree_with_the_dispatched_ones() {
     // On this CPU the dispatch may pick AVX2+FMA; the portable kernels must give the same
     // gradient to float32 rounding (one vs two roundings per multiply-add).
-    let phi = Phi::init(OptimizerConfig::default(), 3).unwrap();
+    let phi = AnyPhi::from(Phi::init(OptimizerConfig::default(), 3).unwrap());
     let q = Quadratic::from_seed(4, 20, 10).unwrap();
-    let carry = HostCarry::start(&phi.config, q.theta0.clone());
+    let carry = HostCarry::start(&phi.config(), q.theta0.clone());
     let fast = meta_grad(&phi, &q, carry.clone(), 0, 20).unwrap();
     let portable = meta_grad_with(true, &phi, &q, carry.clone(), 0, 20, None).unwrap();
-    let (want, _, _, _) = reference(&phi, &q, &carry, 0, 20);
-    for ((a, b), w) in fast
-        .grad
-        .tensors
-        .iter()
-        .zip(&portable.grad.tensors)
-        .zip(&want)
-    {
+    let (want, _, _, _) = reference(&phi, None, &q, &carry, 0, 20);
+    for ((a, b), w) in fast.grad.tensors().zip(portable.grad.tensors()).zip(&want) {
         assert!(max_rel(a, w) < 1e-4 && max_rel(b, w) < 1e-4);
     }
     // Reused buffers: a second call gives bit-identical results.
@@ -206,7 +330,7 @@ fn a_diverged_truncation_does_not_poison_the_next() {
         out_scale: 1e30,
         ..OptimizerConfig::default()
     };
-    let bad = Phi::init(blow_up, 1).unwrap();
+    let bad = AnyPhi::from(Phi::init(blow_up, 1).unwrap());
     let q16 = Quadratic::from_seed(5, 8, 2).unwrap();
     let err = meta_grad(
         &bad,
@@ -217,9 +341,9 @@ fn a_diverged_truncation_does_not_poison_the_next() {
     )
     .unwrap_err();
     assert!(matches!(err, Error::NonFinite(_)), "{err}");
-    let phi = Phi::init(OptimizerConfig::default(), 1).unwrap();
+    let phi = AnyPhi::from(Phi::init(OptimizerConfig::default(), 1).unwrap());
     let q9 = Quadratic::from_seed(6, 3, 3).unwrap();
-    let carry = HostCarry::start(&phi.config, q9.theta0.clone());
+    let carry = HostCarry::start(&phi.config(), q9.theta0.clone());
     let reused = meta_grad(&phi, &q9, carry.clone(), 0, 5).unwrap();
     release_buffers();
     let fresh = meta_grad(&phi, &q9, carry, 0, 5).unwrap();
@@ -230,9 +354,9 @@ fn a_diverged_truncation_does_not_poison_the_next() {
 fn weighting_the_last_step_is_the_difference_of_two_plain_truncations() {
     // With w = (0, …, 0, T), L = f(θ_T) = T·L_T − (T−1)·L_{T−1}, where L_k is the plain
     // mean over the first k steps (the first T−1 steps of both runs are the same).
-    let phi = Phi::init(OptimizerConfig::default(), 8).unwrap();
+    let phi = AnyPhi::from(Phi::init(OptimizerConfig::default(), 8).unwrap());
     let q = Quadratic::from_seed(9, 12, 10).unwrap();
-    let carry = HostCarry::start(&phi.config, q.theta0.clone());
+    let carry = HostCarry::start(&phi.config(), q.theta0.clone());
     let t = 6;
     let long = meta_grad(&phi, &q, carry.clone(), 3, t).unwrap();
     let short = meta_grad(&phi, &q, carry.clone(), 3, t - 1).unwrap();
@@ -242,10 +366,9 @@ fn weighting_the_last_step_is_the_difference_of_two_plain_truncations() {
     assert!((last.meta_loss - long.losses[t - 1]).abs() < 1e-9);
     for ((l, a), b) in last
         .grad
-        .tensors
-        .iter()
-        .zip(&long.grad.tensors)
-        .zip(&short.grad.tensors)
+        .tensors()
+        .zip(long.grad.tensors())
+        .zip(short.grad.tensors())
     {
         let want: Vec<f64> = a
             .iter()
@@ -264,7 +387,7 @@ fn bitwise_reproducible_for_any_thread_count() {
     // Blocks of coordinates run in parallel; their gradient sums are added in a fixed
     // order, so 1, 2, 3 or 7 threads give the same bits (640 coordinates: 80 blocks).
     let config = OptimizerConfig::default();
-    let phi = Phi::init(config, 5).unwrap();
+    let phi = AnyPhi::from(Phi::init(config, 5).unwrap());
     let q = Quadratic::from_seed(6, 64, 10).unwrap();
     let run = |threads: usize| {
         let pool = rayon::ThreadPoolBuilder::new()
@@ -276,7 +399,7 @@ fn bitwise_reproducible_for_any_thread_count() {
                 meta_grad(&phi, &q, HostCarry::start(&config, q.theta0.clone()), 0, 20).unwrap();
             let second = meta_grad(&phi, &q, first.carry.clone(), 20, 20).unwrap();
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-            let mut all: Vec<Vec<u32>> = second.grad.tensors.iter().map(|t| bits(t)).collect();
+            let mut all: Vec<Vec<u32>> = second.grad.tensors().map(|t| bits(t)).collect();
             all.push(bits(&second.carry.theta));
             all.push(vec![
                 second.meta_loss.to_bits() as u32,

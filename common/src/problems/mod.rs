@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use burn::tensor::{DType, Device, Tensor};
 
 use crate::Error;
+use crate::groups::GroupMap;
 use mnist::{Dataset, Split};
 
 pub use mlp::{Activation, Mlp, MlpSpec};
@@ -46,6 +47,11 @@ pub trait HostProblem: Sync {
     fn num_coords(&self) -> usize;
     /// f_t(θ), writing ∇f_t(θ) into `grad`.
     fn eval(&self, theta: &[f32], step: usize, grad: &mut [f32]) -> f64;
+
+    /// Which coordinates each parameter group holds (spec §5); `None`: no groups.
+    fn groups(&self) -> Option<GroupMap> {
+        None
+    }
 }
 
 /// Largest count in a problem spec (a batch, a dimension, a layer width).
@@ -144,6 +150,21 @@ impl ProblemSpec {
             ProblemSpec::Quadratic(q) => q.name(),
             ProblemSpec::Mlp(m) => m.name(),
         }
+    }
+
+    /// The parameter groups the family's instances have (spec §5), in φ's order; `None`
+    /// for a family whose parameters all share one LSTM.
+    pub fn groups(&self) -> Option<Vec<&'static str>> {
+        match self {
+            ProblemSpec::Quadratic(_) | ProblemSpec::Mlp(_) => None,
+        }
+    }
+
+    /// Refuses (spec §5) a φ with groups `phi` (`None`: one group) that are not this
+    /// family's, naming both.
+    pub fn check_phi(&self, phi: Option<&[&str]>) -> Result<(), Error> {
+        let who = format!("problem {self}");
+        crate::groups::check_groups(phi, self.groups().as_deref(), &who)
     }
 
     /// Whether instances need a data set (`--data`).

@@ -5,8 +5,10 @@ use std::cell::RefCell;
 use burn::tensor::{DType, Device, Tensor};
 
 use super::*;
+use crate::groups::{AnyPhi, GroupMap};
+use crate::lstm::Lstm;
 use crate::tensor::{from_f64, to_f64};
-use crate::{OptimizerConfig, Preprocess, Quadratic};
+use crate::{OptimizerConfig, Phi, Preprocess, Quadratic};
 
 const F64: DType = DType::F64;
 
@@ -50,7 +52,7 @@ impl Problem for Recording<'_> {
 }
 
 struct Case {
-    lstm: Lstm,
+    lstm: Lstms,
     quad: Quadratic,
     dev: Device,
 }
@@ -62,9 +64,41 @@ impl Case {
         // Give out.b a non-zero value so its gradient path is exercised too.
         let mut phi = phi;
         *phi.tensors.last_mut().unwrap() = vec![0.05];
+        let quad = Quadratic::from_seed(seed + 100, 2, 3).unwrap();
         Self {
-            lstm: Lstm::new(&phi, &dev, F64),
-            quad: Quadratic::from_seed(seed + 100, 2, 3).unwrap(),
+            lstm: Lstms::one(Lstm::new(&phi, &dev, F64), quad.num_coords()),
+            quad,
+            dev,
+        }
+    }
+
+    /// Two groups with different φ over the quadratics' 6 coordinates, split inside the
+    /// first quadratic (coordinates 0..2 and 2..6), so each group's LSTM sees coordinates
+    /// that interact with the other's.
+    fn grouped(config: OptimizerConfig, seed: u64) -> Self {
+        let dev = Device::flex().autodiff();
+        let mut phi = crate::PhiGroups::init(config, &["conv", "fc"], seed).unwrap();
+        let parts = phi
+            .groups()
+            .iter()
+            .enumerate()
+            .map(|(i, (_, p))| {
+                let mut p = p.clone();
+                *p.tensors.last_mut().unwrap() = vec![0.05 - 0.1 * i as f32];
+                p
+            })
+            .collect();
+        phi = match AnyPhi::from(phi).with_parts(parts).unwrap() {
+            AnyPhi::Groups(g) => g,
+            AnyPhi::One(_) => unreachable!(),
+        };
+        let map = GroupMap {
+            groups: vec![("conv", 0..2), ("fc", 2..6)],
+        };
+        let quad = Quadratic::from_seed(seed + 100, 2, 3).unwrap();
+        Self {
+            lstm: Lstms::new(&phi.into(), Some(&map), 6, &dev, F64).unwrap(),
+            quad,
             dev,
         }
     }
@@ -72,19 +106,19 @@ impl Case {
     fn carry(&self) -> DeviceCarry {
         DeviceCarry {
             theta: self.quad.theta0(&self.dev, F64),
-            state: LstmState::zeros(&self.lstm.config, self.quad.num_coords(), &self.dev, F64),
+            state: LstmState::zeros(&self.lstm.config(), self.quad.num_coords(), &self.dev, F64),
         }
     }
 
     /// L(φ) in f64 for the given parameters and problem, forward only.
-    fn loss(&self, lstm: &Lstm, problem: &dyn Problem, steps: usize) -> f64 {
+    fn loss(&self, lstm: &Lstms, problem: &dyn Problem, steps: usize) -> f64 {
         let run = unroll(lstm, problem, self.carry(), 0, steps);
         to_f64(&run.losses.mean()).unwrap()[0]
     }
 }
 
 /// φ with `h` added to element `index` of parameter tensor `which`.
-fn perturb(lstm: &Lstm, which: usize, index: usize, h: f64, dev: &Device) -> Lstm {
+fn perturb(lstm: &Lstms, which: usize, index: usize, h: f64, dev: &Device) -> Lstms {
     let mut seen = 0;
     lstm.clone().map_params(|t| {
         let this = seen;
@@ -141,7 +175,10 @@ fn autodiff(case: &Case, steps: usize) -> (Vec<Vec<f64>>, Vec<Tensor<2>>) {
 }
 
 fn check_against_finite_differences(config: OptimizerConfig) {
-    let case = Case::new(config, 3);
+    check_case(Case::new(config, 3), config);
+}
+
+fn check_case(case: Case, config: OptimizerConfig) {
     let steps = 5;
     let (ad, seen) = autodiff(&case, steps);
     let problem = case.quad.on(&case.dev, F64);
@@ -151,7 +188,16 @@ fn check_against_finite_differences(config: OptimizerConfig) {
         start: 0,
     };
     let errors = fd_errors(&case, &fixed, &ad, steps);
-    let names: Vec<String> = config.tensor_layout().into_iter().map(|(n, _)| n).collect();
+    let parts = case.lstm.parts().len();
+    let names: Vec<String> = (0..parts)
+        .flat_map(|g| {
+            config
+                .tensor_layout()
+                .into_iter()
+                .map(move |(n, _)| format!("{g}:{n}"))
+        })
+        .collect();
+    assert_eq!(names.len(), ad.len());
     eprintln!(
         "{config:?}: max rel FD error per tensor {:?}",
         names.iter().zip(&errors).collect::<Vec<_>>()
@@ -202,6 +248,16 @@ fn finite_differences_three_layers_small_k() {
 }
 
 #[test]
+fn finite_differences_two_groups() {
+    // Spec §5: each group's φ receives its part of ∂L/∂φ of the one meta-loss.
+    let config = OptimizerConfig {
+        hidden: 3,
+        ..OptimizerConfig::new(Preprocess::LogSign)
+    };
+    check_case(Case::grouped(config, 5), config);
+}
+
+#[test]
 fn gradients_are_constants_of_the_unroll() {
     // Finite differences of the *full* loss, where a perturbed φ also changes every
     // g_t = ∇f(θ_t), include the second-derivative terms the spec drops. The meta-gradient
@@ -238,7 +294,7 @@ fn f32_agrees_with_f64() {
             state: LstmState::zeros(&config, quad.num_coords(), &dev, dtype),
         };
         let raw = meta_grad_tensors(
-            &Lstm::new(&phi, &dev, dtype),
+            &Lstms::one(Lstm::new(&phi, &dev, dtype), quad.num_coords()),
             &quad.on(&dev, dtype),
             carry,
             0,
@@ -267,7 +323,7 @@ fn refuses_zero_steps_and_plain_devices() {
             theta: quad.theta0(&dev, DType::F32),
             state: LstmState::zeros(&phi.config, 4, &dev, DType::F32),
         };
-        let lstm = Lstm::new(&phi, &dev, DType::F32);
+        let lstm = Lstms::one(Lstm::new(&phi, &dev, DType::F32), 4);
         let steps = if dev.is_autodiff() { 0 } else { 3 };
         let err = meta_grad(&lstm, &quad.on(&dev, DType::F32), carry, 0, steps).unwrap_err();
         assert!(matches!(err, Error::Config(_)), "{err}");

@@ -116,7 +116,8 @@ fn files_of_another_run_are_refused() {
 
     // A final φ of another run in an otherwise empty directory.
     let other = tempfile::tempdir().unwrap();
-    let phi = Phi::init(l2l_common::OptimizerConfig::default(), 1).unwrap();
+    let phi =
+        AnyPhi::from(l2l_common::Phi::init(l2l_common::OptimizerConfig::default(), 1).unwrap());
     save_final_phi(other.path(), "someone-else", &phi).unwrap();
     let e = format!("{:#}", prepare(other.path(), false).unwrap_err());
     assert!(e.contains("run someone-else"), "{e}");
@@ -129,16 +130,20 @@ fn files_of_another_run_are_refused() {
 #[test]
 fn a_final_phi_is_never_replaced_by_another_runs() {
     let dir = tempfile::tempdir().unwrap();
-    let a = Phi::init(l2l_common::OptimizerConfig::default(), 1).unwrap();
-    let b = Phi::init(l2l_common::OptimizerConfig::default(), 2).unwrap();
+    let a = AnyPhi::from(l2l_common::Phi::init(l2l_common::OptimizerConfig::default(), 1).unwrap());
+    let b = AnyPhi::from(l2l_common::Phi::init(l2l_common::OptimizerConfig::default(), 2).unwrap());
     let path = save_final_phi(dir.path(), "run-a", &a).unwrap();
     save_final_phi(dir.path(), "run-a", &b).unwrap();
-    assert_eq!(Phi::load(&path).unwrap(), b, "the same run updates its φ");
+    assert_eq!(
+        AnyPhi::load(&path).unwrap(),
+        b,
+        "the same run updates its φ"
+    );
     let e = save_final_phi(dir.path(), "run-b", &a)
         .unwrap_err()
         .to_string();
     assert!(e.contains("run-a") && e.contains("not replacing"), "{e}");
-    assert_eq!(Phi::load(&path).unwrap(), b);
+    assert_eq!(AnyPhi::load(&path).unwrap(), b);
 }
 
 #[test]

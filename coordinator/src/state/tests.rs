@@ -316,7 +316,7 @@ fn snapshot_resumes_with_a_new_epoch_and_the_same_next_step() {
 fn a_fresh_run_can_start_from_a_given_phi() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("start.safetensors");
-    let start = Phi::init(
+    let start = l2l_common::Phi::init(
         OptimizerConfig {
             hidden: 6,
             ..OptimizerConfig::new(l2l_common::Preprocess::Identity)
@@ -330,7 +330,7 @@ fn a_fresh_run_can_start_from_a_given_phi() {
     let c = Coordinator::new(cfg.clone(), Start::fresh()).unwrap();
     assert_eq!(
         c.phi().unwrap(),
-        start,
+        AnyPhi::from(start),
         "φ and its configuration come from the file"
     );
     cfg.init.phi = Some(dir.path().join("missing"));
