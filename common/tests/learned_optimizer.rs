@@ -106,6 +106,7 @@ fn images(examples: usize, seed: u64) -> Arc<Dataset> {
     }
     Arc::new(Dataset {
         pixels: 784,
+        shape: [1, 1, 784],
         images,
         labels,
     })

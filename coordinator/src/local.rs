@@ -33,7 +33,8 @@ pub struct Local {
     /// Fresh quadratics (128 × 10-d each) to report the comparison on.
     #[arg(long, default_value_t = 16)]
     pub eval_problems: usize,
-    /// MNIST-format IDX files for mlp problem families (the training split is used).
+    /// The data of mlp and conv problem families: MNIST-format IDX files or CIFAR-10
+    /// binary files (the training split is used).
     #[arg(long, env = "L2L_DATA", default_value = l2l_worker::DEFAULT_DATA)]
     pub data: PathBuf,
     /// Where the workers' unrolls run: `fused` (the fused CPU kernels; `cpu` is accepted too), `flex` (burn on the
@@ -254,9 +255,11 @@ pub async fn run(args: Local) -> Result<LocalOutcome> {
         println!("{report}");
         Some(report)
     } else {
+        let problem = config.problems[0].spec()?;
         println!(
-            "compare it with tuned SGD, RMSprop, Adam and NAG: l2l-worker eval --phi {} --problem mlp --out eval",
-            phi_path.display()
+            "compare it with tuned SGD, RMSprop, Adam and NAG: l2l-worker eval --phi {} --problem {problem} --data {} --out eval",
+            phi_path.display(),
+            args.data.display()
         );
         None
     };

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct FamilyConfig {
-    /// Family name: one of the registered families (`quadratic`, `mlp`).
+    /// Family name: one of the registered families (`quadratic`, `mlp`, `conv`).
     pub family: String,
     /// Relative sampling weight.
     pub weight: f64,

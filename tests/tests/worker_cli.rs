@@ -504,8 +504,9 @@ fn a_grouped_phi_is_written_and_refused_by_families_without_groups() {
             s(&grad),
         ],
         &[
-            "parameter groups conv,fc",
-            "quadratic family has no parameter groups",
+            "one LSTM per parameter group (conv,fc",
+            "problem quadratic",
+            "has no parameter groups",
         ],
     );
     refused(
@@ -517,8 +518,9 @@ fn a_grouped_phi_is_written_and_refused_by_families_without_groups() {
             s(&dir.path().join("eval")),
         ],
         &[
-            "parameter groups conv,fc",
-            "quadratic family has no parameter groups",
+            "one LSTM per parameter group (conv,fc",
+            "problem quadratic",
+            "has no parameter groups",
         ],
     );
     assert!(

@@ -6,8 +6,11 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use l2l_common::engine::{Backend, Engine};
-use l2l_common::problems::Optimizee;
-use l2l_common::{MetaGradFile, OptimizerConfig, Phi, PhiGroups, Preprocess, Quadratic};
+use l2l_common::problems::mnist::Split;
+use l2l_common::problems::{DataSource, Optimizee};
+use l2l_common::{
+    MetaGradFile, OptimizerConfig, Phi, PhiGroups, Preprocess, ProblemSpec, Quadratic,
+};
 
 use crate::PreprocessArg;
 
@@ -121,12 +124,28 @@ pub fn gen_problem(a: GenProblem) -> Result<()> {
 /// Arguments of `meta-grad`.
 #[derive(Debug, Args)]
 pub struct MetaGradArgs {
-    /// The optimizer φ (safetensors, format l2l-lstm/1).
+    /// The optimizer φ (safetensors, format l2l-lstm/1; a grouped φ of spec §5 for a
+    /// family with parameter groups, such as `conv`).
     #[arg(long)]
     phi: PathBuf,
-    /// The problem instance (safetensors, spec §4.2).
+    /// A quadratic problem instance file (safetensors, spec §4.2).
+    #[arg(
+        long,
+        required_unless_present = "instance",
+        conflicts_with = "instance"
+    )]
+    problem: Option<PathBuf>,
+    /// Instead of --problem: an instance drawn from a family, e.g. `conv` or
+    /// `mlp:hidden=40`, with --seed (and --data for families with data).
+    #[arg(long, value_name = "FAMILY[:PARAMS]", requires = "seed")]
+    instance: Option<ProblemSpec>,
+    /// The instance's seed (with --instance).
     #[arg(long)]
-    problem: PathBuf,
+    seed: Option<u64>,
+    /// The data set of --instance (MNIST-format IDX or CIFAR-10 binary files; the
+    /// training split is used).
+    #[arg(long, env = "L2L_DATA", default_value = l2l_worker::DEFAULT_DATA)]
+    data: PathBuf,
     /// T, the number of optimizer steps in the truncation.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     steps: u32,
@@ -142,13 +161,28 @@ pub struct MetaGradArgs {
 
 /// `meta-grad`: one truncation from zero state and θ_0, in float32.
 pub fn meta_grad(a: MetaGradArgs) -> Result<()> {
-    let spec = l2l_common::ProblemSpec::from_parts("quadratic", [])?;
+    let (spec, optimizee) = match (&a.problem, a.instance, a.seed) {
+        (Some(path), _, _) => {
+            let quad = Quadratic::load(path).context("cannot load the problem (--problem)")?;
+            (
+                ProblemSpec::from_parts("quadratic", [])?,
+                Optimizee::Quadratic(quad),
+            )
+        }
+        (None, Some(spec), Some(seed)) => {
+            let mut data = DataSource::new(&a.data, Split::Train);
+            let o = spec
+                .instance(seed, &mut data)
+                .with_context(|| format!("cannot make the {spec} instance of seed {seed}"))?;
+            (spec, o)
+        }
+        _ => anyhow::bail!("give --problem FILE, or --instance FAMILY with --seed"),
+    };
     let phi = l2l_common::groups::load_for(&a.phi, &spec).context("cannot load φ (--phi)")?;
-    let quad = Quadratic::load(&a.problem).context("cannot load the problem (--problem)")?;
     let steps = a.steps as usize;
     let engine = Engine::open(a.backend).with_context(|| format!("--backend {}", a.backend))?;
     eprintln!("backend {}", engine.describe());
-    let problem = engine.load(Optimizee::Quadratic(quad));
+    let problem = engine.load(optimizee);
     let state = engine.start(&phi, &problem);
     let out = engine.truncation(&phi, &problem, state, 0, steps, None)?;
     MetaGradFile {

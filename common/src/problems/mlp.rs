@@ -338,6 +338,7 @@ mod tests {
             .collect();
         Arc::new(Dataset {
             pixels: 5,
+            shape: [1, 1, 5],
             images,
             labels: vec![0, 3, 9, 1, 3, 7, 5],
         })

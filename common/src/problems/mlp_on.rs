@@ -18,8 +18,8 @@ use crate::tensor::from_f32;
 /// labels `[examples, 10]`.
 #[derive(Debug, Clone)]
 pub struct DatasetOn {
-    images: Tensor<2>,
-    onehot: Tensor<2>,
+    pub(crate) images: Tensor<2>,
+    pub(crate) onehot: Tensor<2>,
 }
 
 impl DatasetOn {
@@ -173,6 +173,7 @@ mod tests {
         let mut rng = Rng::new(8);
         Arc::new(Dataset {
             pixels: 6,
+            shape: [1, 1, 6],
             images: (0..9 * 6).map(|_| rng.below(256) as u8).collect(),
             labels: (0..9).map(|i| (i * 7 % 10) as u8).collect(),
         })

@@ -32,8 +32,11 @@ impl Split {
 /// Images (as bytes, 0..=255) and their labels.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Dataset {
-    /// Pixels per image (784 for 28×28).
+    /// Pixels per image, channels × rows × columns (784 for 28×28, 3,072 for CIFAR-10).
     pub pixels: usize,
+    /// [channels, rows, columns] of every image; its values are stored channel by
+    /// channel, each row-major (IDX: one channel; CIFAR-10: red, green, blue).
+    pub shape: [usize; 3],
     /// All images, row-major, `len() × pixels` bytes.
     pub images: Vec<u8>,
     /// One label per image, 0..=9.
@@ -140,7 +143,8 @@ fn find(dir: &Path, split: Split, kind: &str, n: u8) -> Result<PathBuf, Error> {
         error: std::io::Error::new(
             std::io::ErrorKind::NotFound,
             "no such file: point --data at a directory with MNIST-format IDX files \
-             (e.g. /usr/share/datasets/fashion-mnist from Debian's dataset-fashion-mnist)",
+             (e.g. /usr/share/datasets/fashion-mnist from Debian's dataset-fashion-mnist) \
+             or CIFAR-10 binary files (data_batch_1.bin …, test_batch.bin)",
         ),
     })
 }
@@ -196,6 +200,7 @@ impl Dataset {
         }
         Ok(Self {
             pixels: idims[1] * idims[2],
+            shape: [1, idims[1], idims[2]],
             images,
             labels,
         })

@@ -6,6 +6,10 @@
 //! registry: the worker, `eval` and the coordinator's sampler reach every family through
 //! it, so adding a family is a new module and one variant (with its match arms) here.
 
+pub mod cifar;
+pub mod conv;
+pub mod conv_on;
+pub mod gemm;
 pub mod mlp;
 pub mod mlp_on;
 pub mod mnist;
@@ -21,6 +25,8 @@ use crate::Error;
 use crate::groups::GroupMap;
 use mnist::{Dataset, Split};
 
+pub use conv::{Conv, ConvSpec};
+pub use conv_on::ConvOn;
 pub use mlp::{Activation, Mlp, MlpSpec};
 pub use mlp_on::{DatasetOn, MlpOn};
 pub use quadratic::{Quadratic, QuadraticSpec};
@@ -103,10 +109,12 @@ pub enum ProblemSpec {
     Quadratic(QuadraticSpec),
     /// The MNIST network or a variant (spec §3.2).
     Mlp(MlpSpec),
+    /// The paper's CIFAR-10 network (spec §6).
+    Conv(ConvSpec),
 }
 
 /// The names of the registered families.
-pub const FAMILIES: [&str; 2] = ["quadratic", "mlp"];
+pub const FAMILIES: [&str; 3] = ["quadratic", "mlp", "conv"];
 
 impl ProblemSpec {
     /// The family with its `params` (each family's defaults fill the rest).
@@ -121,6 +129,7 @@ impl ProblemSpec {
         match family {
             "quadratic" => QuadraticSpec::parse(&params).map(ProblemSpec::Quadratic),
             "mlp" => MlpSpec::parse(&params).map(ProblemSpec::Mlp),
+            "conv" => ConvSpec::parse(&params).map(ProblemSpec::Conv),
             _ => Err(params.bad(format!(
                 "unknown family; use one of {}",
                 FAMILIES.join(", ")
@@ -133,6 +142,7 @@ impl ProblemSpec {
         match self {
             ProblemSpec::Quadratic(_) => "quadratic",
             ProblemSpec::Mlp(_) => "mlp",
+            ProblemSpec::Conv(_) => "conv",
         }
     }
 
@@ -141,6 +151,7 @@ impl ProblemSpec {
         match self {
             ProblemSpec::Quadratic(q) => q.params(),
             ProblemSpec::Mlp(m) => m.params(),
+            ProblemSpec::Conv(c) => c.params(),
         }
     }
 
@@ -149,6 +160,7 @@ impl ProblemSpec {
         match self {
             ProblemSpec::Quadratic(q) => q.name(),
             ProblemSpec::Mlp(m) => m.name(),
+            ProblemSpec::Conv(c) => c.name(),
         }
     }
 
@@ -157,6 +169,7 @@ impl ProblemSpec {
     pub fn groups(&self) -> Option<Vec<&'static str>> {
         match self {
             ProblemSpec::Quadratic(_) | ProblemSpec::Mlp(_) => None,
+            ProblemSpec::Conv(c) => c.groups(),
         }
     }
 
@@ -171,7 +184,7 @@ impl ProblemSpec {
     pub fn needs_data(&self) -> bool {
         match self {
             ProblemSpec::Quadratic(_) => false,
-            ProblemSpec::Mlp(_) => true,
+            ProblemSpec::Mlp(_) | ProblemSpec::Conv(_) => true,
         }
     }
 
@@ -180,6 +193,7 @@ impl ProblemSpec {
         Ok(match self {
             ProblemSpec::Quadratic(q) => Optimizee::Quadratic(q.instance(seed)?),
             ProblemSpec::Mlp(m) => Optimizee::Mlp(Mlp::new(m.clone(), data.get()?, seed)?),
+            ProblemSpec::Conv(c) => Optimizee::Conv(Conv::new(c.clone(), data.get()?, seed)?),
         })
     }
 }
@@ -214,12 +228,16 @@ impl std::fmt::Display for ProblemSpec {
 }
 
 /// A problem instance, on the host.
+// One per trajectory, moved a few times: the size of the largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum Optimizee {
     /// A batch of quadratics.
     Quadratic(Quadratic),
     /// An MNIST network.
     Mlp(Mlp),
+    /// A convolutional network.
+    Conv(Conv),
 }
 
 impl Optimizee {
@@ -228,6 +246,7 @@ impl Optimizee {
         match self {
             Optimizee::Quadratic(q) => q,
             Optimizee::Mlp(m) => m,
+            Optimizee::Conv(c) => c,
         }
     }
 
@@ -236,6 +255,7 @@ impl Optimizee {
         match self {
             Optimizee::Quadratic(q) => &q.theta0,
             Optimizee::Mlp(m) => &m.theta0,
+            Optimizee::Conv(c) => &c.theta0,
         }
     }
 
@@ -244,12 +264,14 @@ impl Optimizee {
         match self {
             Optimizee::Quadratic(q) => Box::new(q.on(dev, DType::F32)),
             Optimizee::Mlp(m) => Box::new(m.on(&cache.get(&m.data, dev))),
+            Optimizee::Conv(c) => Box::new(c.on(&cache.get(&c.data, dev))),
         }
     }
 }
 
-/// Where instances find their data: a directory of MNIST-format files, loaded once on
-/// first use.
+/// Where instances find their data: a directory of MNIST-format IDX files or of CIFAR-10
+/// binary files ([`cifar`], chosen when `data_batch_1.bin` or `test_batch.bin` is there),
+/// loaded once on first use.
 #[derive(Debug, Clone)]
 pub struct DataSource {
     dir: PathBuf,
@@ -272,7 +294,12 @@ impl DataSource {
         if let Some(d) = &self.loaded {
             return Ok(d.clone());
         }
-        let d = Arc::new(Dataset::load(&self.dir, self.split)?);
+        let d = if cifar::is_cifar_dir(&self.dir) {
+            cifar::load(&self.dir, self.split)?
+        } else {
+            Dataset::load(&self.dir, self.split)?
+        };
+        let d = Arc::new(d);
         self.loaded = Some(d.clone());
         Ok(d)
     }
