@@ -7,7 +7,8 @@ use anyhow::{Result, bail};
 use clap::Args;
 use l2l_common::engine::{Backend, Engine};
 use l2l_common::fused;
-use l2l_common::problems::Optimizee;
+use l2l_common::problems::mnist::Split;
+use l2l_common::problems::{DataSource, Optimizee, ProblemSpec};
 use l2l_common::{AnyPhi, OptimizerConfig, Phi, Preprocess, Quadratic};
 use serde_json::json;
 
@@ -39,6 +40,14 @@ pub struct Bench {
     /// composition on the GPU; needs a build with `--features wgpu`).
     #[arg(long, alias = "impl", value_enum, value_delimiter = ',')]
     backend: Vec<Backend>,
+    /// Instead of quadratics of --n coordinates: an instance of this family (e.g. `conv`,
+    /// `mlp`), φ with the family's parameter groups; the table adds the optimizee's share
+    /// of a truncation (its T + 1 loss-and-gradient evaluations on the host, timed alone).
+    #[arg(long, value_name = "FAMILY[:PARAMS]")]
+    problem: Option<ProblemSpec>,
+    /// The data of --problem (MNIST-format IDX or CIFAR-10 binary files).
+    #[arg(long, env = "L2L_DATA", default_value = l2l_worker::DEFAULT_DATA)]
+    data: std::path::PathBuf,
 }
 
 /// FLOPs of one meta-gradient per coordinate-step for the paper's 2×20 LSTM (forward and
@@ -63,6 +72,9 @@ impl What {
 
 /// `bench`: prints one line (or JSON object) per (preprocess, N, what).
 pub fn run(a: Bench) -> Result<()> {
+    if let Some(spec) = a.problem.clone() {
+        return run_problem(a, spec);
+    }
     if let Some(bad) = a.n.iter().find(|n| **n == 0 || **n % 10 != 0) {
         bail!("--n {bad}: each N must be a positive multiple of 10 (quadratics of dimension 10)");
     }
@@ -146,6 +158,95 @@ pub fn run(a: Bench) -> Result<()> {
                 }
             }
         }
+    }
+    Ok(())
+}
+
+/// `bench --problem`: one truncation of an instance of `spec` per backend, beside the
+/// time of the optimizee's own T + 1 evaluations (what the fused path calls).
+fn run_problem(a: Bench, spec: ProblemSpec) -> Result<()> {
+    let backends = if a.backend.is_empty() {
+        vec![Backend::Fused]
+    } else {
+        a.backend.clone()
+    };
+    let preprocess = a
+        .preprocess
+        .first()
+        .map_or(Preprocess::LogSign, |p| (*p).into());
+    let mut data = DataSource::new(&a.data, Split::Train);
+    let optimizee = spec.instance(1, &mut data)?;
+    let host = optimizee.host();
+    let n = host.num_coords();
+    let names = host
+        .groups()
+        .map(|g| g.names().iter().map(|s| s.to_string()).collect::<Vec<_>>());
+    let names: Vec<&str> = names.iter().flatten().map(String::as_str).collect();
+    let phi = AnyPhi::init(OptimizerConfig::new(preprocess), &names, 1)?;
+    let steps = a.steps as usize;
+    // The optimizee alone: T + 1 evaluations at θ₀ (the fused path's calls per truncation).
+    let theta = optimizee.theta0().to_vec();
+    let mut g = vec![0f32; n];
+    let mut alone: Vec<f64> = (0..a.warmup + a.runs)
+        .map(|_| {
+            let start = Instant::now();
+            for t in 0..=steps {
+                host.eval(&theta, t, &mut g);
+            }
+            start.elapsed().as_secs_f64() * 1e3
+        })
+        .skip(a.warmup as usize)
+        .collect();
+    alone.sort_by(f64::total_cmp);
+    let alone = alone[alone.len() / 2];
+    println!(
+        "l2l-worker bench --problem {spec}: N = {n}, groups {}, {preprocess}, float32, T = {steps}, {} runs after {} warm-up",
+        if names.is_empty() {
+            "none".to_string()
+        } else {
+            names.join(",")
+        },
+        a.runs,
+        a.warmup
+    );
+    println!(
+        "  optimizee alone ({} loss-and-gradient evaluations on the host): {alone:.1} ms",
+        steps + 1
+    );
+    println!(
+        "{:<7} {:>12} {:>10} {:>10} {:>14} {:>10} {:>12}",
+        "backend", "median_ms", "min_ms", "max_ms", "optimizee_ms", "lstm_ms", "optimizee_%"
+    );
+    for b in backends {
+        let engine = Engine::open(b).map_err(|e| anyhow::anyhow!("--backend {b}: {e}"))?;
+        let loaded = engine.load(optimizee.clone());
+        let (times, _) = measure(
+            &engine,
+            &phi,
+            &loaded,
+            steps,
+            What::MetaGrad,
+            a.warmup,
+            a.runs,
+        )?;
+        let median = times[times.len() / 2];
+        // The optimizee's share is measured on the host; on a device its cost differs.
+        let (opt, lstm, share) = if b == Backend::Fused {
+            (
+                format!("{alone:.1}"),
+                format!("{:.1}", median - alone),
+                format!("{:.0}", 100.0 * alone / median),
+            )
+        } else {
+            ("-".into(), "-".into(), "-".into())
+        };
+        println!(
+            "{:<7} {:>12.1} {:>10.1} {:>10.1} {opt:>14} {lstm:>10} {share:>12}",
+            b.name(),
+            median,
+            times[0],
+            times[times.len() - 1]
+        );
     }
     Ok(())
 }
