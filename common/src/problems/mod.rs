@@ -350,7 +350,13 @@ mod tests {
             (vec![20, 20], Activation::Relu, 128)
         );
         // Display writes every parameter; parsing it gives the same spec back.
-        for text in ["quadratic:batch=3", "mlp:hidden=20x20,act=relu", "mlp"] {
+        for text in [
+            "quadratic:batch=3",
+            "mlp:hidden=20x20,act=relu",
+            "mlp",
+            "conv",
+            "conv:labels=0-1+8,lstms=1,channels=8",
+        ] {
             let spec: ProblemSpec = text.parse().unwrap();
             assert_eq!(spec.to_string().parse::<ProblemSpec>().unwrap(), spec);
             let params = spec.params();
@@ -364,7 +370,8 @@ mod tests {
             "mlp:hiden=40",
             "mlp:hidden=0",
             "mlp:act=tanh",
-            "conv",
+            "lstm",
+            "conv:lstms=0",
             "mlp:hidden",
             "quadratic:batch=1000000,dims=1000000",
             "quadratic:dims=99999999999999999999",
