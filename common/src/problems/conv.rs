@@ -516,18 +516,17 @@ fn batch_norm<T: Real>(z: &[T], rows: usize, groups: usize, per: usize) -> (Vec<
     let mut xhat = vec![T::zero(); z.len()];
     let mut inv_std = vec![T::zero(); groups];
     for (g, inv_g) in inv_std.iter_mut().enumerate() {
-        let values = (0..rows).flat_map(|r| {
-            let at = (r * groups + g) * per;
-            &z[at..at + per]
-        });
-        let mean = values.clone().fold(T::zero(), |a, v| a + *v) / m;
-        let var = values.fold(T::zero(), |a, v| a + (*v - mean) * (*v - mean)) / m;
+        let planes = || (0..rows).map(|r| &z[(r * groups + g) * per..][..per]);
+        let mean = planes().fold(T::zero(), |a, p| p.iter().fold(a, |a, v| a + *v)) / m;
+        let var = planes().fold(T::zero(), |a, p| {
+            p.iter().fold(a, |a, v| a + (*v - mean) * (*v - mean))
+        }) / m;
         let inv = T::one() / (var + eps).sqrt();
         *inv_g = inv;
         for r in 0..rows {
             let at = (r * groups + g) * per;
-            for i in at..at + per {
-                xhat[i] = (z[i] - mean) * inv;
+            for (o, v) in xhat[at..at + per].iter_mut().zip(&z[at..at + per]) {
+                *o = (*v - mean) * inv;
             }
         }
     }
@@ -566,23 +565,33 @@ fn batch_norm_backward<T: Real>(
     dz
 }
 
+/// For kernel offset `k` (0..5) along a side of `n`: the output positions whose input
+/// position `o + k − 2` lies inside, as `lo..hi` (input `lo + k − 2 ..`).
+fn valid(k: usize, n: usize) -> (usize, usize) {
+    let lo = PAD.saturating_sub(k).min(n);
+    let hi = (n + PAD).saturating_sub(k).min(n).max(lo);
+    (lo, hi)
+}
+
 /// The 5×5 patches of one image `[cin, h, w]` as columns: `[cin·25, h·w]`.
 fn im2col<T: Real>(x: &[T], cin: usize, (h, w): (usize, usize), cols: &mut [T]) {
     let hw = h * w;
     for ci in 0..cin {
+        let plane = &x[ci * hw..][..hw];
         for ky in 0..KERNEL {
+            let (ylo, yhi) = valid(ky, h);
             for kx in 0..KERNEL {
+                let (xlo, xhi) = valid(kx, w);
                 let row = &mut cols[((ci * KERNEL + ky) * KERNEL + kx) * hw..][..hw];
-                for y in 0..h {
-                    let sy = (y + ky).wrapping_sub(PAD);
-                    for xx in 0..w {
-                        let sx = (xx + kx).wrapping_sub(PAD);
-                        row[y * w + xx] = if sy < h && sx < w {
-                            x[(ci * h + sy) * w + sx]
-                        } else {
-                            T::zero()
-                        };
-                    }
+                row[..ylo * w].fill(T::zero());
+                row[yhi * w..].fill(T::zero());
+                for y in ylo..yhi {
+                    let out = &mut row[y * w..(y + 1) * w];
+                    let src = (y + ky - PAD) * w;
+                    out[..xlo].fill(T::zero());
+                    out[xhi..].fill(T::zero());
+                    out[xlo..xhi]
+                        .copy_from_slice(&plane[src + xlo + kx - PAD..src + xhi + kx - PAD]);
                 }
             }
         }
@@ -593,20 +602,17 @@ fn im2col<T: Real>(x: &[T], cin: usize, (h, w): (usize, usize), cols: &mut [T]) 
 fn col2im<T: Real>(cols: &[T], cin: usize, (h, w): (usize, usize), x: &mut [T]) {
     let hw = h * w;
     for ci in 0..cin {
+        let plane = &mut x[ci * hw..][..hw];
         for ky in 0..KERNEL {
+            let (ylo, yhi) = valid(ky, h);
             for kx in 0..KERNEL {
+                let (xlo, xhi) = valid(kx, w);
                 let row = &cols[((ci * KERNEL + ky) * KERNEL + kx) * hw..][..hw];
-                for y in 0..h {
-                    let sy = (y + ky).wrapping_sub(PAD);
-                    if sy >= h {
-                        continue;
-                    }
-                    for xx in 0..w {
-                        let sx = (xx + kx).wrapping_sub(PAD);
-                        if sx < w {
-                            let at = (ci * h + sy) * w + sx;
-                            x[at] = x[at] + row[y * w + xx];
-                        }
+                for y in ylo..yhi {
+                    let src = (y + ky - PAD) * w;
+                    let dst = &mut plane[src + xlo + kx - PAD..src + xhi + kx - PAD];
+                    for (d, v) in dst.iter_mut().zip(&row[y * w + xlo..y * w + xhi]) {
+                        *d = *d + *v;
                     }
                 }
             }
@@ -738,17 +744,19 @@ fn block_backward<T: Real>(
                     (h, w),
                     &mut cols,
                 );
+                // ∂Kᵀ += cols · ∂zᵀ: the large operand (the patches) is read row by row,
+                // which the GEMM packs far faster than the transposed gather of ∂z · colsᵀ.
                 T::gemm(
-                    ch,
-                    hw,
                     cin * TAPS,
-                    dzr,
-                    (hw, 1),
+                    hw,
+                    ch,
                     &cols,
+                    (hw, 1),
+                    dzr,
                     (1, hw),
                     T::one(),
                     &mut dk,
-                    (cin * TAPS, 1),
+                    (1, cin * TAPS),
                 );
                 if !first {
                     T::gemm(
