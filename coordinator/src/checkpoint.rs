@@ -182,17 +182,23 @@ mod tests {
     use super::*;
     use crate::state::Coordinator;
 
-    #[test]
-    fn keeps_the_newest_and_skips_a_damaged_one() {
+    /// A run directory, its configuration and a fresh run's snapshot.
+    fn fresh() -> (tempfile::TempDir, Config, Snapshot) {
         let dir = tempfile::tempdir().unwrap();
         let config = Config {
             dir: dir.path().into(),
             ..Config::default()
         };
-        let mut snap = Coordinator::new(config.clone(), crate::state::Start::fresh())
+        let snap = Coordinator::new(config.clone(), crate::state::Start::fresh())
             .unwrap()
             .snapshot()
             .unwrap();
+        (dir, config, snap)
+    }
+
+    #[test]
+    fn keeps_the_newest_and_skips_a_damaged_one() {
+        let (dir, config, mut snap) = fresh();
         for v in 1..=4 {
             snap.version = v;
             save(dir.path(), &snap, &config, 2).unwrap();
@@ -228,15 +234,7 @@ mod tests {
 
     #[test]
     fn a_grouped_phi_and_its_moments_round_trip_under_the_names_of_spec_5() {
-        let dir = tempfile::tempdir().unwrap();
-        let config = Config {
-            dir: dir.path().into(),
-            ..Config::default()
-        };
-        let mut snap = Coordinator::new(config.clone(), crate::state::Start::fresh())
-            .unwrap()
-            .snapshot()
-            .unwrap();
+        let (dir, config, mut snap) = fresh();
         let opt = snap.phi.config();
         snap.phi = AnyPhi::init(opt, &["conv", "fc"], 3).unwrap();
         let n = snap.phi.num_params();

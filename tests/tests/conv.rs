@@ -54,6 +54,33 @@ fn init_phi(out: &Path, groups: Option<&str>) {
     assert!(o.status.success(), "{}", text(&o).1);
 }
 
+/// `meta-grad` of 4 steps on the instance of seed 5 of `instance`, with `data`.
+fn meta_grad(
+    phi: &Path,
+    instance: &str,
+    data: &Path,
+    backend: &str,
+    out: &Path,
+) -> std::process::Output {
+    worker(&[
+        "meta-grad",
+        "--phi",
+        s(phi),
+        "--instance",
+        instance,
+        "--seed",
+        "5",
+        "--data",
+        s(data),
+        "--steps",
+        "4",
+        "--backend",
+        backend,
+        "--out",
+        s(out),
+    ])
+}
+
 /// `worker args` fails with exit code 1 and a message holding every `want`, no panic.
 fn refused(out: std::process::Output, want: &[&str]) {
     let (_, stderr) = text(&out);
@@ -74,23 +101,7 @@ fn a_two_group_meta_gradient_agrees_across_backends_and_misfits_are_refused() {
     init_phi(&two, Some("conv,fc"));
     init_phi(&one, None);
     let grad = |phi: &Path, instance: &str, backend: &str, out: &Path| {
-        worker(&[
-            "meta-grad",
-            "--phi",
-            s(phi),
-            "--instance",
-            instance,
-            "--seed",
-            "5",
-            "--data",
-            s(&data),
-            "--steps",
-            "4",
-            "--backend",
-            backend,
-            "--out",
-            s(out),
-        ])
+        meta_grad(phi, instance, &data, backend, out)
     };
     let (fused, flex) = (dir.path().join("fused"), dir.path().join("flex"));
     for (backend, out) in [("fused", &fused), ("flex", &flex)] {
@@ -152,40 +163,12 @@ fn a_two_group_meta_gradient_agrees_across_backends_and_misfits_are_refused() {
         encode_idx(&[2], &[0, 1]),
     )
     .unwrap();
-    let o = worker(&[
-        "meta-grad",
-        "--phi",
-        s(&two),
-        "--instance",
-        NET,
-        "--seed",
-        "1",
-        "--data",
-        s(&tiny),
-        "--steps",
-        "2",
-        "--out",
-        s(&wrong),
-    ]);
+    let o = meta_grad(&two, NET, &tiny, "fused", &wrong);
     refused(o, &["7×7", "at least 8"]);
     let cifar = dir.path().join("cifar");
     std::fs::create_dir(&cifar).unwrap();
     std::fs::write(cifar.join("data_batch_1.bin"), vec![1u8; 3072]).unwrap();
-    let o = worker(&[
-        "meta-grad",
-        "--phi",
-        s(&two),
-        "--instance",
-        NET,
-        "--seed",
-        "1",
-        "--data",
-        s(&cifar),
-        "--steps",
-        "2",
-        "--out",
-        s(&dir.path().join("c")),
-    ]);
+    let o = meta_grad(&two, NET, &cifar, "fused", &dir.path().join("c"));
     refused(o, &["data_batch_1.bin", "3073-byte records"]);
     assert!(!dir.path().join("c").exists());
 }

@@ -34,7 +34,7 @@ use rayon::prelude::*;
 use crate::Error;
 use crate::groups::GroupMap;
 use crate::problems::gemm::Real;
-use crate::problems::mlp::CLASSES;
+use crate::problems::mlp::{CLASSES, softmax_cross_entropy};
 use crate::problems::mnist::Dataset;
 use crate::problems::{HostProblem, MAX_VALUES, Params};
 use crate::rng::Rng;
@@ -421,20 +421,9 @@ impl Conv {
             &mut z5,
             (CLASSES, 1),
         );
-        // Softmax cross-entropy; dz = (softmax − onehot) / rows.
         let inv = T::one() / T::from(rows).unwrap_or_else(T::one);
-        let mut loss = T::zero();
-        for (r, i) in idx.iter().enumerate() {
-            let zr = &mut z5[r * CLASSES..(r + 1) * CLASSES];
-            let m = zr.iter().copied().fold(T::neg_infinity(), T::max);
-            let sum = zr.iter().fold(T::zero(), |acc, v| acc + (*v - m).exp());
-            let y = self.data.labels[*i] as usize;
-            loss = loss + (m + sum.ln() - zr[y]);
-            for (j, v) in zr.iter_mut().enumerate() {
-                let p = (*v - m).exp() / sum;
-                *v = (p - if j == y { T::one() } else { T::zero() }) * inv;
-            }
-        }
+        let labels = idx.iter().map(|i| self.data.labels[*i] as usize);
+        let loss = softmax_cross_entropy(&mut z5, labels);
         let dz5 = z5;
         grad.iter_mut().for_each(|g| *g = T::zero());
         // W5, b5, and the gradient at a4.

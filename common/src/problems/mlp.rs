@@ -154,6 +154,27 @@ impl MlpSpec {
     }
 }
 
+/// Σ over rows of the softmax cross-entropy of logits `z` (`[rows, 10]`) against
+/// `labels`, replacing `z` by its gradient of the *mean*: (softmax − onehot) / rows.
+pub(crate) fn softmax_cross_entropy<T: Float>(
+    z: &mut [T],
+    labels: impl Iterator<Item = usize>,
+) -> T {
+    let rows = z.len() / CLASSES;
+    let inv = T::one() / T::from(rows).unwrap_or_else(T::one);
+    let mut loss = T::zero();
+    for (zr, y) in z.chunks_mut(CLASSES).zip(labels) {
+        let m = zr.iter().copied().fold(T::neg_infinity(), T::max);
+        let sum = zr.iter().fold(T::zero(), |s, v| s + (*v - m).exp());
+        loss = loss + (m + sum.ln() - zr[y]);
+        for (j, v) in zr.iter_mut().enumerate() {
+            let p = (*v - m).exp() / sum;
+            *v = (p - if j == y { T::one() } else { T::zero() }) * inv;
+        }
+    }
+    loss
+}
+
 /// One instance: a network's θ₀ and its minibatches, drawn from a seed.
 #[derive(Debug, Clone)]
 pub struct Mlp {
@@ -247,20 +268,9 @@ impl Mlp {
                 acts.push(act);
             }
         }
-        // Softmax cross-entropy; dz = (softmax − onehot) / rows.
         let inv = T::one() / T::from(rows).unwrap_or_else(T::one);
-        let mut loss = T::zero();
-        for (r, i) in idx.iter().enumerate() {
-            let zr = &mut z[r * CLASSES..(r + 1) * CLASSES];
-            let m = zr.iter().copied().fold(T::neg_infinity(), T::max);
-            let sum = zr.iter().fold(T::zero(), |s, v| s + (*v - m).exp());
-            let y = self.data.labels[*i] as usize;
-            loss = loss + (m + sum.ln() - zr[y]);
-            for (j, v) in zr.iter_mut().enumerate() {
-                let p = (*v - m).exp() / sum;
-                *v = (p - if j == y { T::one() } else { T::zero() }) * inv;
-            }
-        }
+        let labels = idx.iter().map(|i| self.data.labels[*i] as usize);
+        let loss = softmax_cross_entropy(&mut z, labels);
         grad.iter_mut().for_each(|g| *g = T::zero());
         let mut dz = z;
         for (l, (ni, no)) in layers.iter().copied().enumerate().rev() {
