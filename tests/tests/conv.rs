@@ -128,6 +128,37 @@ fn a_two_group_meta_gradient_agrees_across_backends_and_misfits_are_refused() {
     let parts = a.grad.parts();
     assert_ne!(parts[0], parts[1], "each group's φ gets its own part");
 
+    // bench times the family's truncation and the optimizee's share of it.
+    let o = worker(&[
+        "bench",
+        "--problem",
+        NET,
+        "--data",
+        s(&data),
+        "--steps",
+        "2",
+        "--runs",
+        "1",
+        "--warmup",
+        "0",
+        "--backend",
+        "fused,flex",
+    ]);
+    let (stdout, stderr) = text(&o);
+    assert!(o.status.success(), "{stderr}");
+    assert!(
+        stdout.contains("groups conv,fc")
+            && stdout.contains("optimizee alone (3 loss-and-gradient"),
+        "{stdout}"
+    );
+    let fused = stdout
+        .lines()
+        .find(|l| l.starts_with("fused"))
+        .expect("a fused row");
+    let share: f64 = fused.split_whitespace().last().unwrap().parse().unwrap();
+    assert!((0.0..=100.0).contains(&share), "{fused}");
+    assert!(stdout.lines().any(|l| l.starts_with("flex")), "{stdout}");
+
     // A one-group φ for the two-group family, and a grouped φ for one LSTM: refused,
     // naming both, nothing written; with lstms=1 the one-group φ fits.
     let wrong = dir.path().join("wrong");
