@@ -424,7 +424,8 @@ mod tests {
                 };
                 // Batch normalisation divides by batch deviations, which amplifies the
                 // float32 rounding of two summation orders (burn's convolution against
-                // the host's); conv is held to the 1e-3 of spec §5's backends.
+                // the host's); conv is held to 1e-3, the bound the backends are held to on the
+                // problems of issue 16.
                 let tol = match optimizee {
                     Optimizee::Conv(_) => tol.max(1e-3),
                     _ => tol,

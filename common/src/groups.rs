@@ -93,10 +93,10 @@ impl PhiGroups {
         self.groups.iter().flat_map(|(_, p)| p.flatten()).collect()
     }
 
-    /// Reads a grouped optimizer file (spec §5).
+    /// Reads a grouped optimizer file (spec §5) or a coordinator checkpoint of one (its
+    /// Adam moments are skipped).
     pub fn load(path: &Path) -> Result<Self, Error> {
-        let mut file = TensorFile::read(path)?;
-        let config = files::config_from(&file)?;
+        let file = TensorFile::read(path)?;
         if group_names(&file)?.is_none() {
             return Err(Error::format(
                 path,
@@ -104,7 +104,7 @@ impl PhiGroups {
                  (`Phi::load`, `LearnedOptimizer::load`)",
             ));
         }
-        match AnyPhi::take_from(&mut file, config)? {
+        match AnyPhi::from_file(file)? {
             AnyPhi::Groups(g) => Ok(g),
             AnyPhi::One(_) => Err(Error::format(path, "no \"groups\" metadata field")),
         }
@@ -444,8 +444,14 @@ pub fn group_names(file: &TensorFile) -> Result<Option<Vec<String>>, Error> {
             format!("{} groups; at most {MAX_GROUPS}", names.len()),
         ));
     }
-    for name in &names {
+    for (i, name) in names.iter().enumerate() {
         check_name(name).map_err(|e| Error::format(file.path(), e.to_string()))?;
+        if names[..i].contains(name) {
+            return Err(Error::format(
+                file.path(),
+                format!("group {name:?} is named twice in the \"groups\" field"),
+            ));
+        }
     }
     Ok(Some(names))
 }
@@ -518,6 +524,40 @@ mod tests {
             .unwrap();
         let e = PhiGroups::load(&single).unwrap_err().to_string();
         assert!(e.contains("one-group"), "{e}");
+    }
+
+    #[test]
+    fn a_file_naming_a_group_twice_is_refused_as_such() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("g.safetensors");
+        let g = two();
+        let mut meta = HashMap::new();
+        meta.insert("x".to_string(), "y".to_string());
+        g.save(&path, meta).unwrap();
+        // Rewrite the groups field to name conv twice.
+        let mut file = TensorFile::read(&path).unwrap();
+        let layout = g.config().tensor_layout();
+        let tensors: Vec<(String, Vec<usize>, Vec<f32>)> = ["conv", "fc"]
+            .iter()
+            .flat_map(|n| {
+                layout
+                    .iter()
+                    .map(move |(t, s)| (format!("{n}.{t}"), s.clone()))
+            })
+            .map(|(name, shape)| {
+                let v = file.take(&name, &shape).unwrap();
+                (name, shape, v)
+            })
+            .collect();
+        let named: Vec<NamedTensor<'_>> = tensors
+            .iter()
+            .map(|(n, s, v)| (n.as_str(), s.as_slice(), v.as_slice()))
+            .collect();
+        let mut meta = files::config_metadata(&g.config());
+        meta.insert(GROUPS_FIELD.into(), "conv,conv".into());
+        files::write_atomic(&path, &files::encode(&named, meta).unwrap()).unwrap();
+        let e = AnyPhi::load(&path).unwrap_err().to_string();
+        assert!(e.contains("named twice"), "{e}");
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //!
 //! File `checkpoint-<version>.safetensors` in the run directory: φ's tensors under their
 //! spec names, with the `groups` field and `{group}.` prefixes of spec §5 for a grouped φ
-//! (so any `l2l-lstm/1` reader sees φ, after ignoring two extra tensors), `adam.m` and
+//! (so any `l2l-lstm/1` reader, one of §5 for a grouped φ, sees φ after ignoring two
+//! extra tensors), `adam.m` and
 //! `adam.v` (flat, φ's size, in §5's flat order), and metadata `checkpoint = "l2l-coordinator/1"`,
 //! `run`, `epoch`, `version`, `adam_t`, `sampler_state`, `counters` (JSON), `config` (TOML).
 //!
@@ -252,5 +253,8 @@ mod tests {
         assert!(file.shape("fc.out.b").is_some() && file.shape("out.b").is_none());
         assert_eq!(file.shape("adam.m"), Some(&[n][..]));
         assert_eq!(AnyPhi::load(&path).unwrap(), snap.phi);
+        // The burn optimizer's loader takes the checkpoint too (moments skipped).
+        let groups = l2l_common::PhiGroups::load(&path).unwrap();
+        assert_eq!(AnyPhi::from(groups), snap.phi);
     }
 }

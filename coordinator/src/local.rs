@@ -30,7 +30,8 @@ pub struct Local {
     /// Worker threads to run beside the coordinator.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=256))]
     pub workers: u32,
-    /// Fresh quadratics (128 × 10-d each) to report the comparison on.
+    /// Fresh quadratics (128 × 10-d each) to report the comparison on (runs on quadratics
+    /// only; for other families the run prints the `l2l-worker eval` command to use).
     #[arg(long, default_value_t = 16)]
     pub eval_problems: usize,
     /// The data of mlp and conv problem families: MNIST-format IDX files or CIFAR-10
@@ -255,12 +256,15 @@ pub async fn run(args: Local) -> Result<LocalOutcome> {
         println!("{report}");
         Some(report)
     } else {
-        let problem = config.problems[0].spec()?;
-        println!(
-            "compare it with tuned SGD, RMSprop, Adam and NAG: l2l-worker eval --phi {} --problem {problem} --data {} --out eval",
-            phi_path.display(),
-            args.data.display()
-        );
+        for family in &config.problems {
+            let problem = family.spec()?;
+            println!(
+                "compare it with tuned SGD, RMSprop, Adam and NAG: l2l-worker eval --phi {} --problem {problem} --data {} --out eval/{}",
+                phi_path.display(),
+                args.data.display(),
+                problem.name()
+            );
+        }
         None
     };
     Ok(LocalOutcome {

@@ -165,6 +165,11 @@ pub fn run(a: Bench) -> Result<()> {
 /// `bench --problem`: one truncation of an instance of `spec` per backend, beside the
 /// time of the optimizee's own T + 1 evaluations (what the fused path calls).
 fn run_problem(a: Bench, spec: ProblemSpec) -> Result<()> {
+    if a.json || a.preprocess.len() > 1 {
+        bail!(
+            "--problem prints one table for one preprocessing: leave out --json and give at most one --preprocess"
+        );
+    }
     let backends = if a.backend.is_empty() {
         vec![Backend::Fused]
     } else {

@@ -25,14 +25,16 @@ use crate::plot::{Series, plot_curves};
 /// Arguments of `eval`.
 #[derive(Debug, Args)]
 pub struct EvalArgs {
-    /// The learned optimizer φ: an l2l-lstm/1 file, or a coordinator checkpoint.
+    /// The learned optimizer φ: an l2l-lstm/1 file, or a coordinator checkpoint; with the
+    /// problem's parameter groups (spec §5: `conv` needs `conv,fc` unless `lstms=1`).
     #[arg(long)]
     phi: PathBuf,
-    /// The problem: quadratic, mlp, or a variant such as mlp:hidden=40,
-    /// mlp:hidden=20x20, mlp:act=relu.
+    /// The problem: quadratic, mlp, conv, or a variant such as mlp:hidden=40,
+    /// mlp:hidden=20x20, mlp:act=relu, conv:labels=5-9, conv:lstms=1.
     #[arg(long, default_value = "quadratic")]
     problem: ProblemSpec,
-    /// MNIST-format IDX files (plain or .gz) for mlp problems.
+    /// The data of mlp and conv problems: MNIST-format IDX files (plain or .gz) or
+    /// CIFAR-10 binary files.
     #[arg(long, env = "L2L_DATA", default_value = DEFAULT_DATA)]
     data: PathBuf,
     /// Optimizee steps per run.

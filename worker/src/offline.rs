@@ -140,7 +140,7 @@ pub struct MetaGradArgs {
     #[arg(long, value_name = "FAMILY[:PARAMS]", requires = "seed")]
     instance: Option<ProblemSpec>,
     /// The instance's seed (with --instance).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "problem")]
     seed: Option<u64>,
     /// The data set of --instance (MNIST-format IDX or CIFAR-10 binary files; the
     /// training split is used).

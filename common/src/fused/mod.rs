@@ -193,7 +193,8 @@ fn run(
     // ∂L/∂u = 0, so it contributes nothing to the gradient and is dropped at the end.
     let blocks = block;
     let n_pad = blocks * LANES;
-    // With one group the padded layout is θ itself (plus a tail), so no copies are made.
+    // With one group the padded layout is θ itself plus a tail, so the problem reads it in
+    // place at every step (θ is copied in and out once per truncation).
     let single = segments.len() == 1;
     let pad_of = |k: usize| -> usize {
         let s = segments

@@ -30,7 +30,7 @@ fn files(dir: &Path, split: Split) -> Vec<PathBuf> {
     }
 }
 
-/// Whether `dir` holds CIFAR-10 binary files (its first training batch).
+/// Whether `dir` holds CIFAR-10 binary files (its first training batch or its test batch).
 pub fn is_cifar_dir(dir: &Path) -> bool {
     dir.join("data_batch_1.bin").is_file() || dir.join("test_batch.bin").is_file()
 }
@@ -38,6 +38,12 @@ pub fn is_cifar_dir(dir: &Path) -> bool {
 /// Parses one file's records, appending them; refuses a length that is not a whole
 /// number of records and labels outside 0..=9.
 pub fn parse(path: &Path, bytes: &[u8], out: &mut Dataset) -> Result<(), Error> {
+    if out.shape != [3, 32, 32] || out.pixels != PIXELS {
+        return Err(Error::Shape(format!(
+            "CIFAR-10 records are 3×32×32 images; the data set holds {:?}",
+            out.shape
+        )));
+    }
     if bytes.is_empty() || !bytes.len().is_multiple_of(RECORD) {
         return Err(Error::format(
             path,

@@ -152,14 +152,18 @@ impl ConvSpec {
                 "batch 1: batch normalisation with batch statistics needs at least 2".into(),
             ));
         }
-        // A generous bound before any data is seen (CIFAR-10's 3 channels).
-        let weights = c.num_params_for([3, 32, 32]) as u128;
-        if weights > MAX_VALUES as u128 || c.channels > 4096 || c.hidden > 1 << 16 {
+        // A bound before any data is seen (CIFAR-10's images); the data's own shape is
+        // checked when an instance is made.
+        if c.channels > 4096 || c.hidden > 1 << 16 {
             return Err(params.bad(format!(
                 "channels {} and hidden {}: too large",
                 c.channels, c.hidden
             )));
         }
+        c.check_images([3, 32, 32]).map_err(|e| match e {
+            Error::Config(why) => params.bad(why),
+            other => other,
+        })?;
         Ok(c)
     }
 
@@ -211,6 +215,18 @@ impl ConvSpec {
         if n > MAX_VALUES as u128 {
             return Err(Error::Config(format!(
                 "conv: {n} weights for {c}×{h}×{w} images; at most {MAX_VALUES}"
+            )));
+        }
+        // What one step holds: each block's activations for the whole minibatch, and one
+        // image's patches per thread.
+        let pixels = h as u128 * w as u128;
+        let activations = self.batch as u128 * c.max(self.channels) as u128 * pixels;
+        let patches = c.max(self.channels) as u128 * TAPS as u128 * pixels;
+        if activations > MAX_VALUES as u128 || patches > MAX_VALUES as u128 {
+            return Err(Error::Config(format!(
+                "conv: a minibatch of {} images of {c}×{h}×{w} needs {activations} values per \
+                 layer; at most {MAX_VALUES}: use a smaller batch or smaller images",
+                self.batch
             )));
         }
         Ok(())
@@ -322,6 +338,18 @@ impl Conv {
     /// step); refuses images the network cannot take and a label subset with no examples.
     pub fn new(spec: ConvSpec, data: Arc<Dataset>, seed: u64) -> Result<Self, Error> {
         spec.check_images(data.shape)?;
+        if data.pixels != data.shape.iter().product::<usize>()
+            || data.images.len() != data.len() * data.pixels
+        {
+            return Err(Error::Shape(format!(
+                "conv: a data set of {} labels, {} bytes and {} pixels per image does not \
+                 hold images of shape {:?}",
+                data.len(),
+                data.images.len(),
+                data.pixels,
+                data.shape
+            )));
+        }
         let eligible: Vec<u32> = (0..data.len() as u32)
             .filter(|i| spec.labels.contains(&data.labels[*i as usize]))
             .collect();
@@ -369,8 +397,15 @@ impl Conv {
     }
 
     /// f_t(θ) and ∇f_t(θ) (written into `grad`), in f32 or f64.
+    ///
+    /// Panics unless `theta` and `grad` have N values (a caller's bug, not input).
     pub fn loss_grad<T: Real>(&self, theta: &[T], step: usize, grad: &mut [T]) -> T {
         let s = &self.shapes;
+        assert!(
+            theta.len() == s.total && grad.len() == s.total,
+            "conv: θ and its gradient need {} values",
+            s.total
+        );
         let idx = self.batch(step);
         let rows = idx.len();
         let to = |v: f32| T::from(v).unwrap_or_else(T::zero);

@@ -32,7 +32,7 @@ impl Conv {
     }
 }
 
-/// Batch normalisation with batch statistics over every dimension but `keep` (biased
+/// Batch normalisation with batch statistics, averaged over the dimensions `dims` (biased
 /// variance, no scale or shift).
 fn normalise<const D: usize>(z: Tensor<D>, dims: &[usize]) -> Tensor<D> {
     let mean = dims.iter().fold(z.clone(), |t, d| t.mean_dim(*d));

@@ -27,7 +27,22 @@ pub trait Real: Float + Send + Sync + std::fmt::Debug + 'static {
 
 /// Whether a `rows×cols` matrix with strides `s` fits in `len` elements.
 fn fits(rows: usize, cols: usize, s: (usize, usize), len: usize) -> bool {
-    rows == 0 || cols == 0 || (rows - 1) * s.0 + (cols - 1) * s.1 < len
+    rows == 0
+        || cols == 0
+        || (rows - 1)
+            .checked_mul(s.0)
+            .zip((cols - 1).checked_mul(s.1))
+            .and_then(|(a, b)| a.checked_add(b))
+            .is_some_and(|last| last < len)
+}
+
+/// Whether distinct elements of a `rows×cols` matrix with strides `s` are distinct in
+/// memory (row-major or column-major blocks; what an output matrix needs).
+fn distinct(rows: usize, cols: usize, s: (usize, usize)) -> bool {
+    rows <= 1 && (cols <= 1 || s.1 >= 1)
+        || cols <= 1 && s.0 >= 1
+        || s.1 >= 1 && s.0 >= cols.saturating_mul(s.1)
+        || s.0 >= 1 && s.1 >= rows.saturating_mul(s.0)
 }
 
 macro_rules! real {
@@ -48,6 +63,10 @@ macro_rules! real {
                 assert!(
                     fits(m, k, sa, a.len()) && fits(k, n, sb, b.len()) && fits(m, n, sc, c.len()),
                     "gemm {m}×{k}×{n} outside its slices"
+                );
+                assert!(
+                    distinct(m, n, sc),
+                    "gemm: C's strides {sc:?} alias its elements"
                 );
                 if m == 0 || n == 0 {
                     return;
@@ -96,6 +115,42 @@ mod tests {
         let (a32, b32) = (a.map(|v| v as f32), bt.map(|v| v as f32));
         f32::gemm(2, 3, 2, &a32, (3, 1), &b32, (1, 3), 0.0, &mut c32, (2, 1));
         assert_eq!(c32, [58.0, 64.0, 139.0, 154.0]);
+    }
+
+    #[test]
+    #[should_panic(expected = "alias")]
+    fn an_output_whose_strides_alias_is_refused() {
+        let mut c = [0f32; 4];
+        f32::gemm(
+            2,
+            1,
+            2,
+            &[1.0; 2],
+            (1, 1),
+            &[1.0; 2],
+            (2, 1),
+            0.0,
+            &mut c,
+            (1, 1),
+        );
+    }
+
+    #[test]
+    #[should_panic(expected = "outside its slices")]
+    fn strides_that_overflow_are_refused() {
+        let mut c = [0f32; 4];
+        f32::gemm(
+            2,
+            1,
+            2,
+            &[1.0; 2],
+            (usize::MAX, 1),
+            &[1.0; 2],
+            (2, 1),
+            0.0,
+            &mut c,
+            (2, 1),
+        );
     }
 
     #[test]

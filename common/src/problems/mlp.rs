@@ -195,6 +195,13 @@ impl Mlp {
         if data.is_empty() {
             return Err(Error::Config("the mlp's data set has no examples".into()));
         }
+        let weights = spec.num_params(data.pixels);
+        if weights > MAX_VALUES {
+            return Err(Error::Config(format!(
+                "mlp: {weights} weights for images of {} pixels; at most {MAX_VALUES}",
+                data.pixels
+            )));
+        }
         let mut rng = Rng::new(seed);
         let theta0 = (0..spec.num_params(data.pixels))
             .map(|_| (0.01 * rng.normal()) as f32)

@@ -102,7 +102,8 @@ impl<'a> Params<'a> {
 }
 
 /// A problem family with its hyper-parameters: the registry of families. Written on the
-/// command line as `quadratic`, `mlp`, `mlp:hidden=40`, `mlp:hidden=20x20,act=relu`, …
+/// command line as `quadratic`, `mlp`, `mlp:hidden=40`, `mlp:hidden=20x20,act=relu`,
+/// `conv`, `conv:labels=0-4`, …
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ProblemSpec {
     /// B quadratics of d dimensions (spec §3.1).

@@ -152,7 +152,9 @@ fn impossible_sizes_and_empty_subsets_are_refused_with_the_reason() {
         ("lstms=3", "lstms"),
         ("kernel=3", "unknown"),
         ("channels=0", "count"),
-        ("channels=4000,hidden=60000", "too large"),
+        ("channels=4000,hidden=60000", "weights"),
+        ("channels=5000", "too large"),
+        ("batch=1000000", "smaller batch"),
     ] {
         let e = parse(s).unwrap_err().to_string();
         assert!(e.contains(why), "{s}: {e}");
