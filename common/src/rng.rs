@@ -29,6 +29,14 @@ impl Rng {
         Self { state: seed }
     }
 
+    /// The stream of step `step` of an instance of `seed` in a family's `domain` (a
+    /// constant per family): a hashed start per (seed, step), so consecutive steps'
+    /// streams do not overlap (SplitMix64 streams from nearby states would).
+    pub fn for_step(seed: u64, domain: u64, step: usize) -> Self {
+        let base = Rng::new(seed ^ domain).next_u64();
+        Rng::new(Rng::new(base ^ step as u64).next_u64())
+    }
+
     /// The generator's state, enough to resume its sequence with [`Rng::from_state`].
     pub fn state(&self) -> u64 {
         self.state

@@ -220,8 +220,8 @@ fn local_meta_trains_a_two_group_phi_resumes_it_and_eval_compares_it() {
     )
     .unwrap();
     let run = dir.path().join("run");
-    let local = |updates: &str| {
-        coordinator(&[
+    let local = |dir: &Path, updates: &str, more: &[&str]| {
+        let mut args = vec![
             "local",
             "--workers",
             "1",
@@ -230,12 +230,14 @@ fn local_meta_trains_a_two_group_phi_resumes_it_and_eval_compares_it() {
             "--data",
             s(&data),
             "--dir",
-            s(&run),
+            s(dir),
             "--max-updates",
             updates,
-        ])
+        ];
+        args.extend(more);
+        coordinator(&args)
     };
-    let o = local("6");
+    let o = local(&run, "6", &[]);
     let (stdout, stderr) = text(&o);
     assert!(o.status.success(), "{stderr}");
     assert!(
@@ -260,7 +262,7 @@ fn local_meta_trains_a_two_group_phi_resumes_it_and_eval_compares_it() {
         assert_ne!(p.flatten(), q.flatten());
     }
     // The same command with a later stop resumes from the checkpoint.
-    let o = local("8");
+    let o = local(&run, "8", &[]);
     let (_, stderr) = text(&o);
     assert!(o.status.success(), "{stderr}");
     let (_, snap) = checkpoint::load_newest(&run).unwrap().unwrap();
@@ -269,21 +271,7 @@ fn local_meta_trains_a_two_group_phi_resumes_it_and_eval_compares_it() {
     // A run directory of another kind of φ is refused: a one-group init.phi for conv.
     let one = dir.path().join("one");
     init_phi(&one, None);
-    let o = coordinator(&[
-        "local",
-        "--workers",
-        "1",
-        "--config",
-        s(&recipe),
-        "--data",
-        s(&data),
-        "--dir",
-        s(&dir.path().join("other")),
-        "--max-updates",
-        "2",
-        "--init-phi",
-        s(&one),
-    ]);
+    let o = local(&dir.path().join("other"), "2", &["--init-phi", s(&one)]);
     let (_, stderr) = text(&o);
     assert!(
         !o.status.success() && !stderr.contains("panicked"),

@@ -387,9 +387,7 @@ impl Conv {
     /// Indices of step `step`'s minibatch, uniform with replacement over the examples
     /// with the subset's labels.
     pub fn batch(&self, step: usize) -> Vec<usize> {
-        let domain = Rng::new(self.seed ^ 0x636f_6e76_5f62_6174).next_u64();
-        let start = Rng::new(domain ^ step as u64).next_u64();
-        let mut rng = Rng::new(start);
+        let mut rng = Rng::for_step(self.seed, 0x636f_6e76_5f62_6174, step);
         let n = self.eligible.len() as u64;
         (0..self.spec.batch)
             .map(|_| self.eligible[rng.below(n) as usize] as usize)

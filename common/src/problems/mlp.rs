@@ -216,11 +216,7 @@ impl Mlp {
 
     /// Indices of step `step`'s minibatch, uniform with replacement.
     pub fn batch(&self, step: usize) -> Vec<usize> {
-        // A stream per (seed, step) from a hashed start, so consecutive steps' streams
-        // do not overlap (SplitMix64 streams from nearby states would).
-        let domain = Rng::new(self.seed ^ 0x6d6c_705f_6261_7463).next_u64();
-        let start = Rng::new(domain ^ step as u64).next_u64();
-        let mut rng = Rng::new(start);
+        let mut rng = Rng::for_step(self.seed, 0x6d6c_705f_6261_7463, step);
         let n = self.data.len() as u64;
         (0..self.spec.batch)
             .map(|_| rng.below(n) as usize)
