@@ -396,6 +396,102 @@ fn eval_writes_a_table_csvs_and_a_png() {
     );
 }
 
+/// `--lr` fixes a baseline's rate instead of tuning it (the table shows that rate, which
+/// no tuning grid holds), the others are still tuned, and bad rates are refused.
+#[test]
+fn eval_uses_given_rates_and_refuses_bad_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let phi = dir.path().join("phi");
+    let out = worker(&[
+        "init-phi",
+        "--preprocess",
+        "log_sign",
+        "--seed",
+        "1",
+        "--out",
+        s(&phi),
+    ]);
+    assert!(out.status.success(), "{:?}", text(&out));
+    let eval = |extra: &[&str], out_dir: &Path| {
+        let mut args = vec![
+            "eval",
+            "--phi",
+            s(&phi),
+            "--problem",
+            "quadratic:batch=4",
+            "--steps",
+            "10",
+            "--runs",
+            "2",
+            "--tune-runs",
+            "2",
+            "--grid-lo",
+            "-4",
+            "--grid-hi",
+            "0",
+            "--grid-points",
+            "5",
+            "--refine",
+            "1",
+            "--out",
+            s(out_dir),
+        ];
+        args.extend_from_slice(extra);
+        worker(&args)
+    };
+    let out_dir = dir.path().join("given");
+    let out = eval(&["--baselines", "sgd,nag", "--lr", "sgd=0.123"], &out_dir);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stdout.contains("the rates of sgd given (--lr), the others tuned on 2 other problems"),
+        "{stdout}"
+    );
+    let row = |name: &str| {
+        stdout
+            .lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("no {name} row in\n{stdout}"))
+            .split_whitespace()
+            .nth(1)
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(row("sgd"), "0.123");
+    // NAG is tuned: its rate is one of the grid's (1e-4, 1e-3, …, 1).
+    let nag: f64 = row("nag").parse().unwrap();
+    assert!(
+        (0..5).any(|k| (nag.log10() - (k as f64 - 4.0)).abs() < 1e-6),
+        "nag {nag}"
+    );
+    let summary = std::fs::read_to_string(out_dir.join("summary.csv")).unwrap();
+    assert!(
+        summary.lines().any(|l| l.starts_with("sgd,0.123,")),
+        "{summary}"
+    );
+
+    for (extra, says) in [
+        (&["--lr", "sgd=-1"][..], "positive and finite"),
+        (&["--lr", "sgd=fast"][..], "is not a number"),
+        (&["--lr", "momentum=0.1"][..], "unknown baseline"),
+        (&["--lr", "sgd"][..], "BASELINE=RATE"),
+        (
+            &["--baselines", "sgd", "--lr", "nag=0.1"][..],
+            "not among --baselines",
+        ),
+        (&["--lr", "sgd=0.1,sgd=0.2"][..], "two rates"),
+    ] {
+        let bad = dir.path().join("bad");
+        let out = eval(extra, &bad);
+        let (_, stderr) = text(&out);
+        assert!(
+            !out.status.success() && stderr.contains(says),
+            "{extra:?}: {stderr}"
+        );
+        assert!(!bad.exists(), "{extra:?}: wrote {}", bad.display());
+    }
+}
+
 /// The shipped optimizers: each loads as the spec's φ, and the quadratic one beats
 /// SGD, RMSprop, Adam and NAG, each tuned on a grid of 4 rates per decade, on held-out
 /// problems at every reported step (a quick version of `pretrained/eval/quadratic`).
@@ -408,6 +504,13 @@ fn the_pretrained_optimizers_load_and_the_quadratic_one_beats_tuned_baselines() 
         assert_eq!(phi.config.hidden, hidden, "{file}");
         assert!(phi.flatten().iter().all(|v| v.is_finite()), "{file}");
     }
+    // The conv optimizer has two LSTMs, for the kernels and for the rest (spec §5).
+    let conv = root.join("pretrained/conv.safetensors");
+    let spec: l2l_common::ProblemSpec = "conv".parse().unwrap();
+    let phi = l2l_common::groups::load_for(&conv, &spec)
+        .unwrap_or_else(|e| panic!("pretrained/conv.safetensors: {e}"));
+    assert_eq!(phi.names(), Some(vec!["conv", "fc"]));
+    assert!(phi.flatten().iter().all(|v| v.is_finite()));
     let dir = tempfile::tempdir().unwrap();
     let out = worker(&[
         "eval",

@@ -65,6 +65,11 @@ pub struct EvalArgs {
     /// Baselines to compare with.
     #[arg(long, value_delimiter = ',', default_value = "sgd,rmsprop,adam,nag")]
     baselines: Vec<Baseline>,
+    /// Fixed learning rates instead of tuning, e.g. `adam=0.01,nag=0.0316` (another
+    /// evaluation's rates on the same problem, to compare several φ against the same
+    /// baselines without tuning again); the baselines not named are tuned.
+    #[arg(long = "lr", value_delimiter = ',', value_parser = parse_fixed_rate)]
+    lr: Vec<(Baseline, f64)>,
     /// Seed of the problem sets.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -165,6 +170,17 @@ pub fn run(a: EvalArgs) -> Result<()> {
     if let Some(t) = at.iter().find(|t| **t > a.steps) {
         bail!("--at {t} is beyond --steps {}", a.steps);
     }
+    for (i, (b, _)) in a.lr.iter().enumerate() {
+        if !a.baselines.contains(b) {
+            bail!(
+                "--lr gives a rate for {}, which is not among --baselines; add it there or drop its rate",
+                b.name()
+            );
+        }
+        if a.lr[..i].iter().any(|(c, _)| c == b) {
+            bail!("--lr gives {} two rates; give one", b.name());
+        }
+    }
     let phi = l2l_common::groups::load_for(&a.phi, &a.problem).context("cannot load φ (--phi)")?;
     let engine = Engine::open(a.backend).with_context(|| format!("--backend {}", a.backend))?;
     eprintln!("learned optimizer on {}", engine.describe());
@@ -178,9 +194,11 @@ pub fn run(a: EvalArgs) -> Result<()> {
     std::fs::create_dir_all(&a.out)
         .with_context(|| format!("cannot create the output directory {}", a.out.display()))?;
 
-    // Tune every baseline on the tuning set.
+    // Tune every baseline on the tuning set, except those given a rate.
     let grid = log_grid(a.grid_lo, a.grid_hi, a.grid_points);
-    let progress = bar(a.baselines.len() as u64, "tuning learning rates");
+    let fixed = |b: Baseline| a.lr.iter().find(|(c, _)| *c == b).map(|(_, lr)| *lr);
+    let to_tune = a.baselines.iter().filter(|b| fixed(**b).is_none()).count();
+    let progress = bar(to_tune as u64, "tuning learning rates");
     let pairs: Vec<(&dyn HostProblem, &[f32])> = tune_set
         .iter()
         .map(|o| (o.host() as &dyn HostProblem, o.theta0()))
@@ -188,14 +206,21 @@ pub fn run(a: EvalArgs) -> Result<()> {
     let tuned: Vec<Tuned> = a
         .baselines
         .iter()
-        .map(|b| {
-            let t = tune_refined(*b, &pairs, &grid, a.steps, a.refine);
-            progress.inc(1);
-            t
+        .map(|b| match fixed(*b) {
+            Some(lr) => Tuned {
+                baseline: *b,
+                lr,
+                final_loss: f64::NAN,
+            },
+            None => {
+                let t = tune_refined(*b, &pairs, &grid, a.steps, a.refine);
+                progress.inc(1);
+                t
+            }
         })
         .collect();
     progress.finish_and_clear();
-    for t in &tuned {
+    for t in tuned.iter().filter(|t| fixed(t.baseline).is_none()) {
         let (lo, hi) = (grid[0], grid[grid.len() - 1]);
         if grid.len() > 1 && (t.lr <= lo * 1.000001 || t.lr >= hi / 1.000001) {
             eprintln!(
@@ -245,11 +270,24 @@ pub fn run(a: EvalArgs) -> Result<()> {
     } else {
         String::new()
     };
+    let rates = if a.lr.is_empty() {
+        format!("rates tuned on {} others", a.tune_runs)
+    } else {
+        let given: Vec<&str> = a.lr.iter().map(|(b, _)| b.name()).collect();
+        let given = given.join(", ");
+        if to_tune == 0 {
+            format!("the rates of {given} given (--lr)")
+        } else {
+            format!(
+                "the rates of {given} given (--lr), the others tuned on {} other problems",
+                a.tune_runs
+            )
+        }
+    };
     let title = format!(
-        "{}: {} held-out problems, rates tuned on {} others{source}",
+        "{}: {} held-out problems, {rates}{source}",
         a.problem.name(),
         a.runs,
-        a.tune_runs
     );
     let table = render_table(&title, &all, &at, a.steps);
     print!("{table}");
@@ -287,6 +325,24 @@ pub fn run(a: EvalArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Reads one `--lr` item: `BASELINE=RATE`, the rate positive and finite.
+fn parse_fixed_rate(s: &str) -> Result<(Baseline, f64), String> {
+    let (b, lr) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: give BASELINE=RATE, e.g. nag=0.0316"))?;
+    let b: Baseline = b.trim().parse().map_err(|e| format!("{e}"))?;
+    let lr: f64 = lr
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?}: the rate {lr:?} is not a number"))?;
+    if !lr.is_finite() || lr <= 0.0 {
+        return Err(format!(
+            "{s:?}: a learning rate must be positive and finite"
+        ));
+    }
+    Ok((b, lr))
 }
 
 /// A learning rate with three significant digits.
