@@ -4,8 +4,12 @@
 use std::path::Path;
 use std::sync::OnceLock;
 
+use ab_glyph::{Font as _, FontRef, PxScale, ScaleFont as _, point};
 use anyhow::{Context, Result, anyhow, bail};
 use plotters::prelude::*;
+use plotters_backend::text_anchor::{HPos, VPos};
+// `BackendStyle` is named by path: imported, its `stroke_width` would clash with `Color`'s.
+use plotters_backend::{BackendColor, BackendCoord, BackendTextStyle, DrawingErrorKind};
 
 /// One optimizer's curve: its mean and the band drawn around it.
 pub struct Series {
@@ -28,9 +32,10 @@ const FONTS: [&str; 4] = [
     "/System/Library/Fonts/Supplemental/Arial.ttf",
 ];
 
-/// Registers a system font as plotters' "sans-serif", once.
-fn font() -> Result<()> {
-    static DONE: OnceLock<Result<(), String>> = OnceLock::new();
+/// A system font, read once; also registered as plotters' "sans-serif" (its text
+/// styles name a family, though [`Glyphs`] draws every text).
+fn font() -> Result<&'static FontRef<'static>> {
+    static DONE: OnceLock<Result<FontRef<'static>, String>> = OnceLock::new();
     DONE.get_or_init(|| {
         let candidates = std::env::var("L2L_FONT")
             .ok()
@@ -38,10 +43,13 @@ fn font() -> Result<()> {
             .chain(FONTS.iter().map(|s| s.to_string()));
         for path in candidates {
             if let Ok(bytes) = std::fs::read(&path) {
-                // plotters keeps fonts for the life of the process.
+                // Kept for the life of the process, as plotters keeps its fonts.
                 let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
-                return plotters::style::register_font("sans-serif", FontStyle::Normal, bytes)
-                    .map_err(|_| format!("{path} is not a usable TrueType font"));
+                let unusable = |_| format!("{path} is not a usable TrueType font");
+                let font = FontRef::try_from_slice(bytes).map_err(unusable)?;
+                plotters::style::register_font("sans-serif", FontStyle::Normal, bytes)
+                    .map_err(|_| format!("{path} is not a usable TrueType font"))?;
+                return Ok(font);
             }
         }
         Err(
@@ -50,8 +58,152 @@ fn font() -> Result<()> {
                 .to_string(),
         )
     })
-    .clone()
-    .map_err(|e| anyhow!(e))
+    .as_ref()
+    .map_err(|e| anyhow!(e.clone()))
+}
+
+/// plotters' bitmap with every text laid out and drawn here, from the font's metrics:
+/// plotters 0.3.7 puts each glyph's ink at the pen position without the glyph's left
+/// side bearing, which opens gaps inside words ("con v", "0. 562").
+struct Glyphs<'a> {
+    inner: BitMapBackend<'a>,
+    font: &'static FontRef<'static>,
+}
+
+impl Glyphs<'_> {
+    /// Width and height of `text` at `size` pixels, and its pen positions along the line.
+    fn layout(&self, text: &str, size: f64) -> (f32, f32, Vec<(ab_glyph::GlyphId, f32)>) {
+        let scaled = self.font.as_scaled(PxScale::from(size as f32));
+        let mut x = 0f32;
+        let mut prev = None;
+        let mut pens = Vec::with_capacity(text.len());
+        for c in text.chars() {
+            let id = scaled.glyph_id(c);
+            if let Some(p) = prev {
+                x += scaled.kern(p, id);
+            }
+            pens.push((id, x));
+            x += scaled.h_advance(id);
+            prev = Some(id);
+        }
+        (x, scaled.ascent() - scaled.descent(), pens)
+    }
+}
+
+impl DrawingBackend for Glyphs<'_> {
+    type ErrorType = <BitMapBackend<'static> as DrawingBackend>::ErrorType;
+
+    fn get_size(&self) -> (u32, u32) {
+        self.inner.get_size()
+    }
+    fn ensure_prepared(&mut self) -> Result<(), DrawingErrorKind<Self::ErrorType>> {
+        self.inner.ensure_prepared()
+    }
+    fn present(&mut self) -> Result<(), DrawingErrorKind<Self::ErrorType>> {
+        self.inner.present()
+    }
+    fn draw_pixel(
+        &mut self,
+        point: BackendCoord,
+        color: BackendColor,
+    ) -> Result<(), DrawingErrorKind<Self::ErrorType>> {
+        self.inner.draw_pixel(point, color)
+    }
+    fn draw_line<S: plotters_backend::BackendStyle>(
+        &mut self,
+        from: BackendCoord,
+        to: BackendCoord,
+        style: &S,
+    ) -> Result<(), DrawingErrorKind<Self::ErrorType>> {
+        self.inner.draw_line(from, to, style)
+    }
+    fn draw_rect<S: plotters_backend::BackendStyle>(
+        &mut self,
+        upper_left: BackendCoord,
+        bottom_right: BackendCoord,
+        style: &S,
+        fill: bool,
+    ) -> Result<(), DrawingErrorKind<Self::ErrorType>> {
+        self.inner.draw_rect(upper_left, bottom_right, style, fill)
+    }
+    fn draw_path<S: plotters_backend::BackendStyle, I: IntoIterator<Item = BackendCoord>>(
+        &mut self,
+        path: I,
+        style: &S,
+    ) -> Result<(), DrawingErrorKind<Self::ErrorType>> {
+        self.inner.draw_path(path, style)
+    }
+    fn fill_polygon<S: plotters_backend::BackendStyle, I: IntoIterator<Item = BackendCoord>>(
+        &mut self,
+        vert: I,
+        style: &S,
+    ) -> Result<(), DrawingErrorKind<Self::ErrorType>> {
+        self.inner.fill_polygon(vert, style)
+    }
+
+    fn estimate_text_size<TStyle: BackendTextStyle>(
+        &self,
+        text: &str,
+        style: &TStyle,
+    ) -> Result<(u32, u32), DrawingErrorKind<Self::ErrorType>> {
+        let (w, h, _) = self.layout(text, style.size());
+        Ok((w.ceil() as u32, h.ceil() as u32))
+    }
+
+    /// The text's box (advance width × ascent − descent) placed by its anchor, the
+    /// baseline at the ascent; each glyph's ink where its outline says, then turned by
+    /// the style's transform about `pos`.
+    fn draw_text<TStyle: BackendTextStyle>(
+        &mut self,
+        text: &str,
+        style: &TStyle,
+        pos: BackendCoord,
+    ) -> Result<(), DrawingErrorKind<Self::ErrorType>> {
+        let color = style.color();
+        if color.alpha == 0.0 {
+            return Ok(());
+        }
+        let size = style.size();
+        let (width, height, pens) = self.layout(text, size);
+        let (width, height) = (width.round() as i32, height.round() as i32);
+        let dx = match style.anchor().h_pos {
+            HPos::Left => 0,
+            HPos::Right => -width,
+            HPos::Center => -width / 2,
+        };
+        let dy = match style.anchor().v_pos {
+            VPos::Top => 0,
+            VPos::Center => -height / 2,
+            VPos::Bottom => -height,
+        };
+        let scale = PxScale::from(size as f32);
+        let ascent = self.font.as_scaled(scale).ascent();
+        let transform = style.transform();
+        let mut ink = Vec::new();
+        for (id, x) in pens {
+            let glyph = id.with_scale_and_position(scale, point(x, ascent));
+            if let Some(outline) = self.font.outline_glyph(glyph) {
+                let bounds = outline.px_bounds();
+                outline.draw(|gx, gy, coverage| {
+                    let x = bounds.min.x as i32 + gx as i32 + dx;
+                    let y = bounds.min.y as i32 + gy as i32 + dy;
+                    ink.push((x, y, coverage));
+                });
+            }
+        }
+        for (x, y, coverage) in ink {
+            let (x, y) = transform.transform(x, y);
+            let alpha = color.alpha * f64::from(coverage.clamp(0.0, 1.0));
+            if alpha > 0.0 {
+                let c = BackendColor {
+                    alpha,
+                    rgb: color.rgb,
+                };
+                self.inner.draw_pixel((pos.0 + x, pos.1 + y), c)?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Width and height of the plot in pixels.
@@ -74,7 +226,7 @@ pub fn plot_curves(path: &Path, title: &str, series: &[Series]) -> Result<()> {
 }
 
 fn draw_curves(pixels: &mut [u8], path: &Path, title: &str, series: &[Series]) -> Result<()> {
-    font()?;
+    let font = font()?;
     let steps = series
         .first()
         .map(|s| s.mean.len())
@@ -89,7 +241,11 @@ fn draw_curves(pixels: &mut [u8], path: &Path, title: &str, series: &[Series]) -
         bail!("no positive finite loss to plot");
     }
     let clamp = |v: f64| if v.is_finite() { v.clamp(lo, hi) } else { hi };
-    let root = BitMapBackend::with_buffer(pixels, SIZE).into_drawing_area();
+    let root = Glyphs {
+        inner: BitMapBackend::with_buffer(pixels, SIZE),
+        font,
+    }
+    .into_drawing_area();
     let draw = |e: &dyn std::fmt::Display| anyhow!("cannot draw {}: {e}", path.display());
     root.fill(&WHITE).map_err(|e| draw(&e))?;
     let mut chart = ChartBuilder::on(&root)
@@ -142,4 +298,59 @@ fn draw_curves(pixels: &mut [u8], path: &Path, title: &str, series: &[Series]) -
         .map_err(|e| draw(&e))?;
     root.present().map_err(|e| draw(&e))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const W: usize = 300;
+    const H: usize = 100;
+
+    /// Which columns of `text`, drawn in black at (10, 10) anchored top left, have ink.
+    fn inked_columns(text: &str, size: f64) -> Vec<bool> {
+        let mut px = vec![255u8; W * H * 3];
+        {
+            let mut b = Glyphs {
+                inner: BitMapBackend::with_buffer(&mut px, (W as u32, H as u32)),
+                font: font().expect("a font (fonts-dejavu-core, or L2L_FONT)"),
+            };
+            let style = TextStyle::from(("sans-serif", size).into_font()).color(&BLACK);
+            b.draw_text(text, &style, (10, 10)).unwrap();
+            b.present().unwrap();
+        }
+        (0..W)
+            .map(|x| (0..H).any(|y| px[(y * W + x) * 3] < 128))
+            .collect()
+    }
+
+    /// Each glyph's ink starts at its pen position plus its left side bearing (from the
+    /// font's metrics table), which plotters' own text drawing leaves out.
+    #[test]
+    fn glyphs_keep_their_side_bearings() {
+        let font = font().unwrap();
+        let size = 40.0;
+        let scaled = font.as_scaled(PxScale::from(size as f32));
+        let (v, n) = (scaled.glyph_id('v'), scaled.glyph_id('n'));
+        let bearing = scaled.h_side_bearing(n);
+        assert!(bearing > 2.0, "n's bearing {bearing}: too small to tell");
+
+        let ink = inked_columns("n", size);
+        let first = ink.iter().position(|i| *i).unwrap() as f32;
+        assert!(
+            (first - (10.0 + bearing)).abs() <= 1.0,
+            "n's ink at {first}, bearing {bearing}"
+        );
+
+        // The n of "vn": its pen is after v's advance and the pair's kerning; its ink is
+        // the first after the blank columns that follow v's.
+        let pen = 10.0 + scaled.h_advance(v) + scaled.kern(v, n);
+        let ink = inked_columns("vn", size);
+        let v_end = (10..W).find(|x| ink[*x - 1] && !ink[*x]).unwrap();
+        let n_start = (v_end..W).find(|x| ink[*x]).unwrap() as f32;
+        assert!(
+            (n_start - (pen + bearing)).abs() <= 1.0,
+            "vn's n at {n_start}, pen {pen}, bearing {bearing}"
+        );
+    }
 }
