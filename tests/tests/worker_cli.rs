@@ -376,6 +376,39 @@ fn eval_writes_a_table_csvs_and_a_png() {
         );
         // IHDR: width and height, big-endian, at bytes 16..24.
         assert_eq!(&png[16..24], &[0, 0, 3, 232, 0, 0, 2, 138], "1000 × 650");
+        // `plot` draws the same picture again from summary.csv and table.txt alone.
+        std::fs::remove_file(out_dir.join("loss.png")).unwrap();
+        let out = worker(&["plot", s(&out_dir)]);
+        assert!(out.status.success(), "{problem}: {:?}", text(&out));
+        assert!(
+            std::fs::read(out_dir.join("loss.png")).unwrap() == png,
+            "{problem}: plot's picture differs from eval's"
+        );
+    }
+    // A summary that is not eval's is refused, naming the line, and nothing is drawn.
+    let bad = dir.path().join("bad-summary");
+    std::fs::create_dir(&bad).unwrap();
+    std::fs::write(bad.join("table.txt"), "quadratic: 3 held-out problems\n").unwrap();
+    for (summary, says) in [
+        ("optimizer,lr,step,mean\n", "not an eval summary"),
+        (
+            "optimizer,lr,step,mean,std,p10,p90\nsgd,0.1,1,1,0,1,1\n",
+            "line 2: sgd's curve does not start at step 0",
+        ),
+        (
+            "optimizer,lr,step,mean,std,p10,p90\nsgd,0.1,0,1,0,x,1\n",
+            "line 2: \"x\" is not a number",
+        ),
+        ("optimizer,lr,step,mean,std,p10,p90\n", "no curves"),
+    ] {
+        std::fs::write(bad.join("summary.csv"), summary).unwrap();
+        let out = worker(&["plot", s(&bad)]);
+        let (_, stderr) = text(&out);
+        assert!(
+            !out.status.success() && stderr.contains(says),
+            "{summary:?}: {stderr}"
+        );
+        assert!(!bad.join("loss.png").exists());
     }
     // A data directory without the files is refused with what to do.
     let out = worker(&[

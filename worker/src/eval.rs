@@ -296,10 +296,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
     let series: Vec<Series> = all
         .iter()
         .map(|(r, s)| Series {
-            name: match r.lr {
-                Some(lr) => format!("{} (lr {})", r.name, rate(lr)),
-                None => r.name.clone(),
-            },
+            name: legend(&r.name, r.lr),
             mean: s.mean.clone(),
             low: s.p10.clone(),
             high: s.p90.clone(),
@@ -325,6 +322,135 @@ pub fn run(a: EvalArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// An optimizer's line in the plot's legend: its name and rate.
+fn legend(name: &str, lr: Option<f64>) -> String {
+    match lr {
+        Some(lr) => format!("{name} (lr {})", rate(lr)),
+        None => name.to_string(),
+    }
+}
+
+/// Arguments of `plot`.
+#[derive(Debug, Args)]
+pub struct PlotArgs {
+    /// An `eval` output directory: its summary.csv and table.txt are read, its loss.png
+    /// written again.
+    dir: PathBuf,
+}
+
+/// The largest summary.csv or table.txt `plot` reads (an evaluation's summary is about
+/// 30 KB per optimizer and 100 steps).
+const MAX_EVAL_FILE: u64 = 64 << 20;
+
+/// Redraws an evaluation's loss.png from its summary.csv, the title from its table.txt.
+pub fn replot(a: PlotArgs) -> Result<()> {
+    let read = |name: &str| -> Result<String> {
+        use std::io::Read as _;
+        let path = a.dir.join(name);
+        let file = std::fs::File::open(&path).with_context(|| {
+            format!(
+                "cannot open {} (give a directory `eval --out` wrote)",
+                path.display()
+            )
+        })?;
+        let mut text = String::new();
+        file.take(MAX_EVAL_FILE + 1)
+            .read_to_string(&mut text)
+            .with_context(|| format!("cannot read {} as text", path.display()))?;
+        if text.len() as u64 > MAX_EVAL_FILE {
+            bail!(
+                "{} is larger than {MAX_EVAL_FILE} bytes: not an eval output",
+                path.display()
+            );
+        }
+        Ok(text)
+    };
+    let summary = read("summary.csv")?;
+    let table = read("table.txt")?;
+    let series = parse_summary(&summary)
+        .with_context(|| format!("{}", a.dir.join("summary.csv").display()))?;
+    let title = table
+        .lines()
+        .next()
+        .and_then(|l| l.split_once(':'))
+        .map(|(name, _)| name.trim())
+        .filter(|name| !name.is_empty())
+        .with_context(|| {
+            format!(
+                "{}: the first line does not start with the problem's name and a colon",
+                a.dir.join("table.txt").display()
+            )
+        })?;
+    let png = a.dir.join("loss.png");
+    plot_curves(&png, title, &series)?;
+    println!("wrote {}", png.display());
+    Ok(())
+}
+
+/// The curves of a summary.csv as `eval` writes it: one series per optimizer, its steps
+/// 0, 1, … in order.
+fn parse_summary(text: &str) -> Result<Vec<Series>> {
+    const HEADER: &str = "optimizer,lr,step,mean,std,p10,p90";
+    let mut lines = text.lines();
+    if lines.next() != Some(HEADER) {
+        bail!("not an eval summary: its first line is not {HEADER}");
+    }
+    let mut series: Vec<Series> = Vec::new();
+    let mut current: Option<(String, Option<f64>)> = None;
+    for (i, line) in lines.enumerate() {
+        let at = || format!("line {}", i + 2);
+        let f: Vec<&str> = line.split(',').collect();
+        if f.len() != 7 {
+            bail!("{}: {} fields, expected 7 ({HEADER})", at(), f.len());
+        }
+        let num = |k: usize| -> Result<f64> {
+            f[k].parse::<f64>()
+                .with_context(|| format!("{}: {:?} is not a number", at(), f[k]))
+        };
+        let lr = if f[1].is_empty() { None } else { Some(num(1)?) };
+        let step: usize = f[2]
+            .parse()
+            .with_context(|| format!("{}: step {:?} is not a whole number", at(), f[2]))?;
+        let key = (f[0].to_string(), lr);
+        if step == 0 {
+            series.push(Series {
+                name: legend(&key.0, lr),
+                mean: Vec::new(),
+                low: Vec::new(),
+                high: Vec::new(),
+            });
+            current = Some(key);
+        } else if current.as_ref() != Some(&key) {
+            bail!("{}: {}'s curve does not start at step 0", at(), f[0]);
+        }
+        let s = series.last_mut().expect("a series was started at step 0");
+        if step != s.mean.len() {
+            bail!(
+                "{}: step {step} of {}, expected step {}",
+                at(),
+                f[0],
+                s.mean.len()
+            );
+        }
+        s.mean.push(num(3)?);
+        s.low.push(num(5)?);
+        s.high.push(num(6)?);
+    }
+    let Some(first) = series.first() else {
+        bail!("no curves in it");
+    };
+    if let Some(s) = series.iter().find(|s| s.mean.len() != first.mean.len()) {
+        bail!(
+            "{} has {} steps, {} has {}",
+            s.name,
+            s.mean.len(),
+            first.name,
+            first.mean.len()
+        );
+    }
+    Ok(series)
 }
 
 /// Reads one `--lr` item: `BASELINE=RATE`, the rate positive and finite.

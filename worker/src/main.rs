@@ -2,7 +2,7 @@
 //!
 //! Offline commands: `init-phi` makes a fresh φ, `gen-problem` a quadratic problem file,
 //! `meta-grad` one truncation's meta-gradient, `bench` times the unroll, `eval` compares
-//! a learned optimizer with tuned hand-designed ones.
+//! a learned optimizer with tuned hand-designed ones, `plot` redraws its picture.
 
 mod bench;
 mod eval;
@@ -56,6 +56,9 @@ enum Command {
     /// Evaluates a learned optimizer against SGD, RMSprop, Adam and NAG with tuned
     /// learning rates on held-out problems; prints a table, writes CSV curves and a PNG.
     Eval(eval::EvalArgs),
+    /// Redraws an evaluation's loss.png from its summary.csv and table.txt, without
+    /// running it again.
+    Plot(eval::PlotArgs),
     /// Joins a coordinator and computes meta-gradients until its run is finished or
     /// SIGTERM/SIGINT arrives; reconnects by itself when the coordinator restarts.
     Run(run_command::RunArgs),
@@ -69,6 +72,7 @@ fn main() -> ExitCode {
         Command::MetaGrad(a) => offline::meta_grad(a),
         Command::Bench(a) => bench::run(a),
         Command::Eval(a) => eval::run(a),
+        Command::Plot(a) => eval::replot(a),
         Command::Run(a) => run_command::run(a),
     };
     match result {
