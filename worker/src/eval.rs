@@ -263,8 +263,14 @@ pub fn run(a: EvalArgs) -> Result<()> {
 
     let all: Vec<(&Row, Stats)> = rows.iter().map(|r| (r, stats(&r.curves))).collect();
     let source = if a.problem.needs_data() {
+        // With every rate given (--lr), nothing was tuned: do not say where.
+        let tuned = if to_tune > 0 {
+            "; rates tuned on the training split"
+        } else {
+            ""
+        };
         format!(
-            " (minibatches from the test split of {}; rates tuned on the training split)",
+            " (minibatches from the test split of {}{tuned})",
             a.data.display()
         )
     } else {
