@@ -14,7 +14,7 @@ use crate::fused::{self, HostCarry};
 use crate::groups::AnyPhi;
 use crate::lstm::Lstms;
 use crate::problems::{DeviceData, Optimizee, Problem};
-use crate::truncation::Truncation;
+use crate::truncation::{Forward, Truncation};
 use crate::unroll::{self, DeviceCarry};
 use crate::{Error, LstmState, OptimizerConfig, eval};
 
@@ -193,6 +193,45 @@ impl Engine {
                 let run = std::panic::AssertUnwindSafe(|| match weights {
                     None => unroll::meta_grad(&lstm, problem.as_ref(), carry, start, steps),
                     Some(w) => unroll::meta_grad_weighted(&lstm, problem.as_ref(), carry, start, w),
+                });
+                let out = std::panic::catch_unwind(run).map_err(|p| {
+                    Error::Backend(format!(
+                        "the {} device failed: {}",
+                        self.backend,
+                        panic_text(&*p)
+                    ))
+                })??;
+                Ok(out.map_carry(Carry::Device))
+            }
+            _ => Err(Error::Config(
+                "a trajectory's state and instance must come from the engine that runs it".into(),
+            )),
+        }
+    }
+
+    /// The truncation of [`Engine::truncation`] run forward only: its losses, meta-loss
+    /// and carry, without the meta-gradient (for the forward-only estimators, PES).
+    pub fn forward(
+        &self,
+        phi: &AnyPhi,
+        p: &Loaded,
+        carry: Carry,
+        start: usize,
+        steps: usize,
+        weights: Option<&[f32]>,
+    ) -> Result<Forward<Carry>, Error> {
+        match (carry, &self.device, &p.device) {
+            (Carry::Host(carry), None, _) => {
+                let out = fused::forward(phi, p.optimizee.host(), carry, start, steps, weights)?;
+                Ok(out.map_carry(Carry::Host))
+            }
+            (Carry::Device(carry), Some(dev), Some(problem)) => {
+                let n = problem.num_coords();
+                check_carry(&carry, &phi.config(), n, dev)?;
+                let groups = p.optimizee.host().groups();
+                let lstm = Lstms::new(phi, groups.as_ref(), n, dev, DType::F32)?;
+                let run = std::panic::AssertUnwindSafe(|| {
+                    unroll::forward(&lstm, problem.as_ref(), carry, start, steps, weights)
                 });
                 let out = std::panic::catch_unwind(run).map_err(|p| {
                     Error::Backend(format!(
@@ -484,6 +523,45 @@ mod tests {
             assert_eq!(a.len(), 31);
             for (x, y) in a.iter().zip(&b) {
                 assert!((x - y).abs() <= 1e-4 * x.abs(), "{x} vs {y}");
+            }
+        }
+    }
+
+    /// Forward only, the fused path gives exactly the losses, meta-loss and carry of its
+    /// meta-gradient pass (two truncations, weighted and not), and flex agrees with it.
+    #[test]
+    fn forward_only_truncations_match_the_meta_gradient_pass() {
+        let (cpu, flex) = (
+            Engine::open(Backend::Fused).unwrap(),
+            Engine::open(Backend::Flex).unwrap(),
+        );
+        for (o, weights) in cases() {
+            let phi = phi_for(&o, OptimizerConfig::new(Preprocess::LogSign));
+            let steps = weights.as_ref().map_or(5, Vec::len);
+            let w = weights.as_deref();
+            let (a, b) = (cpu.load(o.clone()), flex.load(o));
+            let (mut full, mut fwd, mut dev) = (
+                cpu.start(&phi, &a),
+                cpu.start(&phi, &a),
+                flex.start(&phi, &b),
+            );
+            for k in 0..2 {
+                let t = cpu.truncation(&phi, &a, full, k * steps, steps, w).unwrap();
+                let f = cpu.forward(&phi, &a, fwd, k * steps, steps, w).unwrap();
+                let d = flex.forward(&phi, &b, dev, k * steps, steps, w).unwrap();
+                assert_eq!(f.losses, t.losses, "truncation {k}");
+                assert_eq!(f.meta_loss, t.meta_loss);
+                let (Carry::Host(x), Carry::Host(y)) = (&f.carry, &t.carry) else {
+                    panic!("fused carries live on the host")
+                };
+                assert_eq!(x, y, "truncation {k}: the carries differ");
+                for (l, r) in d.losses.iter().zip(&f.losses) {
+                    assert!(
+                        (l - r).abs() <= 1e-3 * r.abs(),
+                        "flex {l} against fused {r}"
+                    );
+                }
+                (full, fwd, dev) = (t.carry, f.carry, d.carry);
             }
         }
     }

@@ -38,10 +38,10 @@ const HOST_CHUNK: usize = 20;
 /// f(θ_t) for t = 0 ..= steps under the learned optimizer on the host, state carried
 /// throughout; once a loss is not finite the rest of the curve is +∞.
 ///
-/// Runs the fused meta-gradient in chunks of 20 steps and keeps only its losses: the
-/// gradient work is wasted, but the losses are exactly what meta-training optimizes. A
-/// chunk that blows up is run again one step at a time, so the curve keeps every finite
-/// loss before the blow-up, as [`learned_curve`] does.
+/// Runs the fused truncation forward only ([`fused::forward`]: the losses of the
+/// meta-gradient pass, bit for bit) in chunks of 20 steps. A chunk that blows up is run
+/// again one step at a time, so the curve keeps every finite loss before the blow-up, as
+/// [`learned_curve`] does.
 pub fn host_learned_curve(
     phi: &AnyPhi,
     problem: &dyn HostProblem,
@@ -55,7 +55,7 @@ pub fn host_learned_curve(
     let mut chunk = HOST_CHUNK;
     while t < steps {
         let k = chunk.min(steps - t);
-        match fused::meta_grad(phi, problem, carry.clone(), t, k) {
+        match fused::forward(phi, problem, carry.clone(), t, k, None) {
             Ok(r) => {
                 out.extend(&r.losses);
                 carry = r.carry;

@@ -28,3 +28,26 @@ impl<C> Truncation<C> {
         }
     }
 }
+
+/// A truncation run forward only (no meta-gradient): its meta-loss, each step's loss, and
+/// where the trajectory stands after it.
+#[derive(Debug, Clone)]
+pub struct Forward<C> {
+    /// L = (1/T) Σ w_t f_t(θ_t), t = s+1 ..= s+T (w_t = 1 unless weighted).
+    pub meta_loss: f64,
+    /// f_t(θ_t) of every step.
+    pub losses: Vec<f64>,
+    /// θ and the LSTM state after the truncation.
+    pub carry: C,
+}
+
+impl<C> Forward<C> {
+    /// The same result with its carry wrapped (e.g. into [`crate::engine::Carry`]).
+    pub fn map_carry<D>(self, f: impl FnOnce(C) -> D) -> Forward<D> {
+        Forward {
+            meta_loss: self.meta_loss,
+            losses: self.losses,
+            carry: f(self.carry),
+        }
+    }
+}

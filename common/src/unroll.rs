@@ -6,7 +6,7 @@ use crate::Error;
 use crate::lstm::{LstmState, Lstms};
 use crate::problems::Problem;
 use crate::tensor::{from_f32, to_f64};
-use crate::truncation::Truncation;
+use crate::truncation::{Forward, Truncation};
 
 /// Where an optimizee trajectory stands between truncations on a device: θ_t and the
 /// LSTM state.
@@ -94,6 +94,48 @@ pub fn meta_grad_weighted(
     download(lstm, raw, Some(weights))
 }
 
+/// The truncation of [`meta_grad`] run forward only (nothing requires a gradient, so no
+/// graph is kept): the losses, the meta-loss (weighted by `weights`, T =
+/// `weights.len()`, or T = `steps`) and the carry.
+pub fn forward(
+    lstm: &Lstms,
+    problem: &dyn Problem,
+    carry: DeviceCarry,
+    start: usize,
+    steps: usize,
+    weights: Option<&[f32]>,
+) -> Result<Forward<DeviceCarry>, Error> {
+    let steps = weights.map_or(steps, <[f32]>::len);
+    if steps == 0 {
+        return Err(Error::Config("a truncation needs at least one step".into()));
+    }
+    let run = unroll(lstm, problem, carry.detach(), start, steps);
+    let losses = to_f64(&run.losses)?;
+    if let Some(t) = losses.iter().position(|l| !l.is_finite()) {
+        return Err(Error::NonFinite(format!(
+            "the optimizee's loss is {} after {} steps of the truncation; the optimizee blew up under this φ",
+            losses[t],
+            t + 1
+        )));
+    }
+    Ok(Forward {
+        meta_loss: weighted_mean(&losses, weights),
+        losses,
+        carry: run.carry.detach(),
+    })
+}
+
+/// (1/T) Σ w_t f_t over a truncation's losses (w_t = 1 without weights).
+fn weighted_mean(losses: &[f64], weights: Option<&[f32]>) -> f64 {
+    let weight = |t: usize| weights.map_or(1.0, |w| w[t] as f64);
+    losses
+        .iter()
+        .enumerate()
+        .map(|(t, l)| weight(t) * l)
+        .sum::<f64>()
+        / losses.len() as f64
+}
+
 /// Brings a meta-gradient to the host; the meta-loss is weighted as the gradient was.
 fn download(
     lstm: &Lstms,
@@ -119,13 +161,7 @@ fn download(
         )),
         other => other,
     })?;
-    let weight = |t: usize| weights.map_or(1.0, |w| w[t] as f64);
-    let meta_loss = losses
-        .iter()
-        .enumerate()
-        .map(|(t, l)| weight(t) * l)
-        .sum::<f64>()
-        / losses.len() as f64;
+    let meta_loss = weighted_mean(&losses, weights);
     Ok(Truncation {
         grad,
         meta_loss,

@@ -17,7 +17,7 @@ pub mod math;
 use rayon::prelude::*;
 
 use crate::problems::HostProblem;
-use crate::truncation::Truncation;
+use crate::truncation::{Forward, Truncation};
 use std::ops::Range;
 
 use crate::groups::AnyPhi;
@@ -89,6 +89,56 @@ pub fn meta_grad_weighted(
     )
 }
 
+/// The truncation of [`meta_grad`] run forward only: the same losses, meta-loss and
+/// carry (bitwise), without the meta-gradient, in O(N·H) memory instead of O(N·H·T).
+///
+/// `weights` as in [`meta_grad_weighted`] (T = `weights.len()`), or `None` with T =
+/// `steps`. The forward-only estimators (PES, [`crate::estimator`]) run on this.
+pub fn forward(
+    phi: &AnyPhi,
+    problem: &dyn HostProblem,
+    carry: HostCarry,
+    start: usize,
+    steps: usize,
+    weights: Option<&[f32]>,
+) -> Result<Forward<HostCarry>, Error> {
+    let steps = weights.map_or(steps, <[f32]>::len);
+    let mut records = Vec::new();
+    let out = run(
+        Pass::Forward,
+        false,
+        phi,
+        problem,
+        carry,
+        start,
+        steps,
+        weights,
+        &mut records,
+    )?;
+    Ok(Forward {
+        meta_loss: out.meta_loss,
+        losses: out.losses,
+        carry: out.carry,
+    })
+}
+
+/// Whether a truncation computes the meta-gradient or only runs forward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pass {
+    /// Forward, keeping every step's record, then backward.
+    MetaGrad,
+    /// Forward only, keeping two records (the previous step's and the current one).
+    Forward,
+}
+
+/// What [`run`] computed: the meta-gradient only in [`Pass::MetaGrad`].
+struct Ran {
+    grad: Option<AnyPhi>,
+    meta_loss: f64,
+    losses: Vec<f64>,
+    carry: HostCarry,
+}
+
 thread_local! {
     /// Step records kept between calls on this thread: a worker's truncations all have
     /// the same size, so after the first one no memory is allocated or zeroed.
@@ -113,6 +163,7 @@ pub(crate) fn meta_grad_with(
 ) -> Result<Truncation<HostCarry>, Error> {
     let mut records = RECORDS.with(|r| std::mem::take(&mut *r.borrow_mut()));
     let out = run(
+        Pass::MetaGrad,
         portable,
         phi,
         problem,
@@ -123,7 +174,16 @@ pub(crate) fn meta_grad_with(
         &mut records,
     );
     RECORDS.with(|r| *r.borrow_mut() = records);
-    out
+    let out = out?;
+    Ok(Truncation {
+        // A MetaGrad pass always has it.
+        grad: out
+            .grad
+            .ok_or_else(|| Error::Config("no meta-gradient was computed".into()))?,
+        meta_loss: out.meta_loss,
+        losses: out.losses,
+        carry: out.carry,
+    })
 }
 
 /// One group's coordinates: `natural` in θ, from block `block` on in the padded layout,
@@ -142,7 +202,10 @@ impl Segment {
     }
 }
 
+// The pass's inputs, each needed: bundling them would only rename them.
+#[allow(clippy::too_many_arguments)]
 fn run(
+    pass: Pass,
     portable: bool,
     phi: &AnyPhi,
     problem: &dyn HostProblem,
@@ -151,7 +214,7 @@ fn run(
     steps: usize,
     weights: Option<&[f32]>,
     records: &mut Vec<Vec<f32>>,
-) -> Result<Truncation<HostCarry>, Error> {
+) -> Result<Ran, Error> {
     let weight = |t: usize| weights.map_or(1.0, |w| w[t]);
     let cfg = phi.config();
     let n = problem.num_coords();
@@ -230,10 +293,16 @@ fn run(
         f
     };
 
-    // records[t]: for every block, everything step t produced (record 0: the initial h, c).
+    // records[t]: for every block, everything step t produced (record 0: the initial h, c);
+    // forward only, step t's record is records[t % 2].
     // Reused buffers need no zeroing: the forward pass writes every value it later reads.
-    records.resize_with(steps + 1, Vec::new);
-    records.truncate(steps + 1);
+    let kept = match pass {
+        Pass::MetaGrad => steps + 1,
+        Pass::Forward => 2,
+    };
+    let slot = |t: usize| if pass == Pass::MetaGrad { t } else { t % 2 };
+    records.resize_with(kept, Vec::new);
+    records.truncate(kept);
     for r in records.iter_mut() {
         r.resize(blocks * rl, 0.0);
     }
@@ -251,14 +320,27 @@ fn run(
         }
     }
     // grads[t] = ∇f(θ_t) for t = 0..=T; losses[t-1] = f(θ_t) for t = 1..=T.
-    let mut grads: Vec<Vec<f32>> = Vec::with_capacity(steps + 1);
+    let mut grads: Vec<Vec<f32>> =
+        Vec::with_capacity(if pass == Pass::MetaGrad { steps + 1 } else { 1 });
     let mut losses = Vec::with_capacity(steps);
     let mut g = vec![0f32; n_pad];
     eval(&theta_pad, start, &mut g);
     let chunk = TASK_BLOCKS * LANES;
     for t in 0..steps {
-        let (done, rest) = records.split_at_mut(t + 1);
-        let (prev, cur) = (&done[t], &mut rest[0]);
+        let (prev, cur) = match pass {
+            Pass::MetaGrad => {
+                let (done, rest) = records.split_at_mut(t + 1);
+                (&done[t], &mut rest[0])
+            }
+            Pass::Forward => {
+                let (a, b) = records.split_at_mut(1);
+                if t % 2 == 0 {
+                    (&a[0], &mut b[0])
+                } else {
+                    (&b[0], &mut a[0])
+                }
+            }
+        };
         for s in &segments {
             let (b, e) = (s.block, s.block + s.blocks);
             cur[b * rl..e * rl]
@@ -270,7 +352,11 @@ fn run(
                     cell::forward_blocks(portable, &s.weights, &lay, g, prev, cur, theta)
                 });
         }
-        grads.push(std::mem::replace(&mut g, vec![0f32; n_pad]));
+        match pass {
+            Pass::MetaGrad => grads.push(std::mem::replace(&mut g, vec![0f32; n_pad])),
+            // The same buffer again: cleared, as a fresh one would be.
+            Pass::Forward => g.fill(0.0),
+        }
         let f = eval(&theta_pad, start + t + 1, &mut g);
         losses.push(f);
     }
@@ -281,6 +367,38 @@ fn run(
             start + t + 1,
             losses[t]
         )));
+    }
+    let meta_loss = losses
+        .iter()
+        .enumerate()
+        .map(|(t, l)| weight(t) as f64 * l)
+        .sum::<f64>()
+        / steps as f64;
+    // θ and the LSTM state after the last step, in θ's order.
+    let last = &records[slot(steps)];
+    let mut h: Vec<Vec<f32>> = vec![vec![0.0; n * hidden]; cfg.layers];
+    let mut c: Vec<Vec<f32>> = vec![vec![0.0; n * hidden]; cfg.layers];
+    for k in 0..n {
+        let p = pad_of(k);
+        for l in 0..cfg.layers {
+            for j in 0..hidden {
+                h[l][k * hidden + j] = last[at(p, lay.h_at(l) + j)];
+                c[l][k * hidden + j] = last[at(p, lay.c_at(l) + j)];
+            }
+        }
+    }
+    let mut theta = vec![0f32; n];
+    for s in &segments {
+        theta[s.natural.clone()].copy_from_slice(&theta_pad[s.pad()..s.pad() + s.natural.len()]);
+    }
+    let carry = HostCarry { theta, h, c };
+    if pass == Pass::Forward {
+        return Ok(Ran {
+            grad: None,
+            meta_loss,
+            losses,
+            carry,
+        });
     }
 
     // ∂L/∂u_t = (1/T) Σ_{j=t+1..T} w_j ∇f(θ_j), as suffix sums, t = 0..T-1.
@@ -331,33 +449,11 @@ fn run(
         })?);
     }
     let grad = phi.with_parts(parts)?;
-
-    let last = &records[steps];
-    let mut h: Vec<Vec<f32>> = vec![vec![0.0; n * hidden]; cfg.layers];
-    let mut c: Vec<Vec<f32>> = vec![vec![0.0; n * hidden]; cfg.layers];
-    for k in 0..n {
-        let p = pad_of(k);
-        for l in 0..cfg.layers {
-            for j in 0..hidden {
-                h[l][k * hidden + j] = last[at(p, lay.h_at(l) + j)];
-                c[l][k * hidden + j] = last[at(p, lay.c_at(l) + j)];
-            }
-        }
-    }
-    let mut theta = vec![0f32; n];
-    for s in &segments {
-        theta[s.natural.clone()].copy_from_slice(&theta_pad[s.pad()..s.pad() + s.natural.len()]);
-    }
-    Ok(Truncation {
-        grad,
-        meta_loss: losses
-            .iter()
-            .enumerate()
-            .map(|(t, l)| weight(t) as f64 * l)
-            .sum::<f64>()
-            / steps as f64,
+    Ok(Ran {
+        grad: Some(grad),
+        meta_loss,
         losses,
-        carry: HostCarry { theta, h, c },
+        carry,
     })
 }
 
