@@ -28,6 +28,7 @@ pub mod baselines;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod estimator;
 pub mod eval;
 pub mod files;
 pub mod fused;

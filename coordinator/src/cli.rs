@@ -65,6 +65,10 @@ pub struct Overrides {
     /// p of the meta-loss weights w_t ∝ t^p over a trajectory (0: all steps alike).
     #[arg(long)]
     pub meta_loss_weight_power: Option<f64>,
+    /// Gradient estimator: tbptt (truncated backpropagation) or pes (persistent
+    /// evolution strategies, forward only; σ and pairs in the config's [estimator]).
+    #[arg(long, value_enum)]
+    pub estimator: Option<crate::config::EstimatorKind>,
     /// Checkpoint every this many updates.
     #[arg(long)]
     pub checkpoint_every_updates: Option<u64>,
@@ -126,6 +130,7 @@ impl Overrides {
             trajectory_steps => c.trajectory_steps,
             truncation_steps => c.truncation_steps,
             meta_loss_weight_power => c.meta_loss_weight_power,
+            estimator => c.estimator.kind,
             checkpoint_every_updates => c.checkpoint_every_updates,
             checkpoint_every_seconds => c.checkpoint_every_seconds,
         );

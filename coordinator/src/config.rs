@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::{Result, bail};
+use l2l_common::estimator::{Estimator, PesConfig};
 use l2l_common::{OptimizerConfig, Preprocess};
 use serde::{Deserialize, Serialize};
 
@@ -48,6 +49,58 @@ impl Default for AggregationConfig {
             round_timeout_ms: 2000,
             every: 2,
             max_staleness: 4,
+        }
+    }
+}
+
+/// How workers estimate each truncation's gradient.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum EstimatorKind {
+    /// Truncated backpropagation through time (spec §2): one forward and backward pass.
+    Tbptt,
+    /// Persistent evolution strategies: forward only, unbiased across truncations.
+    Pes,
+}
+
+/// The run's gradient estimator (section `[estimator]`), carried on every lease.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EstimatorConfig {
+    /// `tbptt` or `pes`.
+    pub kind: EstimatorKind,
+    /// pes: standard deviation of each coordinate of a perturbation of φ.
+    pub sigma: f64,
+    /// pes: antithetic pairs of particles per trajectory (each pair: two unrolls per
+    /// truncation).
+    pub pairs: usize,
+}
+
+impl Default for EstimatorConfig {
+    fn default() -> Self {
+        let pes = PesConfig::default();
+        Self {
+            kind: EstimatorKind::Tbptt,
+            sigma: pes.sigma as f64,
+            pairs: pes.pairs,
+        }
+    }
+}
+
+impl EstimatorConfig {
+    /// The estimator workers run; refuses PES settings that cannot run.
+    pub fn estimator(&self) -> Result<Estimator> {
+        match self.kind {
+            EstimatorKind::Tbptt => Ok(Estimator::Tbptt),
+            EstimatorKind::Pes => {
+                let c = PesConfig {
+                    sigma: self.sigma as f32,
+                    pairs: self.pairs,
+                };
+                c.validate()
+                    .map_err(|e| anyhow::anyhow!("estimator: {e}"))?;
+                Ok(Estimator::Pes(c))
+            }
         }
     }
 }
@@ -148,6 +201,8 @@ pub struct Config {
     pub adam: AdamConfig,
     /// What one gradient may do: the size rule and the clip of updates.
     pub guard: GuardConfig,
+    /// How workers estimate the gradient of each truncation.
+    pub estimator: EstimatorConfig,
     /// The aggregation rule.
     pub aggregation: AggregationConfig,
     /// Token and TLS.
@@ -177,6 +232,7 @@ impl Default for Config {
             init: InitConfig::default(),
             adam: AdamConfig::default(),
             guard: GuardConfig::default(),
+            estimator: EstimatorConfig::default(),
             aggregation: AggregationConfig::default(),
             security: SecurityConfig::default(),
             problems: vec![FamilyConfig::default()],
@@ -308,6 +364,7 @@ impl Config {
         }
         self.adam.validate().map_err(anyhow::Error::msg)?;
         self.guard.validate().map_err(anyhow::Error::msg)?;
+        self.estimator.estimator()?;
         if !(1..=1_000_000).contains(&self.max_workers) {
             bail!(
                 "max_workers must be in 1..=1000000, got {}",
@@ -391,6 +448,29 @@ mod tests {
         let mut c = Config::default();
         c.init.preprocess = "sign".into();
         assert!(c.validate().unwrap_err().to_string().contains("sign"));
+        let c: Config = toml::from_str("[estimator]\nkind = \"pes\"\npairs = 0").unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("estimator") && e.contains("pairs"), "{e}");
+        let e = toml::from_str::<Config>("[estimator]\nkind = \"reinforce\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("reinforce"), "{e}");
+    }
+
+    #[test]
+    fn the_estimator_section_reads_back_as_the_estimator() {
+        let c: Config = toml::from_str("[estimator]\nkind = \"pes\"\nsigma = 0.05").unwrap();
+        assert_eq!(
+            c.estimator.estimator().unwrap(),
+            Estimator::Pes(PesConfig {
+                sigma: 0.05,
+                pairs: 4
+            })
+        );
+        assert_eq!(
+            Config::default().estimator.estimator().unwrap(),
+            Estimator::Tbptt
+        );
     }
 
     #[test]

@@ -147,6 +147,8 @@ pub struct Coordinator {
     recent_updates: VecDeque<Instant>,
     /// Reused buffer for decoding submitted gradients (no allocation per request).
     scratch: Vec<f32>,
+    /// The gradient estimator every lease carries.
+    estimator: l2l_proto::v1::Estimator,
 }
 
 /// The persistent part of a coordinator, as a checkpoint holds it.
@@ -264,6 +266,7 @@ impl Coordinator {
             counters: snapshot.counters,
             recent_updates: VecDeque::new(),
             scratch: Vec::with_capacity(n),
+            estimator: l2l_proto::v1::Estimator::of(&config.estimator.estimator()?),
             optimizer,
             groups,
             config,
@@ -442,6 +445,7 @@ impl Coordinator {
             trajectory_steps: self.config.trajectory_steps,
             truncation_steps: self.config.truncation_steps,
             step_weights: self.config.step_weights(),
+            estimator: Some(self.estimator.clone()),
         })
     }
 

@@ -1,8 +1,9 @@
 //! The l2l wire contract and what both sides need to speak it: gRPC service
 //! `l2l.v1.Coordinator`, generated from `proto/l2l.proto`; the shared token ([`auth`]);
 //! why a request was refused ([`refusal::Reason`]); instances and the problem specs they
-//! name ([`instance`]); how a client connects, with TLS ([`client`]); the Prometheus
-//! endpoint ([`metrics_http`]) and the logging ([`logging`]) of both binaries.
+//! name ([`instance`]); the run's gradient estimator on a lease ([`estimator`]); how a
+//! client connects, with TLS ([`client`]); the Prometheus endpoint ([`metrics_http`]) and
+//! the logging ([`logging`]) of both binaries.
 //!
 //! Where this differs from `../shared/design.md`'s picture (proto as the contract alone,
 //! coordinator → common ← worker): this crate depends on `l2l-common`, for the problem
@@ -13,6 +14,7 @@
 
 pub mod auth;
 pub mod client;
+pub mod estimator;
 pub mod instance;
 pub mod logging;
 pub mod metrics_http;

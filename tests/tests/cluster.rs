@@ -77,6 +77,58 @@ fn local_run_trains_and_is_deterministic() {
     );
 }
 
+/// The PES estimator, chosen by the coordinator and carried on the leases: a run trains
+/// with it (φ moves, every update's meta-loss is finite) and is reproducible, since its
+/// perturbations are drawn from what the coordinator chose (instance seed and lease id).
+#[test]
+fn local_run_with_pes_trains_and_is_deterministic() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |name: &str| {
+        let d = dir.path().join(name);
+        let out = coordinator(&[
+            "local",
+            "--workers",
+            "1",
+            "--max-updates",
+            "30",
+            "--seed",
+            "7",
+            "--eval-problems",
+            "1",
+            "--estimator",
+            "pes",
+            "--dir",
+            s(&d),
+        ]);
+        let (_, stderr) = text(&out);
+        assert!(out.status.success(), "{stderr}");
+        assert!(
+            stderr.contains("[estimator]\nkind = \"pes\""),
+            "the printed configuration names the estimator: {stderr}"
+        );
+        let phi = Phi::load(&d.join("phi.safetensors")).unwrap().flatten();
+        let (_, snap) = checkpoint::load_newest(&d).unwrap().expect("a checkpoint");
+        assert_eq!(snap.version, 30);
+        assert!(snap.counters.meta_losses.iter().all(|l| l.is_finite()));
+        phi
+    };
+    let (a, b) = (run("a"), run("b"));
+    let init = Phi::init(l2l_common::OptimizerConfig::default(), 7)
+        .unwrap()
+        .flatten();
+    let moved = a.iter().zip(&init).filter(|(x, y)| x != y).count();
+    assert!(
+        moved > a.len() / 2,
+        "PES moved only {moved} of φ's {} values",
+        a.len()
+    );
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert!(
+        bits(&a) == bits(&b),
+        "two identical PES runs wrote different φ"
+    );
+}
+
 #[test]
 fn killed_worker_lease_expires_and_run_completes() {
     let dir = tempfile::tempdir().unwrap();

@@ -183,6 +183,8 @@ fn bench_runs_on_wgpu() {
         "1",
         "--preprocess",
         "identity",
+        "--pes-pairs",
+        "1",
         "--json",
     ]);
     let (stdout, stderr) = text(&out);
@@ -192,8 +194,16 @@ fn bench_runs_on_wgpu() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     let of = |b: &str| rows.iter().filter(|r| r["backend"] == b).count();
-    // `cpu` is still accepted on the command line; rows name the backend `fused`.
-    assert_eq!((of("fused"), of("wgpu")), (1, 2), "{stdout}");
+    // `cpu` is still accepted on the command line; rows name the backend `fused`. Each
+    // backend times the meta-gradient, the forward-only truncation and a PES truncation.
+    assert_eq!((of("fused"), of("wgpu")), (3, 3), "{stdout}");
+    for b in ["fused", "wgpu"] {
+        assert!(
+            rows.iter()
+                .any(|r| r["backend"] == b && r["what"] == "pes_1"),
+            "{stdout}"
+        );
+    }
     for r in &rows {
         assert!(r["median_ms"].as_f64().is_some_and(|m| m > 0.0), "{r}");
         assert!(r["adapter"].as_str().is_some_and(|a| !a.is_empty()), "{r}");

@@ -362,6 +362,7 @@ impl l2l_proto::v1::coordinator_server::Coordinator for Garbage {
             trajectory_steps: 20,
             truncation_steps: 20,
             step_weights: vec![],
+            estimator: None,
         }))
     }
     async fn fetch_phi(

@@ -1,11 +1,12 @@
-//! `bench`: times the meta-gradient and the forward-only unroll on quadratics, on each
-//! backend asked for.
+//! `bench`: times the meta-gradient, the forward-only truncation and (on request) a PES
+//! truncation on quadratics, on each backend asked for.
 
 use std::time::Instant;
 
 use anyhow::{Result, bail};
 use clap::Args;
 use l2l_common::engine::{Backend, Engine};
+use l2l_common::estimator::{Estimator, PesConfig, Trajectory};
 use l2l_common::fused;
 use l2l_common::problems::mnist::Split;
 use l2l_common::problems::{DataSource, Optimizee, ProblemSpec};
@@ -45,6 +46,10 @@ pub struct Bench {
     /// of a truncation (its T + 1 loss-and-gradient evaluations on the host, timed alone).
     #[arg(long, value_name = "FAMILY[:PARAMS]")]
     problem: Option<ProblemSpec>,
+    /// Also time one PES truncation with this many antithetic pairs (2 forward unrolls
+    /// each, σ = 0.01), as a worker of a `pes` run computes it [default: not timed].
+    #[arg(long, value_name = "PAIRS", value_parser = clap::value_parser!(u32).range(1..=64))]
+    pes_pairs: Option<u32>,
     /// The data of --problem (MNIST-format IDX or CIFAR-10 binary files).
     #[arg(long, env = "L2L_DATA", default_value = l2l_worker::DEFAULT_DATA)]
     data: std::path::PathBuf,
@@ -57,15 +62,20 @@ const FLOP_PER_COORD_STEP: f64 = 31e3;
 /// What one measurement timed.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum What {
+    /// One truncation's meta-gradient (truncated BPTT).
     MetaGrad,
+    /// One truncation forward only.
     Forward,
+    /// One PES truncation with this many pairs.
+    Pes(usize),
 }
 
 impl What {
-    fn name(self) -> &'static str {
+    fn name(self) -> String {
         match self {
-            What::MetaGrad => "meta_grad",
-            What::Forward => "forward",
+            What::MetaGrad => "meta_grad".into(),
+            What::Forward => "forward".into(),
+            What::Pes(p) => format!("pes_{p}"),
         }
     }
 }
@@ -119,13 +129,10 @@ pub fn run(a: Bench) -> Result<()> {
         for &n in &a.n {
             let quad = Quadratic::from_seed(2, n / 10, 10)?;
             for engine in &engines {
-                // The fused path has no forward-only variant.
-                let whats: &[What] = match engine.backend() {
-                    Backend::Fused => &[What::MetaGrad],
-                    Backend::Flex | Backend::Wgpu => &[What::MetaGrad, What::Forward],
-                };
+                let mut whats = vec![What::MetaGrad, What::Forward];
+                whats.extend(a.pes_pairs.map(|p| What::Pes(p as usize)));
                 let loaded = engine.load(Optimizee::Quadratic(quad.clone()));
-                for &what in whats {
+                for &what in &whats {
                     let (times, peak) =
                         measure(engine, &phi, &loaded, steps, what, a.warmup, a.runs)?;
                     let median = times[times.len() / 2];
@@ -270,15 +277,29 @@ fn measure(
     runs: u32,
 ) -> Result<(Vec<f64>, f64)> {
     let once = || -> Result<f64> {
-        let state = (what == What::MetaGrad).then(|| engine.start(phi, problem));
+        let state = engine.start(phi, problem);
+        let pes = match what {
+            What::Pes(pairs) => Some(Trajectory::start(
+                Estimator::Pes(PesConfig { sigma: 0.01, pairs }),
+                engine,
+                phi,
+                problem,
+                1,
+            )?),
+            _ => None,
+        };
         let start = Instant::now();
-        match state {
-            Some(state) => {
+        match (what, pes) {
+            (What::MetaGrad, _) => {
                 engine.truncation(phi, problem, state, 0, steps, None)?;
             }
-            None => {
-                engine.curve(phi, problem, steps)?;
+            (What::Forward, _) => {
+                engine.forward(phi, problem, state, 0, steps, None)?;
             }
+            (What::Pes(_), Some(pes)) => {
+                pes.truncation(engine, phi, problem, 0, steps, None)?;
+            }
+            (What::Pes(_), None) => bail!("no PES trajectory to time"),
         }
         Ok(start.elapsed().as_secs_f64() * 1e3)
     };

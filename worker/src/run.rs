@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 use l2l_common::AnyPhi;
 use l2l_common::engine::{Backend, Engine, Loaded};
+use l2l_common::estimator::Trajectory;
 use l2l_common::files::TensorFile;
 use l2l_common::files::config_from;
 use l2l_common::problems::DataSource;
@@ -20,6 +21,9 @@ use l2l_proto::v1::{
 
 use crate::backoff::Backoff;
 use crate::metrics::WorkerMetrics;
+
+/// The domain of PES's perturbation streams ([`l2l_common::rng::Rng::for_step`]).
+const PES_DOMAIN: u64 = 0x5045_535f_6570_7300;
 
 /// How a worker runs.
 #[derive(Debug, Clone)]
@@ -342,6 +346,19 @@ impl Worker {
                 );
             }
         };
+        let estimator = match lease.estimator() {
+            Ok(e) => e,
+            Err(why) => {
+                tracing::error!(estimator = ?lease.estimator, "{why}");
+                bail!("cannot run the lease: {why}");
+            }
+        };
+        // PES's perturbations: a stream per lease (lease ids are unique within a run, also
+        // across restarts), from what the coordinator chose, so runs are reproducible.
+        let instance_seed = lease.instance.as_ref().map_or(0, |i| i.seed);
+        let seed =
+            l2l_common::rng::Rng::for_step(instance_seed, PES_DOMAIN, lease.lease_id as usize)
+                .next_u64();
         let t = lease.truncation_steps.max(1) as usize;
         let truncations = (lease.trajectory_steps as usize) / t;
         let mut carry = None;
@@ -361,9 +378,13 @@ impl Worker {
             let Some((_, phi)) = self.phi.as_ref() else {
                 return Ok(Outcome::Reregister);
             };
-            let c = carry
-                .take()
-                .unwrap_or_else(|| self.engine.start(phi, &problem));
+            let c = match carry.take() {
+                Some(c) => c,
+                None => match Trajectory::start(estimator, &self.engine, phi, &problem, seed) {
+                    Ok(c) => c,
+                    Err(e) => bail!("cannot start the trajectory: {e}"),
+                },
+            };
             let _t = tracing::debug_span!("truncation", k, version = version.step).entered();
             let started = Instant::now();
             let heartbeat = self.start_heartbeat(lease.lease_id);
@@ -379,7 +400,7 @@ impl Worker {
                 };
                 Some(w)
             };
-            let out = self.engine.truncation(phi, &problem, c, k * t, t, weights);
+            let out = c.truncation(&self.engine, phi, &problem, k * t, t, weights);
             heartbeat.abort();
             if let Some(m) = &self.opts.metrics {
                 m.truncations.inc();
