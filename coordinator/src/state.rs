@@ -742,6 +742,10 @@ impl Coordinator {
             trajectories_done: c.trajectories_done,
             leases_expired: c.leases_expired,
             aggregation: format!("{:?}", self.config.aggregation.mode).to_lowercase(),
+            estimator: self
+                .estimator
+                .estimator()
+                .map_or_else(|e| e.to_string(), |e| e.to_string()),
             workers,
             workers_total: self.workers.len() as u64,
             updates_refused: c.updates_refused,

@@ -49,6 +49,7 @@ pub async fn run(a: Status) -> Result<()> {
             "{}",
             json!({
                 "epoch": v.epoch, "version": v.step, "aggregation": s.aggregation,
+                "estimator": s.estimator,
                 "live_workers": s.live_workers, "live_leases": s.live_leases,
                 "accepted": s.accepted, "refused": s.refused,
                 "mean_staleness": s.mean_staleness, "max_staleness": s.max_staleness,
@@ -63,6 +64,7 @@ pub async fn run(a: Status) -> Result<()> {
     }
     println!("version        {} (epoch {})", v.step, v.epoch);
     println!("aggregation    {}", s.aggregation);
+    println!("estimator      {}", s.estimator);
     println!(
         "live workers   {} ({} live leases)",
         s.live_workers, s.live_leases

@@ -697,3 +697,23 @@ mod fuzz {
         }
     }
 }
+
+/// Every lease carries the configured estimator, and status names it.
+#[test]
+fn leases_and_status_carry_the_runs_estimator() {
+    let mut config = config(Mode::Sync, 1);
+    config.estimator.kind = crate::config::EstimatorKind::Pes;
+    config.estimator.pairs = 3;
+    let mut f = fixture_with(config);
+    let lease = f.c.lease(f.worker, &S, f.t0).unwrap();
+    assert_eq!(
+        lease.estimator().unwrap(),
+        l2l_common::estimator::Estimator::Pes(l2l_common::estimator::PesConfig {
+            sigma: 0.01,
+            pairs: 3
+        })
+    );
+    assert_eq!(f.c.status(f.t0).estimator, "pes (sigma 0.01, 3 pairs)");
+    let f = fixture(Mode::Sync, 1);
+    assert_eq!(f.c.status(f.t0).estimator, "tbptt");
+}
