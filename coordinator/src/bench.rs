@@ -271,6 +271,7 @@ async fn simulate(
                     meta_loss: 1.0,
                     unroll_seconds: 0.0,
                     session: session.clone(),
+                    data_fingerprint: String::new(),
                 })
                 .await;
             if let Ok(reply) = &r {

@@ -81,6 +81,14 @@ pub enum Refusal {
         /// The limit in force.
         max: usize,
     },
+    /// The gradient was computed on another training data set than the run's, or names
+    /// none for a family that needs data.
+    WrongData {
+        /// The fingerprint sent (empty: none).
+        got: String,
+        /// The run's (empty: none kept yet, `got` itself is not a fingerprint).
+        want: String,
+    },
 }
 
 impl Refusal {
@@ -102,6 +110,7 @@ impl Refusal {
             Refusal::BadSession { .. } => Reason::BadSession,
             Refusal::TooLarge(_) => Reason::TooLarge,
             Refusal::TooManyWorkers { .. } => Reason::TooManyWorkers,
+            Refusal::WrongData { .. } => Reason::WrongData,
         }
     }
 
@@ -181,6 +190,20 @@ impl fmt::Display for Refusal {
             Refusal::TooManyWorkers { max } => write!(
                 f,
                 "{max} workers are registered and live (max_workers); retry later or raise max_workers"
+            ),
+            Refusal::WrongData { got, .. } if got.is_empty() => write!(
+                f,
+                "this instance's family needs data, and the submission names no data-set fingerprint; \
+                 upgrade the worker to the coordinator's version"
+            ),
+            Refusal::WrongData { got, want } if want.is_empty() => write!(
+                f,
+                "the data-set fingerprint {got:?} is not 64 hex digits (SHA-256)"
+            ),
+            Refusal::WrongData { got, want } => write!(
+                f,
+                "this worker's training data (SHA-256 {got}) is not the run's (SHA-256 {want}); \
+                 give every worker of the run the same --data files"
             ),
         }
     }

@@ -53,6 +53,10 @@ pub struct Counters {
     /// L2 norms of the most recently accepted gradients, oldest first (the guard's window).
     #[serde(default)]
     pub recent_norms: Vec<f64>,
+    /// SHA-256 of the training data set of the run's first accepted gradient that used
+    /// data; every later one must name the same.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_fingerprint: Option<String>,
 }
 
 /// Upper bounds of the staleness histogram's buckets.
@@ -579,8 +583,42 @@ impl Coordinator {
         self.guard
             .check(norm, req.meta_loss)
             .map_err(Refusal::TooLarge)?;
+        // One data set per run: the first fingerprint accepted is kept, others refused.
+        let needs_data = lease.instance.spec().is_ok_and(|s| s.needs_data());
+        let pin = if needs_data {
+            let got = &req.data_fingerprint;
+            if got.is_empty() {
+                return Err(Refusal::WrongData {
+                    got: String::new(),
+                    want: String::new(),
+                });
+            }
+            if got.len() != 64 || !got.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(Refusal::WrongData {
+                    // Bounded: a message never echoes more than the 64 a fingerprint has.
+                    got: got.chars().take(64).collect(),
+                    want: String::new(),
+                });
+            }
+            match &self.counters.data_fingerprint {
+                Some(want) if !want.eq_ignore_ascii_case(got) => {
+                    return Err(Refusal::WrongData {
+                        got: got.clone(),
+                        want: want.clone(),
+                    });
+                }
+                Some(_) => None,
+                None => Some(got.to_ascii_lowercase()),
+            }
+        } else {
+            None
+        };
         if finished {
             return Err(Refusal::Finished);
+        }
+        if let Some(fingerprint) = pin {
+            tracing::info!(%fingerprint, "the run's training data set is kept");
+            self.counters.data_fingerprint = Some(fingerprint);
         }
         // Accepted: the lease's truncation is counted and its deadline renewed.
         lease.accepted[t] = true;

@@ -41,11 +41,13 @@ pub enum Reason {
     Finished,
     /// Missing or wrong token: the caller itself is refused.
     Unauthenticated,
+    /// Computed on another training data set than the run's (or naming none).
+    WrongData,
 }
 
 impl Reason {
     /// Every reason, in the order of the README's table.
-    pub const ALL: [Reason; 15] = [
+    pub const ALL: [Reason; 16] = [
         Reason::UnknownWorker,
         Reason::BadSession,
         Reason::UnknownLease,
@@ -59,6 +61,7 @@ impl Reason {
         Reason::BadTruncation,
         Reason::TooLarge,
         Reason::TooManyWorkers,
+        Reason::WrongData,
         Reason::Finished,
         Reason::Unauthenticated,
     ];
@@ -81,6 +84,7 @@ impl Reason {
             Reason::TooManyWorkers => "too_many_workers",
             Reason::Finished => "finished",
             Reason::Unauthenticated => "unauthenticated",
+            Reason::WrongData => "wrong_data",
         }
     }
 
@@ -89,7 +93,7 @@ impl Reason {
         match self {
             Reason::UnknownWorker | Reason::UnknownLease => Code::NotFound,
             Reason::BadSession | Reason::ForeignLease => Code::PermissionDenied,
-            Reason::ExpiredLease => Code::FailedPrecondition,
+            Reason::ExpiredLease | Reason::WrongData => Code::FailedPrecondition,
             Reason::PreRestart => Code::Aborted,
             Reason::Stale | Reason::FutureVersion => Code::OutOfRange,
             Reason::Shape | Reason::NonFinite | Reason::BadTruncation | Reason::TooLarge => {

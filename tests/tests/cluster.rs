@@ -255,6 +255,7 @@ fn coordinator_restart_resumes_and_workers_rejoin() {
                 meta_loss: 1.0,
                 unroll_seconds: 0.0,
                 session,
+                data_fingerprint: String::new(),
             })
             .await
             .unwrap_err()
@@ -340,6 +341,7 @@ fn bad_submissions_over_the_wire_are_refused_and_phi_is_untouched() {
             meta_loss: 1.0,
             unroll_seconds: 0.0,
             session: my_session.clone(),
+            data_fingerprint: String::new(),
         };
         let cases: Vec<(SubmitRequest, tonic::Code, &str)> = vec![
             (
@@ -519,6 +521,7 @@ fn expired_leases_oversized_messages_and_finished_runs_have_their_codes() {
             meta_loss: 1.0,
             unroll_seconds: 0.0,
             session: session.clone(),
+            data_fingerprint: String::new(),
         };
         let code_and_reason = |e: &tonic::Status| {
             (

@@ -53,6 +53,7 @@ fn submit(id: u64, session: &[u8], lease: u64, t: u32, v: Version, g: f32) -> Su
         meta_loss: 1.0,
         unroll_seconds: 0.0,
         session: session.to_vec(),
+        data_fingerprint: String::new(),
     }
 }
 

@@ -679,3 +679,72 @@ fn a_grouped_phi_is_written_and_refused_by_families_without_groups() {
     );
     assert!(!grad.exists());
 }
+
+/// A worker whose `--data` differs from the run's is refused `wrong_data` and stops,
+/// naming its files; the worker with the run's data trains on.
+#[test]
+fn a_worker_with_other_data_is_refused_and_stops() {
+    use l2l_tests::{Coordinator, Proc, binary, refused, version};
+    use std::process::Stdio;
+    use std::time::Duration;
+    let dir = tempfile::tempdir().unwrap();
+    let (good, bad) = (dir.path().join("good"), dir.path().join("bad"));
+    for (d, n) in [(&good, 30), (&bad, 31)] {
+        std::fs::create_dir_all(d).unwrap();
+        tiny_idx(d, n);
+    }
+    let config = dir.path().join("mlp.toml");
+    std::fs::write(
+        &config,
+        "trajectory_steps = 4\ntruncation_steps = 2\n\
+         [aggregation]\nmode = \"async\"\nevery = 1\n\
+         [[problems]]\nfamily = \"mlp\"\nhidden = [3]\nbatch = 8\n",
+    )
+    .unwrap();
+    let c = Coordinator::serve(
+        &dir.path().join("run"),
+        "127.0.0.1:0",
+        &["--config", s(&config)],
+    );
+    let start = |data: &Path, name: &str| -> Proc {
+        let log = dir.path().join(format!("{name}.log"));
+        let child = std::process::Command::new(binary("l2l-worker"))
+            .args([
+                "run",
+                "--coordinator",
+                &c.url(),
+                "--name",
+                name,
+                "--threads",
+                "1",
+            ])
+            .args(["--data", s(data), "--max-backoff-ms", "500"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .unwrap();
+        Proc { child }
+    };
+    let _a = start(&good, "good");
+    c.wait_for(
+        Duration::from_secs(60),
+        "updates from the good worker",
+        |s| version(s) >= 2,
+    );
+    let mut b = start(&bad, "bad");
+    let status = b.wait_exit(Duration::from_secs(60));
+    assert!(!status.success(), "the worker with other data must stop");
+    let log = std::fs::read_to_string(dir.path().join("bad.log")).unwrap();
+    assert!(
+        log.contains("refused this worker's training data") && log.contains(s(&bad)),
+        "{log}"
+    );
+    let s0 = c.wait_for(Duration::from_secs(30), "a wrong_data refusal", |s| {
+        refused(s, "wrong_data") >= 1
+    });
+    let v = version(&s0);
+    c.wait_for(Duration::from_secs(60), "the good worker to go on", |s| {
+        version(s) > v
+    });
+}

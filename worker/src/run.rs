@@ -143,6 +143,8 @@ struct Worker {
     summary: WorkerSummary,
     /// The training split, loaded on the first lease that needs data.
     data: DataSource,
+    /// SHA-256 of the training split once loaded (sent with every gradient that used it).
+    fingerprint: String,
     /// The backend the unrolls run on.
     engine: Engine,
 }
@@ -163,6 +165,7 @@ pub fn run_worker(opts: WorkerOptions, stop: Arc<AtomicBool>) -> Result<WorkerSu
     let mut w = Worker {
         backoff: Backoff::new(opts.min_backoff, opts.max_backoff, opts.seed),
         data: DataSource::new(&opts.data, Split::Train),
+        fingerprint: String::new(),
         opts,
         rt,
         client: None,
@@ -337,7 +340,7 @@ impl Worker {
     fn trajectory(&mut self, lease: LeaseReply) -> Result<Outcome> {
         let span = tracing::info_span!("lease", id = lease.lease_id);
         let _g = span.enter();
-        let problem = match self.instance_problem(lease.instance.as_ref()) {
+        let (problem, data_fingerprint) = match self.instance_problem(lease.instance.as_ref()) {
             Ok(p) => p,
             Err(why) => {
                 tracing::error!(instance = ?lease.instance, "{why}");
@@ -422,6 +425,7 @@ impl Worker {
                 meta_loss: out.meta_loss,
                 unroll_seconds: started.elapsed().as_secs_f64(),
                 session: self.session.clone(),
+                data_fingerprint: data_fingerprint.clone(),
             };
             carry = Some(out.carry);
             let submitted = self.submit(req);
@@ -449,6 +453,19 @@ impl Worker {
                             Reason::Stale | Reason::PreRestart | Reason::FutureVersion,
                         ) => {}
                         NotLanded::Refused(Reason::Finished) => return Ok(Outcome::Stop),
+                        // Another data set than the run's: nothing this worker computes
+                        // can count, so it stops and says why.
+                        NotLanded::Refused(Reason::WrongData) => bail!(
+                            "the coordinator refused this worker's training data ({}, SHA-256 {}): \
+                             the run was trained on another data set; give every worker of the \
+                             run the same --data files",
+                            self.opts.data.display(),
+                            if data_fingerprint.is_empty() {
+                                "none"
+                            } else {
+                                data_fingerprint.as_str()
+                            }
+                        ),
                         NotLanded::Refused(Reason::UnknownWorker | Reason::BadSession)
                         | NotLanded::Transport => {
                             return Ok(Outcome::Reregister);
@@ -521,9 +538,13 @@ fn decode_phi(bytes: &[u8]) -> Result<AnyPhi> {
 }
 
 impl Worker {
-    /// Builds the instance's problem on the backend (loading the data on the first `mlp`
-    /// lease); refuses unknown families, unreadable parameters and missing data.
-    fn instance_problem(&mut self, instance: Option<&Instance>) -> Result<Loaded, String> {
+    /// Builds the instance's problem on the backend (loading the data on the first lease
+    /// that needs data), with the fingerprint of the data it uses (empty: none); refuses
+    /// unknown families, unreadable parameters and missing data.
+    fn instance_problem(
+        &mut self,
+        instance: Option<&Instance>,
+    ) -> Result<(Loaded, String), String> {
         let i = instance.ok_or("the lease carries no instance")?;
         let spec = i.spec().map_err(|e| e.to_string())?;
         let first_data = spec.needs_data() && !self.data.is_loaded();
@@ -531,9 +552,16 @@ impl Worker {
             .instance(i.seed, &mut self.data)
             .map_err(|e| format!("cannot make the {} instance: {e}", spec.family()))?;
         if first_data {
-            let examples = self.data.get().map_or(0, |d| d.len());
-            tracing::info!(dir = %self.opts.data.display(), examples, "training data loaded");
+            let data = self.data.get().map_err(|e| e.to_string())?;
+            let fingerprint = data.fingerprint();
+            tracing::info!(dir = %self.opts.data.display(), examples = data.len(), sha256 = %fingerprint, "training data loaded");
+            self.fingerprint = fingerprint;
         }
-        Ok(self.engine.load(optimizee))
+        let fingerprint = if spec.needs_data() {
+            self.fingerprint.clone()
+        } else {
+            String::new()
+        };
+        Ok((self.engine.load(optimizee), fingerprint))
     }
 }

@@ -71,6 +71,7 @@ impl Fixture {
             meta_loss: 1.0,
             unroll_seconds: 0.1,
             session: S.to_vec(),
+            data_fingerprint: String::new(),
         }
     }
 
@@ -264,6 +265,7 @@ fn trajectory_completes_and_run_finishes() {
             meta_loss: 1.0,
             unroll_seconds: 0.0,
             session: S.to_vec(),
+            data_fingerprint: String::new(),
         };
         c.submit(&req, t0).unwrap();
     }
@@ -680,6 +682,7 @@ mod fuzz {
                             meta_loss: c.meta_loss,
                             unroll_seconds: 0.0,
                             session,
+                            data_fingerprint: String::new(),
                         };
                         let _ = f.c.submit(&req, now);
                     }
@@ -716,4 +719,46 @@ fn leases_and_status_carry_the_runs_estimator() {
     assert_eq!(f.c.status(f.t0).estimator, "pes (sigma 0.01, 3 pairs)");
     let f = fixture(Mode::Sync, 1);
     assert_eq!(f.c.status(f.t0).estimator, "tbptt");
+}
+
+/// One data set per run: a family with data needs a fingerprint; the first accepted one
+/// is kept (and saved with the counters); another one, a malformed one or none is
+/// refused `wrong_data` with φ untouched; quadratics need none.
+#[test]
+fn a_run_keeps_the_data_set_of_its_first_gradient() {
+    let mut config = config(Mode::Async, 1);
+    config.problems = vec![crate::sampler::FamilyConfig {
+        family: "mlp".into(),
+        ..Default::default()
+    }];
+    let mut f = fixture_with(config);
+    let (a, b) = ("ab".repeat(32), "cd".repeat(32));
+    let with = |f: &Fixture, t: u32, fp: &str| SubmitRequest {
+        data_fingerprint: fp.to_string(),
+        ..f.req(t, f.c.version().step)
+    };
+    let none = with(&f, 0, "");
+    f.refused(none, "wrong_data");
+    let short = with(&f, 0, "abc");
+    f.refused(short, "wrong_data");
+    let first = with(&f, 0, &a.to_uppercase());
+    f.c.submit(&first, f.t0).unwrap();
+    assert_eq!(f.c.counters().data_fingerprint.as_deref(), Some(a.as_str()));
+    let other = with(&f, 1, &b);
+    let err = f.c.submit(&other, f.t0).unwrap_err().to_string();
+    assert!(
+        err.contains(&a) && err.contains(&b) && err.contains("--data"),
+        "{err}"
+    );
+    let same = with(&f, 1, &a);
+    f.c.submit(&same, f.t0).unwrap();
+    // Kept across a restart: the counters are what a checkpoint saves.
+    let json = serde_json::to_string(f.c.counters()).unwrap();
+    let back: Counters = serde_json::from_str(&json).unwrap();
+    assert_eq!(back.data_fingerprint.as_deref(), Some(a.as_str()));
+    // Quadratics use no data: no fingerprint needed.
+    let mut q = fixture(Mode::Async, 1);
+    let plain = q.req(0, 0);
+    q.c.submit(&plain, q.t0).unwrap();
+    assert_eq!(q.c.counters().data_fingerprint, None);
 }
