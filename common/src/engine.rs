@@ -184,23 +184,11 @@ impl Engine {
                 Ok(out.map_carry(Carry::Host))
             }
             (Carry::Device(carry), Some(dev), Some(problem)) => {
-                let n = problem.num_coords();
-                check_carry(&carry, &phi.config(), n, dev)?;
-                let groups = p.optimizee.host().groups();
-                let lstm = Lstms::new(phi, groups.as_ref(), n, dev, DType::F32)?;
-                // burn reports device failures (out of memory, a lost device) by panicking;
-                // a worker drops the trajectory instead of dying.
-                let run = std::panic::AssertUnwindSafe(|| match weights {
-                    None => unroll::meta_grad(&lstm, problem.as_ref(), carry, start, steps),
-                    Some(w) => unroll::meta_grad_weighted(&lstm, problem.as_ref(), carry, start, w),
-                });
-                let out = std::panic::catch_unwind(run).map_err(|p| {
-                    Error::Backend(format!(
-                        "the {} device failed: {}",
-                        self.backend,
-                        panic_text(&*p)
-                    ))
-                })??;
+                let run = |lstm: &Lstms, carry| match weights {
+                    None => unroll::meta_grad(lstm, problem.as_ref(), carry, start, steps),
+                    Some(w) => unroll::meta_grad_weighted(lstm, problem.as_ref(), carry, start, w),
+                };
+                let out = self.on_device(phi, p, carry, dev, problem.as_ref(), run)?;
                 Ok(out.map_carry(Carry::Device))
             }
             _ => Err(Error::Config(
@@ -226,26 +214,42 @@ impl Engine {
                 Ok(out.map_carry(Carry::Host))
             }
             (Carry::Device(carry), Some(dev), Some(problem)) => {
-                let n = problem.num_coords();
-                check_carry(&carry, &phi.config(), n, dev)?;
-                let groups = p.optimizee.host().groups();
-                let lstm = Lstms::new(phi, groups.as_ref(), n, dev, DType::F32)?;
-                let run = std::panic::AssertUnwindSafe(|| {
-                    unroll::forward(&lstm, problem.as_ref(), carry, start, steps, weights)
-                });
-                let out = std::panic::catch_unwind(run).map_err(|p| {
-                    Error::Backend(format!(
-                        "the {} device failed: {}",
-                        self.backend,
-                        panic_text(&*p)
-                    ))
-                })??;
+                let out = self.on_device(phi, p, carry, dev, problem.as_ref(), |lstm, carry| {
+                    unroll::forward(lstm, problem.as_ref(), carry, start, steps, weights)
+                })?;
                 Ok(out.map_carry(Carry::Device))
             }
             _ => Err(Error::Config(
                 "a trajectory's state and instance must come from the engine that runs it".into(),
             )),
         }
+    }
+
+    /// Runs `run` with φ's LSTMs on the device, after checking that `carry` fits them and
+    /// lives there. burn reports device failures (out of memory, a lost device) by
+    /// panicking; they become an error, so a worker drops the trajectory instead of dying.
+    fn on_device<T>(
+        &self,
+        phi: &AnyPhi,
+        p: &Loaded,
+        carry: DeviceCarry,
+        dev: &Device,
+        problem: &(dyn Problem + Send),
+        run: impl FnOnce(&Lstms, DeviceCarry) -> Result<T, Error>,
+    ) -> Result<T, Error> {
+        let n = problem.num_coords();
+        check_carry(&carry, &phi.config(), n, dev)?;
+        let groups = p.optimizee.host().groups();
+        let lstm = Lstms::new(phi, groups.as_ref(), n, dev, DType::F32)?;
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&lstm, carry))).map_err(
+            |p| {
+                Error::Backend(format!(
+                    "the {} device failed: {}",
+                    self.backend,
+                    panic_text(&*p)
+                ))
+            },
+        )?
     }
 
     /// f(θ_t) for t = 0 ..= steps under the learned optimizer from θ₀, state carried
