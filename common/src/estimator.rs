@@ -161,7 +161,7 @@ pub struct Pes {
     pairs: Vec<Pair>,
 }
 
-/// One antithetic pair: ξ and the carries of φ + ξ's and φ − ξ's particles.
+/// One antithetic pair: ξ and the carries of its two particles (run with φ + ε and φ − ε).
 #[derive(Debug, Clone)]
 struct Pair {
     xi: Vec<f32>,
@@ -224,26 +224,14 @@ impl Pes {
         let mut meta_loss = 0f64;
         let mut losses: Vec<f64> = Vec::new();
         let particles = 2.0 * self.pairs.len() as f64;
-        for pair in &mut self.pairs {
+        // Each pair's carries move through the engine and back: no copies.
+        for mut pair in std::mem::take(&mut self.pairs) {
             let eps: Vec<f32> = (0..n)
                 .map(|_| (self.rng.normal() * sigma as f64) as f32)
                 .collect();
-            let plus = engine.forward(
-                &offset(&eps, 1.0)?,
-                p,
-                pair.plus.clone(),
-                start,
-                steps,
-                weights,
-            )?;
-            let minus = engine.forward(
-                &offset(&eps, -1.0)?,
-                p,
-                pair.minus.clone(),
-                start,
-                steps,
-                weights,
-            )?;
+            let plus = engine.forward(&offset(&eps, 1.0)?, p, pair.plus, start, steps, weights)?;
+            let minus =
+                engine.forward(&offset(&eps, -1.0)?, p, pair.minus, start, steps, weights)?;
             let diff = plus.meta_loss - minus.meta_loss;
             for ((g, xi), e) in grad.iter_mut().zip(&mut pair.xi).zip(&eps) {
                 *xi += e;
@@ -256,6 +244,7 @@ impl Pes {
             }
             pair.plus = plus.carry;
             pair.minus = minus.carry;
+            self.pairs.push(pair);
         }
         let scale = 1.0 / (2.0 * (sigma as f64).powi(2) * self.pairs.len() as f64);
         let grad: Vec<f32> = grad.iter().map(|g| (g * scale) as f32).collect();

@@ -25,6 +25,9 @@ pub struct Lease {
     pub worker: u64,
     /// The instance it is for.
     pub instance: Instance,
+    /// Whether the instance's family samples minibatches from a data set (its gradients
+    /// must then name the run's data-set fingerprint); decided once, at the grant.
+    pub needs_data: bool,
     /// Renewed by heartbeats and submissions.
     pub deadline: Instant,
     /// Which truncations were accepted (a retry of one is acknowledged, not applied).
@@ -80,6 +83,7 @@ impl LeaseTable {
             id,
             Lease {
                 worker,
+                needs_data: instance.spec().is_ok_and(|s| s.needs_data()),
                 instance,
                 deadline: now + self.timeout,
                 accepted: vec![false; truncations],

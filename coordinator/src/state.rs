@@ -152,7 +152,7 @@ pub struct Coordinator {
     /// Reused buffer for decoding submitted gradients (no allocation per request).
     scratch: Vec<f32>,
     /// The gradient estimator every lease carries.
-    estimator: l2l_proto::v1::Estimator,
+    estimator: l2l_common::estimator::Estimator,
 }
 
 /// The persistent part of a coordinator, as a checkpoint holds it.
@@ -270,7 +270,7 @@ impl Coordinator {
             counters: snapshot.counters,
             recent_updates: VecDeque::new(),
             scratch: Vec::with_capacity(n),
-            estimator: l2l_proto::v1::Estimator::of(&config.estimator.estimator()?),
+            estimator: config.estimator.estimator()?,
             optimizer,
             groups,
             config,
@@ -449,7 +449,7 @@ impl Coordinator {
             trajectory_steps: self.config.trajectory_steps,
             truncation_steps: self.config.truncation_steps,
             step_weights: self.config.step_weights(),
-            estimator: Some(self.estimator.clone()),
+            estimator: Some(l2l_proto::v1::Estimator::of(&self.estimator)),
         })
     }
 
@@ -584,8 +584,7 @@ impl Coordinator {
             .check(norm, req.meta_loss)
             .map_err(Refusal::TooLarge)?;
         // One data set per run: the first fingerprint accepted is kept, others refused.
-        let needs_data = lease.instance.spec().is_ok_and(|s| s.needs_data());
-        let pin = if needs_data {
+        let pin = if lease.needs_data {
             let got = &req.data_fingerprint;
             if got.is_empty() {
                 return Err(Refusal::WrongData {
@@ -780,10 +779,7 @@ impl Coordinator {
             trajectories_done: c.trajectories_done,
             leases_expired: c.leases_expired,
             aggregation: format!("{:?}", self.config.aggregation.mode).to_lowercase(),
-            estimator: self
-                .estimator
-                .estimator()
-                .map_or_else(|e| e.to_string(), |e| e.to_string()),
+            estimator: self.estimator.to_string(),
             workers,
             workers_total: self.workers.len() as u64,
             updates_refused: c.updates_refused,

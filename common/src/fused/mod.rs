@@ -103,7 +103,7 @@ pub fn forward(
     weights: Option<&[f32]>,
 ) -> Result<Forward<HostCarry>, Error> {
     let steps = weights.map_or(steps, <[f32]>::len);
-    let mut records = Vec::new();
+    let mut records = FORWARD_RECORDS.with(|r| std::mem::take(&mut *r.borrow_mut()));
     let out = run(
         Pass::Forward,
         false,
@@ -114,7 +114,9 @@ pub fn forward(
         steps,
         weights,
         &mut records,
-    )?;
+    );
+    FORWARD_RECORDS.with(|r| *r.borrow_mut() = records);
+    let out = out?;
     Ok(Forward {
         meta_loss: out.meta_loss,
         losses: out.losses,
@@ -143,12 +145,17 @@ thread_local! {
     /// Step records kept between calls on this thread: a worker's truncations all have
     /// the same size, so after the first one no memory is allocated or zeroed.
     static RECORDS: std::cell::RefCell<Vec<Vec<f32>>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// The two records of [`forward`], kept apart from [`RECORDS`] so that a forward
+    /// pass (PES runs many per truncation) neither shrinks nor reallocates those.
+    static FORWARD_RECORDS: std::cell::RefCell<Vec<Vec<f32>>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Frees the step records this thread keeps between calls (they are as large as the
-/// biggest truncation run on it: T+1 records of about 280 floats per coordinate).
+/// biggest truncation run on it: T+1 records of about 280 floats per coordinate, and
+/// the forward pass's two).
 pub fn release_buffers() {
     RECORDS.with(|r| r.borrow_mut().clear());
+    FORWARD_RECORDS.with(|r| r.borrow_mut().clear());
 }
 
 /// [`meta_grad`], with `portable` forcing the kernels that run on any CPU.
