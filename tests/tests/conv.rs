@@ -155,8 +155,10 @@ fn a_two_group_meta_gradient_agrees_across_backends_and_misfits_are_refused() {
         .lines()
         .find(|l| l.starts_with("fused"))
         .expect("a fused row");
+    // A share, not a timing: both times are measured separately, so with one run on a
+    // busy machine it may pass 100%; the test checks that it is computed, not its size.
     let share: f64 = fused.split_whitespace().last().unwrap().parse().unwrap();
-    assert!((0.0..=100.0).contains(&share), "{fused}");
+    assert!(share.is_finite() && share > 0.0, "{fused}");
     assert!(stdout.lines().any(|l| l.starts_with("flex")), "{stdout}");
 
     // A one-group φ for the two-group family, and a grouped φ for one LSTM: refused,

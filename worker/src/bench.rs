@@ -199,6 +199,11 @@ fn run_problem(a: Bench, spec: ProblemSpec) -> Result<()> {
     // The optimizee alone: T + 1 evaluations at θ₀ (the fused path's calls per truncation).
     let theta = optimizee.theta0().to_vec();
     let mut g = vec![0f32; n];
+    // One untimed pass first, even with `--warmup 0`: the first evaluation pays for page
+    // faults and caches that the unrolls measured after it do not.
+    for t in 0..=steps {
+        host.eval(&theta, t, &mut g);
+    }
     let mut alone: Vec<f64> = (0..a.warmup + a.runs)
         .map(|_| {
             let start = Instant::now();
