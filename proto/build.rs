@@ -8,6 +8,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         // φ travels as bytes encoded once per version; `Bytes` clones share them.
         .bytes(".l2l.v1.FetchPhiReply.phi")
+        .bytes(".l2l.v1.ValidateReply.phi")
         .bytes(".l2l.v1.SubmitRequest.grad")
         .compile_protos(&["proto/l2l.proto"], &["proto"])?;
     println!("cargo:rerun-if-changed=proto/l2l.proto");

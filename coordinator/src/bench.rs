@@ -219,6 +219,7 @@ async fn simulate(
         .register(RegisterRequest {
             name: format!("sim-{i}"),
             backend: "none".into(),
+            ..Default::default()
         })
         .await?
         .into_inner();

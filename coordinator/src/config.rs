@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::adam::AdamConfig;
 use crate::guard::GuardConfig;
 use crate::sampler::FamilyConfig;
+use crate::validation::ValidationConfig;
 
 /// Largest S: a lease records one flag per truncation and carries one weight per step.
 pub const MAX_TRAJECTORY_STEPS: u32 = 1_000_000;
@@ -205,6 +206,8 @@ pub struct Config {
     pub estimator: EstimatorConfig,
     /// The aggregation rule.
     pub aggregation: AggregationConfig,
+    /// Validation while meta-training, by workers in the evaluator role.
+    pub validation: ValidationConfig,
     /// Token and TLS.
     pub security: SecurityConfig,
     /// Problem families instances are sampled from, by weight.
@@ -234,6 +237,7 @@ impl Default for Config {
             guard: GuardConfig::default(),
             estimator: EstimatorConfig::default(),
             aggregation: AggregationConfig::default(),
+            validation: ValidationConfig::default(),
             security: SecurityConfig::default(),
             problems: vec![FamilyConfig::default()],
         }
@@ -365,6 +369,7 @@ impl Config {
         self.adam.validate().map_err(anyhow::Error::msg)?;
         self.guard.validate().map_err(anyhow::Error::msg)?;
         self.estimator.estimator()?;
+        self.validation.validate()?;
         if !(1..=1_000_000).contains(&self.max_workers) {
             bail!(
                 "max_workers must be in 1..=1000000, got {}",

@@ -24,3 +24,4 @@ pub mod schedule;
 pub mod service;
 pub mod state;
 pub mod status;
+pub mod validation;

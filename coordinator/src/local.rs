@@ -30,6 +30,10 @@ pub struct Local {
     /// Worker threads to run beside the coordinator.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=256))]
     pub workers: u32,
+    /// Evaluator threads for the run's validation jobs (`[validation]`; default: one when
+    /// the run validates, none otherwise).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(0..=16))]
+    pub evaluators: Option<u32>,
     /// Fresh quadratics (128 × 10-d each) to report the comparison on (runs on quadratics
     /// only; for other families the run prints the `l2l-worker eval` command to use).
     #[arg(long, default_value_t = 16)]
@@ -75,6 +79,8 @@ pub fn default_config(workers: u32) -> Config {
     c.aggregation.mode = Mode::Sync;
     c.aggregation.quorum = workers as usize;
     c.adam.lr = 1e-2;
+    // The validation curve by default (one evaluator thread beside the workers).
+    c.validation.every = 100;
     c
 }
 
@@ -144,19 +150,40 @@ pub async fn run(args: Local) -> Result<LocalOutcome> {
     println!("listening on {}", server.addr);
     let stop = Arc::new(AtomicBool::new(false));
     let mut handles = Vec::new();
-    for i in 0..args.workers {
-        let mut opts = WorkerOptions::new(url.clone(), format!("local-{i}"));
+    let evaluators = args
+        .evaluators
+        .unwrap_or(u32::from(config.validation.enabled()));
+    if evaluators > 0 && !config.validation.enabled() {
+        bail!(
+            "--evaluators {evaluators}: this run validates nothing; set [validation] every in the configuration"
+        );
+    }
+    let mut evaluator_handles = Vec::new();
+    for i in 0..args.workers + evaluators {
+        let evaluator = i >= args.workers;
+        let name = if evaluator {
+            format!("local-evaluator-{}", i - args.workers)
+        } else {
+            format!("local-{i}")
+        };
+        let mut opts = WorkerOptions::new(url.clone(), name.clone());
         opts.security = client.clone();
         opts.seed = config.seed.wrapping_add(i as u64);
         opts.data = args.data.clone();
         opts.backend = args.backend;
+        if evaluator {
+            opts.role = l2l_worker::Role::Evaluator;
+        }
         let stop = stop.clone();
-        handles.push(
-            std::thread::Builder::new()
-                .name(format!("worker-{i}"))
-                .spawn(move || run_worker(opts, stop))
-                .context("cannot start a worker thread")?,
-        );
+        let h = std::thread::Builder::new()
+            .name(name)
+            .spawn(move || run_worker(opts, stop))
+            .context("cannot start a worker thread")?;
+        if evaluator {
+            evaluator_handles.push(h);
+        } else {
+            handles.push(h);
+        }
     }
     let (started, trajectories_before) = (
         Instant::now(),
@@ -171,7 +198,7 @@ pub async fn run(args: Local) -> Result<LocalOutcome> {
     const JOIN_LIMIT: Duration = Duration::from_secs(60);
     let mut none_joined = false;
     let interrupted = loop {
-        let (version, loss, rate, finished, joined) = {
+        let (version, loss, rate, finished, joined, validation) = {
             let c = server.shared.lock();
             let s = c.status(Instant::now());
             (
@@ -180,6 +207,7 @@ pub async fn run(args: Local) -> Result<LocalOutcome> {
                 s.updates_per_second,
                 c.finished(),
                 s.workers_total > 0 || c.counters().accepted > 0,
+                s.validation.as_ref().and_then(validation_line),
             )
         };
         // No meta-loss before the first update.
@@ -189,10 +217,11 @@ pub async fn run(args: Local) -> Result<LocalOutcome> {
             "–".into()
         };
         progress.set_position(version);
-        progress.set_message(format!("meta-loss {loss}  {rate:.1} updates/s"));
+        let validation = validation.map(|v| format!("  {v}")).unwrap_or_default();
+        progress.set_message(format!("meta-loss {loss}  {rate:.1} updates/s{validation}"));
         if plain && version >= next_line {
             eprintln!(
-                "update {version}/{}  meta-loss {loss}  {rate:.1} updates/s",
+                "update {version}/{}  meta-loss {loss}  {rate:.1} updates/s{validation}",
                 config.max_updates
             );
             next_line = version + (config.max_updates / 10).max(1);
@@ -210,7 +239,24 @@ pub async fn run(args: Local) -> Result<LocalOutcome> {
         }
     };
     progress.finish();
+    // The last validation jobs (the final φ's among them) finish before the evaluators stop.
+    if !interrupted && !evaluator_handles.is_empty() {
+        let limit = Duration::from_millis(config.validation.timeout_ms);
+        let since = Instant::now();
+        let mut said = false;
+        while !server.shared.lock().validation_idle()
+            && !evaluator_handles.iter().all(|h| h.is_finished())
+            && since.elapsed() < limit
+        {
+            if !said {
+                eprintln!("waiting for the last validation jobs");
+                said = true;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
     stop.store(true, Ordering::Relaxed);
+    handles.extend(evaluator_handles);
     for h in handles {
         match h.join() {
             Ok(Ok(_)) => {}
@@ -232,6 +278,10 @@ pub async fn run(args: Local) -> Result<LocalOutcome> {
         trajectories as f64 / elapsed.max(1e-9)
     );
     let phi = server.shared.lock().phi()?;
+    let server_validation = {
+        let s = server.shared.lock().status(Instant::now());
+        s.validation.map(|v| validation_summary(&v, &config.dir))
+    };
     let ckpt = server.shutdown().await?;
     let phi_path = run_dir::save_final_phi(&config.dir, &run, &phi)?;
     eprintln!("checkpoint {}", ckpt.display());
@@ -249,6 +299,9 @@ pub async fn run(args: Local) -> Result<LocalOutcome> {
         );
     }
     println!("learned optimizer φ written to {}", phi_path.display());
+    if let Some(v) = server_validation {
+        println!("{v}");
+    }
     let report = if config.problems.iter().all(|p| p.family == "quadratic") {
         let report =
             tokio::task::spawn_blocking(move || evaluate(&phi, config.seed, args.eval_problems))
@@ -272,6 +325,43 @@ pub async fn run(args: Local) -> Result<LocalOutcome> {
         meta_losses,
         report,
     })
+}
+
+/// The progress line's validation part: the newest ratio and the best; none before the
+/// first validation.
+fn validation_line(v: &l2l_proto::v1::ValidationStatus) -> Option<String> {
+    let last = v.last_version?;
+    let best = v
+        .best_version
+        .map(|b| format!(", best {:.3} at {}", v.best_score, b.step))
+        .unwrap_or_default();
+    Some(format!(
+        "validation at {}: {:.3} of {}{best}",
+        last.step, v.last_ratio_mean, v.baseline
+    ))
+}
+
+/// What the run's validation came to, for the end of a local run.
+fn validation_summary(v: &l2l_proto::v1::ValidationStatus, dir: &std::path::Path) -> String {
+    let csv = dir.join(crate::validation::VALIDATION_FILE);
+    match v.best_version {
+        Some(b) => format!(
+            "validation: {} recorded this session ({} dropped), curve in {}; best φ by validation \
+             (learned / tuned {} = {:.3}, by the {} loss) at update {}: {}",
+            v.done,
+            v.dropped,
+            csv.display(),
+            v.baseline,
+            v.best_score,
+            v.select,
+            b.step,
+            dir.join(crate::validation::BEST_FILE).display()
+        ),
+        None => format!(
+            "validation: {} recorded this session ({} dropped); no best φ yet",
+            v.done, v.dropped
+        ),
+    }
 }
 
 fn progress_bar(len: u64) -> ProgressBar {

@@ -157,6 +157,46 @@ impl Collector for CoordinatorCollector {
                 ConstGauge::new(n as f64).encode(m.encode_family(&labels)?)?;
             }
         }
+        if let Some(v) = &status.validation {
+            counter(
+                &mut e,
+                "validations",
+                "Validations recorded since this coordinator started",
+                v.done,
+            )?;
+            counter(
+                &mut e,
+                "validations_dropped",
+                "Validation jobs dropped (no evaluator took them, or an evaluator went silent)",
+                v.dropped,
+            )?;
+            if let Some(last) = v.last_version {
+                gauge(
+                    &mut e,
+                    "validation_version",
+                    "φ version of the newest validation",
+                    last.step as f64,
+                )?;
+                let mut m = e.encode_descriptor(
+                    "validation_ratio",
+                    "Newest validation: learned / tuned baseline loss, over the mean of steps 1..S or at step S",
+                    None,
+                    MetricType::Gauge,
+                )?;
+                for (at, r) in [("mean", v.last_ratio_mean), ("final", v.last_ratio_final)] {
+                    let labels = [("at", at)];
+                    ConstGauge::new(r).encode(m.encode_family(&labels)?)?;
+                }
+            }
+            if v.best_version.is_some() {
+                gauge(
+                    &mut e,
+                    "validation_best_score",
+                    "Best validation score of the run (the selected ratio; best.safetensors)",
+                    v.best_score,
+                )?;
+            }
+        }
         gauge(
             &mut e,
             "live_leases",

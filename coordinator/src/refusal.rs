@@ -81,6 +81,21 @@ pub enum Refusal {
         /// The limit in force.
         max: usize,
     },
+    /// The validation job is held by no evaluator (answered, expired or never handed out).
+    UnknownJob {
+        /// The id given.
+        job: u64,
+    },
+    /// The validation job is held by another evaluator.
+    ForeignJob {
+        /// The id given.
+        job: u64,
+    },
+    /// A validation result that cannot be a job's curves.
+    BadCurve {
+        /// What is wrong with it.
+        why: String,
+    },
     /// The gradient was computed on another training data set than the run's, or names
     /// none for a family that needs data.
     WrongData {
@@ -111,6 +126,9 @@ impl Refusal {
             Refusal::TooLarge(_) => Reason::TooLarge,
             Refusal::TooManyWorkers { .. } => Reason::TooManyWorkers,
             Refusal::WrongData { .. } => Reason::WrongData,
+            Refusal::UnknownJob { .. } => Reason::UnknownLease,
+            Refusal::ForeignJob { .. } => Reason::ForeignLease,
+            Refusal::BadCurve { .. } => Reason::Shape,
         }
     }
 
@@ -191,6 +209,14 @@ impl fmt::Display for Refusal {
                 f,
                 "{max} workers are registered and live (max_workers); retry later or raise max_workers"
             ),
+            Refusal::UnknownJob { job } => write!(
+                f,
+                "validation job {job} is held by no evaluator (answered, expired, or never handed out); ask for a new job"
+            ),
+            Refusal::ForeignJob { job } => {
+                write!(f, "validation job {job} is held by another evaluator")
+            }
+            Refusal::BadCurve { why } => write!(f, "validation result refused: {why}"),
             Refusal::WrongData { got, .. } if got.is_empty() => write!(
                 f,
                 "this instance's family needs data, and the submission names no data-set fingerprint; \

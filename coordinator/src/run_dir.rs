@@ -111,7 +111,12 @@ fn phi_run(path: &Path) -> Result<Option<String>> {
 /// returns that folder, or none when there was nothing to move.
 fn abandon(dir: &Path) -> Result<Option<PathBuf>> {
     let mut files: Vec<PathBuf> = checkpoint::list(dir)?.into_iter().map(|(_, p)| p).collect();
-    for name in [RUN_FILE, PHI_FILE] {
+    for name in [
+        RUN_FILE,
+        PHI_FILE,
+        crate::validation::BEST_FILE,
+        crate::validation::VALIDATION_FILE,
+    ] {
         let p = dir.join(name);
         if p.exists() {
             files.push(p);

@@ -18,6 +18,7 @@ use l2l_proto::v1::coordinator_server::{Coordinator as Rpc, CoordinatorServer};
 use l2l_proto::v1::{
     FetchPhiReply, FetchPhiRequest, HeartbeatReply, HeartbeatRequest, LeaseReply, LeaseRequest,
     RegisterReply, RegisterRequest, StatusReply, StatusRequest, SubmitReply, SubmitRequest,
+    SubmitValidationReply, SubmitValidationRequest, ValidateReply, ValidateRequest,
 };
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -52,6 +53,9 @@ pub struct Shared {
     version: watch::Sender<u64>,
     /// Readiness, checkpoint age and authentication refusals.
     pub stats: Arc<ServiceStats>,
+    /// Held from the decision on a validation result to its files being written, so the
+    /// best φ on disk is the best decided, whatever order results arrive in.
+    validation_files: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Shared {
@@ -62,6 +66,7 @@ impl Shared {
             inner: Arc::new(Mutex::new(c)),
             version,
             stats: Arc::default(),
+            validation_files: Arc::default(),
         }
     }
 
@@ -95,8 +100,12 @@ impl Rpc for Shared {
             Status::unavailable("cannot draw a session secret; retry later")
         })?;
         let mut c = self.lock();
+        let role = l2l_proto::role::Role::from_wire(&r.role).unwrap_or_else(|| {
+            tracing::warn!(role = %crate::state::sanitize_name(&r.role), "unknown worker role; registered as a trainer");
+            l2l_proto::role::Role::Trainer
+        });
         let id = c
-            .register(&r.name, &r.backend, session, Instant::now())
+            .register_as(&r.name, &r.backend, role, session, Instant::now())
             .map_err(|e| e.to_status())?;
         Ok(Response::new(RegisterReply {
             worker_id: id,
@@ -170,6 +179,57 @@ impl Rpc for Shared {
         }))
     }
 
+    async fn validate(
+        &self,
+        req: Request<ValidateRequest>,
+    ) -> Result<Response<ValidateReply>, Status> {
+        let r = req.into_inner();
+        let reply = self
+            .lock()
+            .validate(r.worker_id, &r.session, Instant::now());
+        reply.map(Response::new).map_err(|e| e.to_status())
+    }
+
+    async fn submit_validation(
+        &self,
+        req: Request<SubmitValidationRequest>,
+    ) -> Result<Response<SubmitValidationReply>, Status> {
+        let r = req.into_inner();
+        let _files = self.validation_files.lock().await;
+        let (result, dir) = {
+            let mut c = self.lock();
+            (
+                c.submit_validation(&r, Instant::now()),
+                c.config().dir.clone(),
+            )
+        };
+        let (record, best) = result.map_err(|e| {
+            tracing::info!(
+                worker = r.worker_id,
+                job = r.job_id,
+                reason = e.reason(),
+                "validation result refused: {e}"
+            );
+            e.to_status()
+        })?;
+        let reply = SubmitValidationReply {
+            best: record.best,
+            score: record.score,
+        };
+        let written = tokio::task::spawn_blocking(move || {
+            crate::validation::write(&dir, &record, best.as_ref())
+        })
+        .await;
+        match written {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::error!(error = %format!("{e:#}"), "cannot write the validation files")
+            }
+            Err(e) => tracing::error!(error = %e, "the validation writer panicked"),
+        }
+        Ok(Response::new(reply))
+    }
+
     async fn status(&self, _req: Request<StatusRequest>) -> Result<Response<StatusReply>, Status> {
         let mut reply = self.lock().status(Instant::now());
         let unauthenticated = self.stats.unauthenticated.load(Ordering::Relaxed);
@@ -220,7 +280,14 @@ fn message_limits(c: &Coordinator) -> (usize, usize) {
     let phi_file = c.fetch_phi(None).phi.len();
     // A lease reply carries one f32 weight per trajectory step.
     let weights = c.config().trajectory_steps as usize * 4;
-    (params * 4 + SLACK, phi_file.max(weights) + SLACK)
+    // A validation job carries φ's file and its instances; a result's two curves (at most
+    // 2 × 2,001 f64, 32 KB) fit in the slack, so the request limit stays a gradient's.
+    let instances =
+        (crate::validation::MAX_INSTANCES + crate::validation::MAX_TUNE_INSTANCES) * 1024;
+    (
+        params * 4 + SLACK,
+        phi_file.max(weights).max(phi_file + instances) + SLACK,
+    )
 }
 
 impl Server {

@@ -20,6 +20,9 @@ use crate::guard::{Guard, l2_norm};
 use crate::lease::{LeaseState, LeaseTable};
 use crate::refusal::Refusal;
 use crate::sampler::Sampler;
+use crate::validation::{NewBest, Record, Validator};
+use l2l_proto::role::Role;
+use l2l_proto::v1::{SubmitValidationRequest, ValidateReply};
 
 /// Counters that survive restarts (saved in checkpoints).
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -111,6 +114,7 @@ struct WorkerRecord {
     session: [u8; SESSION_BYTES],
     name: String,
     backend: String,
+    role: Role,
     last_seen: Instant,
     accepted: u64,
     /// Whether it has been told that the run is finished.
@@ -153,6 +157,8 @@ pub struct Coordinator {
     scratch: Vec<f32>,
     /// The gradient estimator every lease carries.
     estimator: l2l_common::estimator::Estimator,
+    /// Validation jobs and results, when the run validates.
+    validator: Option<Validator>,
 }
 
 /// The persistent part of a coordinator, as a checkpoint holds it.
@@ -241,6 +247,25 @@ impl Coordinator {
                 .check_phi(snapshot.phi.names().as_deref())
                 .context("φ does not fit the run's problems")?;
         }
+        let validator = if config.validation.enabled() {
+            let best = crate::validation::read_best(&config.dir, &snapshot.run)?;
+            let first = config.problems[0].spec()?;
+            let v = Validator::new(
+                &config.validation,
+                &first,
+                config.trajectory_steps,
+                snapshot.epoch,
+                best,
+            )?;
+            if let Some(v) = &v {
+                v.spec()
+                    .check_phi(snapshot.phi.names().as_deref())
+                    .context("φ does not fit validation.problem")?;
+            }
+            v
+        } else {
+            None
+        };
         let n = snapshot.phi.num_params();
         if snapshot.adam.m.len() != n || snapshot.adam.v.len() != n {
             anyhow::bail!("Adam's moments do not have φ's {n} values");
@@ -271,6 +296,7 @@ impl Coordinator {
             recent_updates: VecDeque::new(),
             scratch: Vec::with_capacity(n),
             estimator: config.estimator.estimator()?,
+            validator,
             optimizer,
             groups,
             config,
@@ -345,7 +371,7 @@ impl Coordinator {
         Ok(())
     }
 
-    /// Registers a worker holding `session` (random, from the caller); returns its id.
+    /// Registers a trainer holding `session` (random, from the caller); returns its id.
     ///
     /// Workers not seen for `forget_workers_after_ms` are forgotten first; when the table
     /// still holds `max_workers`, the registration is refused.
@@ -353,6 +379,18 @@ impl Coordinator {
         &mut self,
         name: &str,
         backend: &str,
+        session: [u8; SESSION_BYTES],
+        now: Instant,
+    ) -> Result<u64, Refusal> {
+        self.register_as(name, backend, Role::Trainer, session, now)
+    }
+
+    /// [`Coordinator::register`] for a worker in `role`.
+    pub fn register_as(
+        &mut self,
+        name: &str,
+        backend: &str,
+        role: Role,
         session: [u8; SESSION_BYTES],
         now: Instant,
     ) -> Result<u64, Refusal> {
@@ -367,13 +405,14 @@ impl Coordinator {
         let id = self.next_worker;
         self.next_worker += 1;
         let (name, backend) = (sanitize_name(name), sanitize_name(backend));
-        tracing::info!(worker = id, %name, %backend, "worker registered");
+        tracing::info!(worker = id, %name, %backend, %role, "worker registered");
         self.workers.insert(
             id,
             WorkerRecord {
                 session,
                 name,
                 backend,
+                role,
                 last_seen: now,
                 accepted: 0,
                 told_finished: false,
@@ -678,6 +717,21 @@ impl Coordinator {
             // Only a non-finite φ could fail here, and the step above refuses those.
             tracing::error!(error = %e, "cannot encode φ");
         }
+        if self
+            .validator
+            .as_ref()
+            .is_some_and(|v| v.is_due(self.version))
+        {
+            match self.phi() {
+                Ok(phi) => {
+                    let (version, bytes) = (self.version(), self.phi_bytes.clone());
+                    if let Some(v) = self.validator.as_mut() {
+                        v.queue(version, phi, bytes);
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "cannot queue φ for validation"),
+            }
+        }
         tracing::debug!(
             version = self.version,
             meta_loss = u.meta_loss,
@@ -691,6 +745,9 @@ impl Coordinator {
     pub fn tick(&mut self, now: Instant) -> bool {
         let expired = self.leases.expire(now);
         self.counters.leases_expired += expired as u64;
+        if let Some(v) = self.validator.as_mut() {
+            v.expire(now);
+        }
         if expired > 0 {
             tracing::warn!(expired, "leases expired; their trajectories are dropped");
         }
@@ -753,6 +810,7 @@ impl Coordinator {
                 worker_id: *id,
                 name: w.name.clone(),
                 backend: w.backend.clone(),
+                role: w.role.name().into(),
                 accepted: w.accepted,
                 seconds_since_seen: now.saturating_duration_since(w.last_seen).as_secs_f64(),
             })
@@ -784,7 +842,78 @@ impl Coordinator {
             workers_total: self.workers.len() as u64,
             updates_refused: c.updates_refused,
             median_grad_norm: self.guard.median().unwrap_or(0.0),
+            validation: self.validator.as_ref().map(Validator::status),
         }
+    }
+
+    /// Hands `worker` (holding `session`) the oldest waiting validation job, if any.
+    ///
+    /// Refused once the run is finished and no job is left; a run without validation
+    /// answers `enabled: false`.
+    pub fn validate(
+        &mut self,
+        worker: u64,
+        session: &[u8],
+        now: Instant,
+    ) -> Result<ValidateReply, Refusal> {
+        self.authorize(worker, session, now)
+            .map_err(|r| self.count_refusal(r))?;
+        let finished = self.finished();
+        let Some(v) = self.validator.as_mut() else {
+            return Ok(ValidateReply::default());
+        };
+        v.expire(now);
+        if finished && v.idle() {
+            self.tell_finished(worker);
+            return Err(Refusal::Finished);
+        }
+        Ok(v.take(worker, now))
+    }
+
+    /// Records a validation result of `req.worker_id`: its row, and φ to write as the
+    /// run's best when it beats every earlier validation (the caller writes both).
+    pub fn submit_validation(
+        &mut self,
+        req: &SubmitValidationRequest,
+        now: Instant,
+    ) -> Result<(Record, Option<NewBest>), Refusal> {
+        let r = self.check_validation(req, now);
+        r.map_err(|r| self.count_refusal(r))
+    }
+
+    fn check_validation(
+        &mut self,
+        req: &SubmitValidationRequest,
+        now: Instant,
+    ) -> Result<(Record, Option<NewBest>), Refusal> {
+        self.authorize(req.worker_id, &req.session, now)?;
+        let Some(v) = self.validator.as_mut() else {
+            return Err(Refusal::UnknownJob { job: req.job_id });
+        };
+        v.expire(now);
+        v.check(req)?;
+        if v.needs_data() {
+            // The curves are only comparable on the run's data set; a validation never
+            // pins one (only a gradient does).
+            if let Some(want) = &self.counters.data_fingerprint
+                && !want.eq_ignore_ascii_case(&req.data_fingerprint)
+            {
+                return Err(Refusal::WrongData {
+                    got: req.data_fingerprint.chars().take(64).collect(),
+                    want: want.clone(),
+                });
+            }
+        }
+        let run = self.run.clone();
+        match self.validator.as_mut() {
+            Some(v) => v.complete(req, &run),
+            None => Err(Refusal::UnknownJob { job: req.job_id }),
+        }
+    }
+
+    /// True when no validation job waits or runs (or the run validates nothing).
+    pub fn validation_idle(&self) -> bool {
+        self.validator.as_ref().is_none_or(Validator::idle)
     }
 }
 

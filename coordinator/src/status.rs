@@ -41,7 +41,7 @@ pub async fn run(a: Status) -> Result<()> {
             .workers
             .iter()
             .map(|w| {
-                json!({"id": w.worker_id, "name": w.name, "backend": w.backend,
+                json!({"id": w.worker_id, "name": w.name, "backend": w.backend, "role": w.role,
                             "accepted": w.accepted, "seconds_since_seen": w.seconds_since_seen})
             })
             .collect();
@@ -58,6 +58,16 @@ pub async fn run(a: Status) -> Result<()> {
                 "trajectories_done": s.trajectories_done, "leases_expired": s.leases_expired,
                 "updates_refused": s.updates_refused, "median_grad_norm": s.median_grad_norm,
                 "workers_total": s.workers_total, "workers": workers,
+                "validation": s.validation.as_ref().map(|v| json!({
+                    "every": v.every, "baseline": v.baseline, "select": v.select,
+                    "done": v.done, "dropped": v.dropped, "waiting": v.waiting,
+                    "running": v.running,
+                    "last_version": v.last_version.map(|x| x.step),
+                    "last_ratio_mean": v.last_version.map(|_| v.last_ratio_mean),
+                    "last_ratio_final": v.last_version.map(|_| v.last_ratio_final),
+                    "best_version": v.best_version.map(|x| x.step),
+                    "best_score": v.best_version.map(|_| v.best_score),
+                })),
             })
         );
         return Ok(());
@@ -91,14 +101,38 @@ pub async fn run(a: Status) -> Result<()> {
         "gradients      median norm {:.4e}, {} updates refused as non-finite",
         s.median_grad_norm, s.updates_refused
     );
+    match &s.validation {
+        None => println!("validation     off"),
+        Some(v) => {
+            let last = match v.last_version {
+                Some(l) => format!(
+                    "at update {}: learned / {} {:.4} (mean over steps), {:.4} (last step)",
+                    l.step, v.baseline, v.last_ratio_mean, v.last_ratio_final
+                ),
+                None => "none yet".into(),
+            };
+            println!("validation     every {} updates, {last}", v.every);
+            if let Some(b) = v.best_version {
+                println!(
+                    "  best         {:.4} ({} loss) at update {} (epoch {})",
+                    v.best_score, v.select, b.step, b.epoch
+                );
+            }
+            println!(
+                "  jobs         {} done, {} waiting, {} running, {} dropped",
+                v.done, v.waiting, v.running, v.dropped
+            );
+        }
+    }
     // Names come from the wire: shown sanitised whatever the coordinator sent.
     use crate::state::sanitize_name;
     for w in &s.workers {
         println!(
-            "  worker {:<4} {:<20} {:<6} accepted {:<8} seen {:.1}s ago",
+            "  worker {:<4} {:<20} {:<6} {:<9} accepted {:<8} seen {:.1}s ago",
             w.worker_id,
             sanitize_name(&w.name),
             sanitize_name(&w.backend),
+            sanitize_name(&w.role),
             w.accepted,
             w.seconds_since_seen
         );

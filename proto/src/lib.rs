@@ -1,7 +1,8 @@
 //! The l2l wire contract and what both sides need to speak it: gRPC service
 //! `l2l.v1.Coordinator`, generated from `proto/l2l.proto`; the shared token ([`auth`]);
 //! why a request was refused ([`refusal::Reason`]); instances and the problem specs they
-//! name ([`instance`]); the run's gradient estimator on a lease ([`estimator`]); how a
+//! name ([`instance`]); the run's gradient estimator on a lease ([`estimator`]); a
+//! worker's role ([`role`]); how a
 //! client connects, with TLS ([`client`]); the Prometheus endpoint ([`metrics_http`]) and
 //! the logging ([`logging`]) of both binaries.
 //!
@@ -19,6 +20,7 @@ pub mod instance;
 pub mod logging;
 pub mod metrics_http;
 pub mod refusal;
+pub mod role;
 
 /// Package `l2l.v1`.
 #[allow(missing_docs)]

@@ -228,6 +228,7 @@ fn coordinator_restart_resumes_and_workers_rejoin() {
             .register(RegisterRequest {
                 name: "old".into(),
                 backend: "none".into(),
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -306,6 +307,7 @@ fn bad_submissions_over_the_wire_are_refused_and_phi_is_untouched() {
         let reg = |name: &str| RegisterRequest {
             name: name.into(),
             backend: "none".into(),
+            ..Default::default()
         };
         let me = client.register(reg("me")).await.unwrap().into_inner();
         let other = client.register(reg("other")).await.unwrap().into_inner();
@@ -495,6 +497,7 @@ fn expired_leases_oversized_messages_and_finished_runs_have_their_codes() {
             .register(RegisterRequest {
                 name: "me".into(),
                 backend: "none".into(),
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -683,6 +686,7 @@ fn registrations_beyond_max_workers_are_refused_with_their_code() {
         let reg = |name: &str| RegisterRequest {
             name: name.into(),
             backend: "none".into(),
+            ..Default::default()
         };
         client.register(reg("a")).await.unwrap();
         client.register(reg("b")).await.unwrap();
@@ -694,4 +698,99 @@ fn registrations_beyond_max_workers_are_refused_with_their_code() {
         );
     });
     assert_eq!(c.status()["workers_total"], 2);
+}
+
+#[test]
+fn a_run_validates_through_its_evaluators_and_keeps_the_best_phi() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("run");
+    std::fs::create_dir_all(&d).unwrap();
+    let cfg = dir.path().join("validate.toml");
+    std::fs::write(
+        &cfg,
+        "[validation]\nevery = 5\ninstances = 2\ntune_instances = 2\nsteps = 20\n",
+    )
+    .unwrap();
+    let c = Coordinator::serve(
+        &d,
+        "127.0.0.1:0",
+        &["--config", s(&cfg), "--max-updates", "30", "--quorum", "1"],
+    );
+    let mut trainer = start_worker(&c.url(), "trainer", &dir.path().join("t.log"));
+    let evaluator_host = l2l_tests::Host {
+        env: vec![("L2L_ROLE".into(), "evaluator".into())],
+        ..Default::default()
+    };
+    let elog = dir.path().join("e.log");
+    let mut evaluator = l2l_tests::start_worker_on(&evaluator_host, &c.url(), "eval", &elog);
+    let st = c.wait_for(Duration::from_secs(120), "two validations", |s| {
+        s["validation"]["done"].as_u64() >= Some(2)
+    });
+    let v = &st["validation"];
+    assert_eq!(
+        (v["every"].as_u64(), v["baseline"].as_str()),
+        (Some(5), Some("adam"))
+    );
+    let last = v["last_version"].as_u64().unwrap();
+    assert!(last.is_multiple_of(5) && last >= 10, "{v}");
+    assert!(v["last_ratio_mean"].as_f64().unwrap() > 0.0, "{v}");
+    let best = v["best_version"].as_u64().expect("a best φ");
+    let roles: Vec<&str> = st["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|w| w["role"].as_str())
+        .collect();
+    assert!(
+        roles.contains(&"evaluator") && roles.contains(&"trainer"),
+        "{st}"
+    );
+    let out = coordinator(&["status", "--coordinator", &c.url()]);
+    let (stdout, _) = text(&out);
+    assert!(
+        stdout.contains("validation     every 5 updates, at update") && stdout.contains("  best "),
+        "{stdout}"
+    );
+    // The run ends; the evaluator finishes the last jobs, is told, and exits cleanly.
+    assert!(trainer.wait_exit(Duration::from_secs(120)).success());
+    assert!(
+        evaluator.wait_exit(Duration::from_secs(120)).success(),
+        "{}",
+        std::fs::read_to_string(&elog).unwrap_or_default()
+    );
+    let csv = std::fs::read_to_string(d.join("validation.csv")).unwrap();
+    let rows: Vec<&str> = csv.lines().skip(1).collect();
+    assert!(csv.starts_with("update,epoch,"), "{csv}");
+    assert!(rows.len() >= 2, "{csv}");
+    let best_row = rows
+        .iter()
+        .rfind(|r| r.ends_with(",1"))
+        .expect("a row marked best");
+    let file = l2l_common::files::TensorFile::read(&d.join("best.safetensors")).unwrap();
+    let best_version = file.metadata()["version"].clone();
+    assert!(best_version.ends_with(&format!(".{}", best_row.split(',').next().unwrap())));
+    assert!(
+        best_version
+            .split('.')
+            .nth(1)
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+            >= best
+    );
+    // The best φ is an optimizer file like any other.
+    Phi::load(&d.join("best.safetensors")).unwrap();
+}
+
+#[test]
+fn an_evaluator_of_a_run_without_validation_stops_and_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = Coordinator::serve(dir.path(), "127.0.0.1:0", &["--max-updates", "5"]);
+    let out = l2l_tests::worker(&["run", "--coordinator", &c.url(), "--role", "evaluator"]);
+    let (_, stderr) = text(&out);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("validates nothing") && stderr.contains("[validation]"),
+        "{stderr}"
+    );
 }

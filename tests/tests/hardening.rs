@@ -23,6 +23,7 @@ async fn register(client: &mut Client, name: &str) -> (u64, Vec<u8>) {
         .register(RegisterRequest {
             name: name.into(),
             backend: "none".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -392,6 +393,18 @@ impl l2l_proto::v1::coordinator_server::Coordinator for Garbage {
         &self,
         _: tonic::Request<l2l_proto::v1::StatusRequest>,
     ) -> Result<tonic::Response<l2l_proto::v1::StatusReply>, tonic::Status> {
+        Err(tonic::Status::internal("unused"))
+    }
+    async fn validate(
+        &self,
+        _: tonic::Request<l2l_proto::v1::ValidateRequest>,
+    ) -> Result<tonic::Response<l2l_proto::v1::ValidateReply>, tonic::Status> {
+        Err(tonic::Status::internal("unused"))
+    }
+    async fn submit_validation(
+        &self,
+        _: tonic::Request<l2l_proto::v1::SubmitValidationRequest>,
+    ) -> Result<tonic::Response<l2l_proto::v1::SubmitValidationReply>, tonic::Status> {
         Err(tonic::Status::internal("unused"))
     }
 }

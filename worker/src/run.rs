@@ -14,9 +14,10 @@ use l2l_common::problems::DataSource;
 use l2l_common::problems::mnist::Split;
 use l2l_proto::client::{Client, ClientSecurity, connect, explain, fatal_refusal};
 use l2l_proto::refusal::Reason;
+use l2l_proto::role::Role;
 use l2l_proto::v1::{
     FetchPhiRequest, HeartbeatRequest, Instance, LeaseReply, LeaseRequest, RegisterRequest,
-    SubmitRequest, Version,
+    SubmitRequest, SubmitValidationRequest, ValidateRequest, Version,
 };
 
 use crate::backoff::Backoff;
@@ -46,6 +47,8 @@ pub struct WorkerOptions {
     pub data: std::path::PathBuf,
     /// Where the unrolls run.
     pub backend: Backend,
+    /// Train (lease instances, submit meta-gradients) or evaluate (validation jobs).
+    pub role: Role,
 }
 
 impl WorkerOptions {
@@ -61,6 +64,7 @@ impl WorkerOptions {
             metrics: None,
             data: std::path::PathBuf::from(crate::DEFAULT_DATA),
             backend: Backend::Fused,
+            role: Role::Trainer,
         }
     }
 }
@@ -74,6 +78,8 @@ pub struct WorkerSummary {
     pub refused: u64,
     /// Trajectories run to their end.
     pub trajectories: u64,
+    /// Validation results the coordinator recorded (evaluators).
+    pub validations: u64,
 }
 
 /// How a trajectory ended.
@@ -147,6 +153,8 @@ struct Worker {
     fingerprint: String,
     /// The backend the unrolls run on.
     engine: Engine,
+    /// The baseline rates and curves an evaluator keeps across jobs.
+    evaluator: crate::validate::Evaluator,
 }
 
 /// Runs a worker until the coordinator's run is finished or `stop` is set.
@@ -178,6 +186,7 @@ pub fn run_worker(opts: WorkerOptions, stop: Arc<AtomicBool>) -> Result<WorkerSu
         stop,
         summary: WorkerSummary::default(),
         engine,
+        evaluator: crate::validate::Evaluator::new(),
     };
     w.main_loop()?;
     Ok(w.summary)
@@ -238,6 +247,7 @@ impl Worker {
         let reply = match self.rt.block_on(c.register(RegisterRequest {
             name: self.opts.name.clone(),
             backend: self.engine.describe(),
+            role: self.opts.role.name().into(),
         })) {
             Ok(r) => r.into_inner(),
             Err(e) => return Err(explain(&self.opts.security, e)),
@@ -258,6 +268,20 @@ impl Worker {
             loop {
                 if self.stopping() {
                     return Ok(());
+                }
+                if self.opts.role == Role::Evaluator {
+                    match self.validation()? {
+                        Outcome::Done => continue,
+                        Outcome::Release => {
+                            self.pause();
+                            continue;
+                        }
+                        Outcome::Reregister => {
+                            self.pause();
+                            continue 'join;
+                        }
+                        Outcome::Stop => return Ok(()),
+                    }
                 }
                 let mut c = self
                     .client
@@ -525,6 +549,131 @@ impl Worker {
                         session: session.clone(),
                     })
                     .await;
+            }
+        })
+    }
+}
+
+impl Worker {
+    /// One validation job of an evaluator: asks for one, runs it, returns its curves.
+    fn validation(&mut self) -> Result<Outcome> {
+        let mut c = self
+            .client
+            .clone()
+            .ok_or_else(|| anyhow!("not connected"))?;
+        let job = self.rt.block_on(c.validate(ValidateRequest {
+            worker_id: self.id,
+            session: self.session.clone(),
+        }));
+        let job = match job {
+            Ok(j) => j.into_inner(),
+            Err(s) => return self.after_refusal(&s),
+        };
+        if !job.enabled {
+            bail!(
+                "the coordinator's run validates nothing ([validation] every = 0): enable \
+                 validation in its configuration, or run this worker as a trainer (without \
+                 --role evaluator)"
+            );
+        }
+        if job.job_id == 0 {
+            self.sleep(Duration::from_millis(job.retry_ms.clamp(100, 10_000)));
+            return Ok(Outcome::Done);
+        }
+        let span = tracing::info_span!("validation", job = job.job_id);
+        let _g = span.enter();
+        let phi = decode_phi(&job.phi).context("cannot read the validation job's φ")?;
+        // The data set's fingerprint, when a family of the job uses data.
+        let mut fingerprint = String::new();
+        let first = job.instances.first().and_then(|i| i.spec().ok());
+        if first.is_some_and(|spec| spec.needs_data()) {
+            let data = self.data.get().with_context(|| {
+                format!(
+                    "cannot load the validation data (--data {})",
+                    self.opts.data.display()
+                )
+            })?;
+            if self.fingerprint.is_empty() {
+                self.fingerprint = data.fingerprint();
+            }
+            fingerprint = self.fingerprint.clone();
+        }
+        let started = Instant::now();
+        let stop = self.stop.clone();
+        let curves = self
+            .evaluator
+            .run(&job, &phi, &self.engine, &mut self.data, &|| {
+                stop.load(Ordering::Relaxed)
+            });
+        let curves = match curves {
+            Ok(Some(c)) => c,
+            Ok(None) => return Ok(Outcome::Stop),
+            Err(e) => bail!("cannot run the validation job: {e:#}"),
+        };
+        let version = job.version.unwrap_or_default();
+        let req = SubmitValidationRequest {
+            worker_id: self.id,
+            session: self.session.clone(),
+            job_id: job.job_id,
+            learned: curves.learned,
+            baseline: curves.baseline,
+            baseline_lr: curves.lr,
+            data_fingerprint: fingerprint,
+        };
+        for attempt in 0..4 {
+            let Some(mut c) = self.client.clone() else {
+                break;
+            };
+            match self.rt.block_on(c.submit_validation(req.clone())) {
+                Ok(r) => {
+                    let r = r.into_inner();
+                    self.summary.validations += 1;
+                    self.backoff.reset();
+                    tracing::info!(
+                        version = version.step,
+                        score = r.score,
+                        best = r.best,
+                        seconds = started.elapsed().as_secs_f64(),
+                        "validation recorded"
+                    );
+                    return Ok(Outcome::Done);
+                }
+                Err(s) if is_transport(&s) => {
+                    tracing::warn!(status = %s, attempt, "validation result not delivered; retrying");
+                    let delay = self.backoff.delay(attempt);
+                    self.sleep(delay);
+                }
+                Err(s) => {
+                    if Reason::of(&s) == Some(Reason::WrongData) {
+                        bail!(
+                            "the coordinator refused this evaluator's data ({}): {}; give every \
+                             worker of the run the same --data files",
+                            self.opts.data.display(),
+                            s.message()
+                        );
+                    }
+                    tracing::warn!(status = %s, "validation result refused");
+                    return self.after_refusal(&s);
+                }
+            }
+        }
+        self.client = None;
+        Ok(Outcome::Reregister)
+    }
+
+    /// What a refused or failed request of an evaluator leads to.
+    fn after_refusal(&mut self, s: &tonic::Status) -> Result<Outcome> {
+        Ok(match Reason::of(s) {
+            Some(Reason::Finished) => Outcome::Stop,
+            Some(Reason::UnknownWorker | Reason::BadSession) => Outcome::Reregister,
+            Some(_) => Outcome::Release,
+            None => {
+                if let Some(why) = fatal_refusal(s) {
+                    bail!(why);
+                }
+                tracing::warn!(status = %s, "validation request failed; reconnecting");
+                self.client = None;
+                Outcome::Reregister
             }
         })
     }

@@ -41,6 +41,11 @@ pub struct RunArgs {
     /// `--features wgpu` and the GPU's Vulkan driver).
     #[arg(long, env = "L2L_BACKEND", value_enum, default_value_t = Backend::Fused)]
     backend: Backend,
+    /// `trainer` leases instances and submits meta-gradients; `evaluator` takes the run's
+    /// validation jobs (its `[validation]` section): φ and a tuned baseline on held-out
+    /// instances, the curve and the best φ kept by the coordinator.
+    #[arg(long, env = "L2L_ROLE", value_enum, default_value_t = l2l_worker::Role::Trainer)]
+    role: l2l_worker::Role,
     /// Threads for the unroll [default: one per CPU core]; lower it when several workers
     /// share a machine.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=4096))]
@@ -108,6 +113,7 @@ pub fn run(a: RunArgs) -> Result<()> {
     opts.security = security;
     opts.data = a.data;
     opts.backend = a.backend;
+    opts.role = a.role;
     opts.metrics = Some(metrics);
     opts.max_backoff = Duration::from_millis(a.max_backoff_ms.max(100));
     let summary = run_worker(opts, stop)?;
@@ -116,11 +122,19 @@ pub fn run(a: RunArgs) -> Result<()> {
         accepted = summary.accepted,
         refused = summary.refused,
         trajectories = summary.trajectories,
+        validations = summary.validations,
         "worker stopped"
     );
-    println!(
-        "worker stopped: {} gradients accepted, {} refused, {} trajectories",
-        summary.accepted, summary.refused, summary.trajectories
-    );
+    if a.role == l2l_worker::Role::Evaluator {
+        println!(
+            "evaluator stopped: {} validations recorded",
+            summary.validations
+        );
+    } else {
+        println!(
+            "worker stopped: {} gradients accepted, {} refused, {} trajectories",
+            summary.accepted, summary.refused, summary.trajectories
+        );
+    }
     Ok(())
 }
