@@ -106,6 +106,32 @@ impl EstimatorConfig {
     }
 }
 
+/// A stage of a curriculum over trajectory and truncation length (section
+/// `[[curriculum]]`): from update `from` on, leases carry these S and T (Chen et al.,
+/// "Training Stronger Baselines for Learning to Optimize", NeurIPS 2020: short unrolls
+/// first, longer ones once φ is past its first, unstable updates).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Stage {
+    /// The first update of the stage.
+    pub from: u64,
+    /// S, optimizee steps per trajectory.
+    pub trajectory_steps: u32,
+    /// T, steps per truncation (must divide S).
+    pub truncation_steps: u32,
+}
+
+/// Refuses an S and T that cannot run, naming `what`.
+fn check_shape(what: &str, s: u32, t: u32) -> Result<()> {
+    if t == 0 || s == 0 || s % t != 0 {
+        bail!("{what}trajectory_steps ({s}) must be a positive multiple of truncation_steps ({t})");
+    }
+    if s > MAX_TRAJECTORY_STEPS {
+        bail!("{what}trajectory_steps ({s}) must be at most {MAX_TRAJECTORY_STEPS}");
+    }
+    Ok(())
+}
+
 /// The optimizer φ a fresh run starts from (spec §1.1, §1.6).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -212,6 +238,10 @@ pub struct Config {
     pub security: SecurityConfig,
     /// Problem families instances are sampled from, by weight.
     pub problems: Vec<FamilyConfig>,
+    /// Stages of trajectory and truncation length by update (none: `trajectory_steps`
+    /// and `truncation_steps` throughout; before the first stage's `from`, those too).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub curriculum: Vec<Stage>,
 }
 
 impl Default for Config {
@@ -240,6 +270,7 @@ impl Default for Config {
             validation: ValidationConfig::default(),
             security: SecurityConfig::default(),
             problems: vec![FamilyConfig::default()],
+            curriculum: Vec::new(),
         }
     }
 }
@@ -293,16 +324,39 @@ impl Config {
         out
     }
 
+    /// (S, T) of the leases granted at φ version `update`: the curriculum's last stage
+    /// that has begun, or the top-level lengths.
+    pub fn shape_at(&self, update: u64) -> (u32, u32) {
+        self.curriculum
+            .iter()
+            .rev()
+            .find(|s| s.from <= update)
+            .map_or((self.trajectory_steps, self.truncation_steps), |s| {
+                (s.trajectory_steps, s.truncation_steps)
+            })
+    }
+
+    /// The longest S of the run (over the curriculum too).
+    pub fn max_trajectory_steps(&self) -> u32 {
+        self.curriculum
+            .iter()
+            .map(|s| s.trajectory_steps)
+            .fold(self.trajectory_steps, u32::max)
+    }
+
     /// The meta-loss weight of each step 1..=S of a trajectory, mean 1; empty when all
     /// are 1 (p = 0).
     pub fn step_weights(&self) -> Vec<f32> {
+        self.step_weights_for(self.trajectory_steps)
+    }
+
+    /// [`Config::step_weights`] for trajectories of `s` steps.
+    pub fn step_weights_for(&self, s: u32) -> Vec<f32> {
         let p = self.meta_loss_weight_power;
         if p == 0.0 {
             return Vec::new();
         }
-        let raw: Vec<f64> = (1..=self.trajectory_steps)
-            .map(|t| (t as f64).powf(p))
-            .collect();
+        let raw: Vec<f64> = (1..=s).map(|t| (t as f64).powf(p)).collect();
         let mean = raw.iter().sum::<f64>() / raw.len().max(1) as f64;
         raw.iter().map(|w| (w / mean) as f32).collect()
     }
@@ -342,12 +396,13 @@ impl Config {
     /// Refuses values that cannot run, naming the field.
     pub fn validate(&self) -> Result<()> {
         self.optimizer()?;
-        let (s, t) = (self.trajectory_steps, self.truncation_steps);
-        if t == 0 || s == 0 || s % t != 0 {
-            bail!("trajectory_steps ({s}) must be a positive multiple of truncation_steps ({t})");
-        }
-        if s > MAX_TRAJECTORY_STEPS {
-            bail!("trajectory_steps ({s}) must be at most {MAX_TRAJECTORY_STEPS}");
+        check_shape("", self.trajectory_steps, self.truncation_steps)?;
+        for (i, stage) in self.curriculum.iter().enumerate() {
+            let what = format!("curriculum stage {} (from update {}): ", i + 1, stage.from);
+            check_shape(&what, stage.trajectory_steps, stage.truncation_steps)?;
+            if i > 0 && stage.from <= self.curriculum[i - 1].from {
+                bail!("{what}stages must be in order of `from`, each later than the one before");
+            }
         }
         let p = self.meta_loss_weight_power;
         if !(p.is_finite() && (0.0..=8.0).contains(&p)) {
@@ -491,6 +546,49 @@ mod tests {
         assert_eq!(c.step_weights(), [0.4, 0.8, 1.2, 1.6]);
         c.meta_loss_weight_power = -1.0;
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn a_curriculum_sets_each_leases_lengths_from_its_stage_on() {
+        let c: Config = toml::from_str(
+            "trajectory_steps = 40\ntruncation_steps = 10\nmeta_loss_weight_power = 1.0\n\
+             [[curriculum]]\nfrom = 100\ntrajectory_steps = 60\ntruncation_steps = 20\n\
+             [[curriculum]]\nfrom = 300\ntrajectory_steps = 200\ntruncation_steps = 20\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(
+            c.shape_at(0),
+            (40, 10),
+            "before the first stage: the top level"
+        );
+        assert_eq!(c.shape_at(99), (40, 10));
+        assert_eq!(c.shape_at(100), (60, 20));
+        assert_eq!(c.shape_at(299), (60, 20));
+        assert_eq!(c.shape_at(300), (200, 20));
+        assert_eq!(c.shape_at(u64::MAX), (200, 20));
+        assert_eq!(c.max_trajectory_steps(), 200);
+        assert_eq!(c.step_weights_for(60).len(), 60);
+        // It prints and reads back the same.
+        assert_eq!(toml::from_str::<Config>(&c.to_toml()).unwrap(), c);
+        let bad = |extra: &str, want: &str| {
+            let c: Config = toml::from_str(extra).unwrap();
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(want), "{want}: {e}");
+        };
+        bad(
+            "[[curriculum]]\nfrom = 5\ntrajectory_steps = 50\ntruncation_steps = 20\n",
+            "curriculum stage 1 (from update 5): trajectory_steps (50) must be a positive multiple",
+        );
+        bad(
+            "[[curriculum]]\nfrom = 5\ntrajectory_steps = 40\ntruncation_steps = 20\n\
+             [[curriculum]]\nfrom = 5\ntrajectory_steps = 80\ntruncation_steps = 20\n",
+            "stage 2 (from update 5): stages must be in order",
+        );
+        assert!(
+            toml::from_str::<Config>("[[curriculum]]\nfrom = 1\ntrajectory_steps = 4\n").is_err(),
+            "a stage names both lengths"
+        );
     }
 
     #[test]

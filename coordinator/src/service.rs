@@ -279,7 +279,7 @@ fn message_limits(c: &Coordinator) -> (usize, usize) {
     let params = c.phi().map_or(0, |p| p.num_params());
     let phi_file = c.fetch_phi(None).phi.len();
     // A lease reply carries one f32 weight per trajectory step.
-    let weights = c.config().trajectory_steps as usize * 4;
+    let weights = c.config().max_trajectory_steps() as usize * 4;
     // A validation job carries φ's file and its instances; a result's two curves (at most
     // 2 × 2,001 f64, 32 KB) fit in the slack, so the request limit stays a gradient's.
     let instances =

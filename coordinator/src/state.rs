@@ -477,7 +477,8 @@ impl Coordinator {
         }
         // One trajectory per worker at a time: the grant drops the worker's old lease.
         let instance = self.sampler.next();
-        let truncations = (self.config.trajectory_steps / self.config.truncation_steps) as usize;
+        let (s, t) = self.config.shape_at(self.version);
+        let truncations = (s / t) as usize;
         let id = self
             .leases
             .grant(worker, instance.clone(), truncations, now);
@@ -485,9 +486,9 @@ impl Coordinator {
         Ok(LeaseReply {
             lease_id: id,
             instance: Some(instance),
-            trajectory_steps: self.config.trajectory_steps,
-            truncation_steps: self.config.truncation_steps,
-            step_weights: self.config.step_weights(),
+            trajectory_steps: s,
+            truncation_steps: t,
+            step_weights: self.config.step_weights_for(s),
             estimator: Some(l2l_proto::v1::Estimator::of(&self.estimator)),
         })
     }

@@ -762,3 +762,34 @@ fn a_run_keeps_the_data_set_of_its_first_gradient() {
     q.c.submit(&plain, q.t0).unwrap();
     assert_eq!(q.c.counters().data_fingerprint, None);
 }
+
+#[test]
+fn leases_follow_the_curriculum_stage_of_the_current_version() {
+    let mut config = config(Mode::Sync, 1);
+    config.meta_loss_weight_power = 1.0;
+    config.curriculum = vec![crate::config::Stage {
+        from: 2,
+        trajectory_steps: 40,
+        truncation_steps: 10,
+    }];
+    let mut f = fixture_with(config);
+    let first = f.c.lease(f.worker, &S, f.t0).unwrap();
+    assert_eq!((first.trajectory_steps, first.truncation_steps), (100, 20));
+    assert_eq!(first.step_weights.len(), 100);
+    f.lease = first.lease_id;
+    // Two updates: the stage begins.
+    for t in 0..2 {
+        let r = f.req(t, f.c.version().step);
+        f.c.submit(&r, f.t0).unwrap();
+    }
+    assert_eq!(f.c.version().step, 2);
+    let next = f.c.lease(f.worker, &S, f.t0).unwrap();
+    assert_eq!((next.trajectory_steps, next.truncation_steps), (40, 10));
+    assert_eq!(next.step_weights.len(), 40);
+    // The new lease has 4 truncations: a fifth is outside it.
+    f.lease = next.lease_id;
+    let r = f.req(4, 2);
+    assert_eq!(f.c.submit(&r, f.t0).unwrap_err().reason(), "bad_truncation");
+    let r = f.req(3, 2);
+    assert!(f.c.submit(&r, f.t0).is_ok());
+}
