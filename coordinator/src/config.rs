@@ -123,7 +123,7 @@ pub struct Stage {
 
 /// Refuses an S and T that cannot run, naming `what`.
 fn check_shape(what: &str, s: u32, t: u32) -> Result<()> {
-    if t == 0 || s == 0 || s % t != 0 {
+    if t == 0 || s == 0 || !s.is_multiple_of(t) {
         bail!("{what}trajectory_steps ({s}) must be a positive multiple of truncation_steps ({t})");
     }
     if s > MAX_TRAJECTORY_STEPS {

@@ -302,6 +302,13 @@ impl Coordinator {
             config,
         };
         me.publish()?;
+        // A fresh run validates its starting φ too: the curve's first point.
+        if me.version == 0 {
+            let (version, phi, bytes) = (me.version(), me.phi()?, me.phi_bytes.clone());
+            if let Some(v) = me.validator.as_mut() {
+                v.queue(version, phi, bytes);
+            }
+        }
         Ok(me)
     }
 

@@ -13,7 +13,7 @@
 //! - **The score.** `ratio_mean` is the learned optimizer's mean loss over steps 1..S
 //!   divided by the baseline's; `ratio_final` is the same at step S. `select` picks which
 //!   one chooses the best φ; lower is better, and a diverged curve (+∞) never wins.
-//! - **Jobs.** At most [`MAX_WAITING`] wait for an evaluator; a newer one pushes out the
+//! - **Jobs.** A fresh run's starting φ (version 0) is the first. At most [`MAX_WAITING`] wait for an evaluator; a newer one pushes out the
 //!   oldest (counted as dropped). An evaluator holds one job at a time, for `timeout_ms`;
 //!   a result after that, or for a job it does not hold, is refused.
 //! - **Restarts.** The best score is read back from `best.safetensors` (its metadata), so

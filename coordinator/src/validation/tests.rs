@@ -393,7 +393,14 @@ fn a_run_queues_its_phi_every_k_updates_and_keeps_the_best_across_restarts() {
     let eval = c
         .register_as("e", "cpu", l2l_proto::role::Role::Evaluator, S, now)
         .unwrap();
-    assert_eq!(c.validate(eval, &S, now).unwrap().job_id, 0);
+    // The starting φ is validated first.
+    let start = c.validate(eval, &S, now).unwrap();
+    assert_eq!(start.version, Some(version(0)));
+    assert_eq!(
+        c.validate(eval, &S, now).unwrap().job_id,
+        0,
+        "nothing else yet"
+    );
     // A stranger cannot take jobs.
     assert_eq!(
         c.validate(eval, &[0; SESSION_BYTES], now)
