@@ -89,6 +89,13 @@ pub struct Loaded {
     device: Option<Box<dyn Problem + Send>>,
 }
 
+impl Loaded {
+    /// The optimizee on the host.
+    pub fn optimizee(&self) -> &Optimizee {
+        &self.optimizee
+    }
+}
+
 /// Where a trajectory stands between truncations: θ and the LSTM state, kept where the
 /// engine computes.
 // One lives per trajectory and moves once per truncation: boxing saves nothing.

@@ -195,8 +195,14 @@ fn bench_runs_on_wgpu() {
         .collect();
     let of = |b: &str| rows.iter().filter(|r| r["backend"] == b).count();
     // `cpu` is still accepted on the command line; rows name the backend `fused`. Each
-    // backend times the meta-gradient, the forward-only truncation and a PES truncation.
-    assert_eq!((of("fused"), of("wgpu")), (3, 3), "{stdout}");
+    // backend times the meta-gradient, the forward-only truncation and a PES truncation;
+    // fused also the meta-gradient with its step records recomputed.
+    assert_eq!((of("fused"), of("wgpu")), (4, 3), "{stdout}");
+    assert!(
+        rows.iter()
+            .any(|r| r["backend"] == "fused" && r["what"] == "recompute"),
+        "{stdout}"
+    );
     for b in ["fused", "wgpu"] {
         assert!(
             rows.iter()

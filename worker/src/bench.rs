@@ -66,6 +66,9 @@ enum What {
     MetaGrad,
     /// One truncation forward only.
     Forward,
+    /// The meta-gradient with its step records recomputed (fused only; what `meta_grad`
+    /// does beyond `fused::RECORD_BUDGET_BYTES`).
+    Recompute,
     /// One PES truncation with this many pairs.
     Pes(usize),
 }
@@ -75,6 +78,7 @@ impl What {
         match self {
             What::MetaGrad => "meta_grad".into(),
             What::Forward => "forward".into(),
+            What::Recompute => "recompute".into(),
             What::Pes(p) => format!("pes_{p}"),
         }
     }
@@ -130,13 +134,16 @@ pub fn run(a: Bench) -> Result<()> {
             let quad = Quadratic::from_seed(2, n / 10, 10)?;
             for engine in &engines {
                 let mut whats = vec![What::MetaGrad, What::Forward];
+                if engine.backend() == Backend::Fused {
+                    whats.push(What::Recompute);
+                }
                 whats.extend(a.pes_pairs.map(|p| What::Pes(p as usize)));
                 let loaded = engine.load(Optimizee::Quadratic(quad.clone()));
                 for &what in &whats {
                     let (times, peak) =
                         measure(engine, &phi, &loaded, steps, what, a.warmup, a.runs)?;
                     let median = times[times.len() / 2];
-                    let gflops = (what == What::MetaGrad)
+                    let gflops = matches!(what, What::MetaGrad | What::Recompute)
                         .then(|| FLOP_PER_COORD_STEP * (n * steps) as f64 / (median * 1e-3) / 1e9);
                     if a.json {
                         let row = json!({
@@ -300,6 +307,11 @@ fn measure(
             }
             (What::Forward, _) => {
                 engine.forward(phi, problem, state, 0, steps, None)?;
+            }
+            (What::Recompute, _) => {
+                let o = problem.optimizee();
+                let carry = fused::HostCarry::start(&phi.config(), o.theta0().to_vec());
+                fused::meta_grad_recomputed(phi, o.host(), carry, 0, steps, None)?;
             }
             (What::Pes(_), Some(pes)) => {
                 pes.truncation(engine, phi, problem, 0, steps, None)?;

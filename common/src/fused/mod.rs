@@ -103,9 +103,27 @@ pub fn forward(
     weights: Option<&[f32]>,
 ) -> Result<Forward<HostCarry>, Error> {
     let steps = weights.map_or(steps, <[f32]>::len);
+    let pass = if recomputes(&phi.config(), problem.num_coords(), steps) {
+        Pass::ForwardCompact
+    } else {
+        Pass::Forward
+    };
+    forward_pass(pass, phi, problem, carry, start, steps, weights)
+}
+
+/// [`forward`] in `pass`.
+fn forward_pass(
+    pass: Pass,
+    phi: &AnyPhi,
+    problem: &dyn HostProblem,
+    carry: HostCarry,
+    start: usize,
+    steps: usize,
+    weights: Option<&[f32]>,
+) -> Result<Forward<HostCarry>, Error> {
     let mut records = FORWARD_RECORDS.with(|r| std::mem::take(&mut *r.borrow_mut()));
     let out = run(
-        Pass::Forward,
+        pass,
         false,
         phi,
         problem,
@@ -129,8 +147,31 @@ pub fn forward(
 enum Pass {
     /// Forward, keeping every step's record, then backward.
     MetaGrad,
+    /// Forward keeping only each coordinate's LSTM state (h, c), then backward task by
+    /// task, each task first recomputing its blocks' records from the initial state and
+    /// the kept gradients: O(N·(H + T)) memory instead of O(N·H·T), one more forward pass
+    /// of the LSTM (not of the problem), the same gradient bit for bit.
+    Recompute,
     /// Forward only, keeping two records (the previous step's and the current one).
     Forward,
+    /// Forward only, keeping only each coordinate's h and c, as [`Pass::Recompute`]'s
+    /// forward (for truncations beyond [`RECORD_BUDGET_BYTES`]).
+    ForwardCompact,
+}
+
+/// Largest step records a meta-gradient keeps, in bytes (T + 1 records of about 280
+/// floats per coordinate with H = 20 and two layers: N ≈ 45,000 at T = 20). Beyond it the
+/// fused path recomputes them ([`Pass::Recompute`]).
+pub const RECORD_BUDGET_BYTES: usize = 1 << 30;
+
+/// Whether a meta-gradient of `steps` steps over `coords` coordinates recomputes its step
+/// records rather than keeping them ([`RECORD_BUDGET_BYTES`]).
+pub fn recomputes(config: &OptimizerConfig, coords: usize, steps: usize) -> bool {
+    let record = Layout::new(config).record * 4;
+    (steps + 1)
+        .saturating_mul(coords.div_ceil(LANES) * LANES)
+        .saturating_mul(record)
+        > RECORD_BUDGET_BYTES
 }
 
 /// What [`run`] computed: the meta-gradient only in [`Pass::MetaGrad`].
@@ -168,9 +209,76 @@ pub(crate) fn meta_grad_with(
     steps: usize,
     weights: Option<&[f32]>,
 ) -> Result<Truncation<HostCarry>, Error> {
-    let mut records = RECORDS.with(|r| std::mem::take(&mut *r.borrow_mut()));
+    let pass = if recomputes(&phi.config(), problem.num_coords(), steps) {
+        Pass::Recompute
+    } else {
+        Pass::MetaGrad
+    };
+    meta_grad_pass(pass, portable, phi, problem, carry, start, steps, weights)
+}
+
+/// [`meta_grad_weighted`] (`weights`, or all 1 over `steps`) with the step records
+/// recomputed whatever their size, as [`meta_grad`] does beyond [`RECORD_BUDGET_BYTES`]:
+/// the same result bit for bit, for measuring what recomputation costs.
+pub fn meta_grad_recomputed(
+    phi: &AnyPhi,
+    problem: &dyn HostProblem,
+    carry: HostCarry,
+    start: usize,
+    steps: usize,
+    weights: Option<&[f32]>,
+) -> Result<Truncation<HostCarry>, Error> {
+    meta_grad_pass(
+        Pass::Recompute,
+        false,
+        phi,
+        problem,
+        carry,
+        start,
+        steps,
+        weights,
+    )
+}
+
+/// [`forward`] keeping only h and c whatever the size (for tests).
+#[cfg(test)]
+pub(crate) fn forward_compact(
+    phi: &AnyPhi,
+    problem: &dyn HostProblem,
+    carry: HostCarry,
+    start: usize,
+    steps: usize,
+    weights: Option<&[f32]>,
+) -> Result<Forward<HostCarry>, Error> {
+    forward_pass(
+        Pass::ForwardCompact,
+        phi,
+        problem,
+        carry,
+        start,
+        steps,
+        weights,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn meta_grad_pass(
+    pass: Pass,
+    portable: bool,
+    phi: &AnyPhi,
+    problem: &dyn HostProblem,
+    carry: HostCarry,
+    start: usize,
+    steps: usize,
+    weights: Option<&[f32]>,
+) -> Result<Truncation<HostCarry>, Error> {
+    let mut records = if pass == Pass::MetaGrad {
+        RECORDS.with(|r| std::mem::take(&mut *r.borrow_mut()))
+    } else {
+        Vec::new()
+    };
     let out = run(
-        Pass::MetaGrad,
+        pass,
         portable,
         phi,
         problem,
@@ -180,7 +288,9 @@ pub(crate) fn meta_grad_with(
         weights,
         &mut records,
     );
-    RECORDS.with(|r| *r.borrow_mut() = records);
+    if pass == Pass::MetaGrad {
+        RECORDS.with(|r| *r.borrow_mut() = records);
+    }
     let out = out?;
     Ok(Truncation {
         // A MetaGrad pass always has it.
@@ -303,9 +413,17 @@ fn run(
     // records[t]: for every block, everything step t produced (record 0: the initial h, c);
     // forward only, step t's record is records[t % 2].
     // Reused buffers need no zeroing: the forward pass writes every value it later reads.
+    // Recompute keeps no records: each block's h and c of every layer, `sl` values per
+    // block (layer by layer, h then c, each H·LANES), in `state`.
+    let compact = matches!(pass, Pass::Recompute | Pass::ForwardCompact);
+    let sl = cfg.layers * 2 * hidden * LANES;
+    let st = |p: usize, l: usize, c: bool, j: usize| {
+        (p / LANES) * sl + (2 * l + usize::from(c)) * hidden * LANES + j * LANES + p % LANES
+    };
     let kept = match pass {
         Pass::MetaGrad => steps + 1,
         Pass::Forward => 2,
+        Pass::Recompute | Pass::ForwardCompact => 0,
     };
     let slot = |t: usize| if pass == Pass::MetaGrad { t } else { t % 2 };
     records.resize_with(kept, Vec::new);
@@ -313,28 +431,83 @@ fn run(
     for r in records.iter_mut() {
         r.resize(blocks * rl, 0.0);
     }
-    let first = &mut records[0];
-    // Padding starts from zero state, whatever a reused buffer held before (a diverged
-    // earlier truncation could have left NaN there).
-    first.fill(0.0);
-    for k in 0..n {
-        let p = pad_of(k);
-        for l in 0..cfg.layers {
-            for j in 0..hidden {
-                first[at(p, lay.h_at(l) + j)] = h[l][k * hidden + j];
-                first[at(p, lay.c_at(l) + j)] = c[l][k * hidden + j];
+    let mut state = vec![0f32; if compact { blocks * sl } else { 0 }];
+    if compact {
+        for k in 0..n {
+            let p = pad_of(k);
+            for l in 0..cfg.layers {
+                for j in 0..hidden {
+                    state[st(p, l, false, j)] = h[l][k * hidden + j];
+                    state[st(p, l, true, j)] = c[l][k * hidden + j];
+                }
+            }
+        }
+    } else {
+        let first = &mut records[0];
+        // Padding starts from zero state, whatever a reused buffer held before (a diverged
+        // earlier truncation could have left NaN there).
+        first.fill(0.0);
+        for k in 0..n {
+            let p = pad_of(k);
+            for l in 0..cfg.layers {
+                for j in 0..hidden {
+                    first[at(p, lay.h_at(l) + j)] = h[l][k * hidden + j];
+                    first[at(p, lay.c_at(l) + j)] = c[l][k * hidden + j];
+                }
             }
         }
     }
+    // The state the backward pass recomputes from.
+    let state0 = if pass == Pass::Recompute {
+        state.clone()
+    } else {
+        Vec::new()
+    };
     // grads[t] = ∇f(θ_t) for t = 0..=T; losses[t-1] = f(θ_t) for t = 1..=T.
     let mut grads: Vec<Vec<f32>> =
-        Vec::with_capacity(if pass == Pass::MetaGrad { steps + 1 } else { 1 });
+        Vec::with_capacity(if pass == Pass::MetaGrad || pass == Pass::Recompute {
+            steps + 1
+        } else {
+            1
+        });
     let mut losses = Vec::with_capacity(steps);
     let mut g = vec![0f32; n_pad];
     eval(&theta_pad, start, &mut g);
     let chunk = TASK_BLOCKS * LANES;
     for t in 0..steps {
+        if compact {
+            for s in &segments {
+                let (b, e) = (s.block, s.block + s.blocks);
+                state[b * sl..e * sl]
+                    .par_chunks_mut(TASK_BLOCKS * sl)
+                    .zip(theta_pad[b * LANES..e * LANES].par_chunks_mut(chunk))
+                    .zip(g[b * LANES..e * LANES].par_chunks(chunk))
+                    .for_each_init(
+                        || (vec![0f32; TASK_BLOCKS * rl], vec![0f32; TASK_BLOCKS * rl]),
+                        |(prev, cur), ((state, theta), g)| {
+                            let nb = g.len() / LANES;
+                            let (prev, cur) = (&mut prev[..nb * rl], &mut cur[..nb * rl]);
+                            for k in 0..nb {
+                                unpack(&lay, &state[k * sl..(k + 1) * sl], &mut prev[k * rl..]);
+                            }
+                            cell::forward_blocks(portable, &s.weights, &lay, g, prev, cur, theta);
+                            for k in 0..nb {
+                                pack(&lay, &cur[k * rl..], &mut state[k * sl..(k + 1) * sl]);
+                            }
+                        },
+                    );
+            }
+            if pass == Pass::Recompute {
+                grads.push(std::mem::replace(&mut g, vec![0f32; n_pad]));
+            } else {
+                g.fill(0.0);
+            }
+            let f = eval(&theta_pad, start + t + 1, &mut g);
+            losses.push(f);
+            continue;
+        }
         let (prev, cur) = match pass {
+            Pass::Recompute | Pass::ForwardCompact => unreachable!("handled above"),
             Pass::MetaGrad => {
                 let (done, rest) = records.split_at_mut(t + 1);
                 (&done[t], &mut rest[0])
@@ -360,9 +533,11 @@ fn run(
                 });
         }
         match pass {
-            Pass::MetaGrad => grads.push(std::mem::replace(&mut g, vec![0f32; n_pad])),
+            Pass::MetaGrad | Pass::Recompute => {
+                grads.push(std::mem::replace(&mut g, vec![0f32; n_pad]))
+            }
             // The same buffer again: cleared, as a fresh one would be.
-            Pass::Forward => g.fill(0.0),
+            Pass::Forward | Pass::ForwardCompact => g.fill(0.0),
         }
         let f = eval(&theta_pad, start + t + 1, &mut g);
         losses.push(f);
@@ -382,24 +557,30 @@ fn run(
         .sum::<f64>()
         / steps as f64;
     // θ and the LSTM state after the last step, in θ's order.
-    let last = &records[slot(steps)];
     let mut h: Vec<Vec<f32>> = vec![vec![0.0; n * hidden]; cfg.layers];
     let mut c: Vec<Vec<f32>> = vec![vec![0.0; n * hidden]; cfg.layers];
     for k in 0..n {
         let p = pad_of(k);
         for l in 0..cfg.layers {
             for j in 0..hidden {
-                h[l][k * hidden + j] = last[at(p, lay.h_at(l) + j)];
-                c[l][k * hidden + j] = last[at(p, lay.c_at(l) + j)];
+                let (hv, cv) = if compact {
+                    (state[st(p, l, false, j)], state[st(p, l, true, j)])
+                } else {
+                    let last = &records[slot(steps)];
+                    (last[at(p, lay.h_at(l) + j)], last[at(p, lay.c_at(l) + j)])
+                };
+                h[l][k * hidden + j] = hv;
+                c[l][k * hidden + j] = cv;
             }
         }
     }
+    drop(state);
     let mut theta = vec![0f32; n];
     for s in &segments {
         theta[s.natural.clone()].copy_from_slice(&theta_pad[s.pad()..s.pad() + s.natural.len()]);
     }
     let carry = HostCarry { theta, h, c };
-    if pass == Pass::Forward {
+    if matches!(pass, Pass::Forward | Pass::ForwardCompact) {
         return Ok(Ran {
             grad: None,
             meta_loss,
@@ -435,10 +616,35 @@ fn run(
         .collect();
     let partial: Vec<Vec<f32>> = tasks
         .par_iter()
-        .map(|(i, range)| {
+        .map_init(Vec::new, |local: &mut Vec<Vec<f32>>, (i, range)| {
             let w = &segments[*i].weights;
             let mut acc = Accumulator::new(w);
-            cell::backward_blocks(portable, w, &lay, records, &du, range.clone(), &mut acc);
+            if !compact {
+                cell::backward_blocks(portable, w, &lay, records, &du, range.clone(), &mut acc);
+                return acc.total();
+            }
+            // This task's records, recomputed from its blocks' initial state and the kept
+            // gradients: the forward pass's values exactly (the same kernel on the same
+            // inputs; θ does not enter the records, so a scratch θ does).
+            let nb = range.len();
+            local.resize_with(steps + 1, Vec::new);
+            for r in local.iter_mut() {
+                r.resize(nb * rl, 0.0);
+            }
+            local[0].fill(0.0);
+            for k in 0..nb {
+                let b = range.start + k;
+                unpack(&lay, &state0[b * sl..(b + 1) * sl], &mut local[0][k * rl..]);
+            }
+            let lanes = range.start * LANES..range.end * LANES;
+            let mut theta = vec![0f32; nb * LANES];
+            for t in 0..steps {
+                let (done, rest) = local.split_at_mut(t + 1);
+                let g = &grads[t][lanes.clone()];
+                cell::forward_blocks(portable, w, &lay, g, &done[t], &mut rest[0], &mut theta);
+            }
+            let du: Vec<Vec<f32>> = du.iter().map(|d| d[lanes.clone()].to_vec()).collect();
+            cell::backward_blocks(portable, w, &lay, &local[..], &du, 0..nb, &mut acc);
             acc.total()
         })
         .collect();
@@ -462,6 +668,27 @@ fn run(
         losses,
         carry,
     })
+}
+
+/// Copies a block's h and c of every layer from its compact state (`sl` values) into its
+/// record (the offsets of [`Layout`]).
+fn unpack(lay: &Layout, state: &[f32], rec: &mut [f32]) {
+    let hl = lay.h * LANES;
+    for (l, hc) in state.chunks_exact(2 * hl).enumerate() {
+        let (h, c) = hc.split_at(hl);
+        rec[lay.h_at(l) * LANES..][..hl].copy_from_slice(h);
+        rec[lay.c_at(l) * LANES..][..hl].copy_from_slice(c);
+    }
+}
+
+/// Copies a block's h and c of every layer from its record into its compact state.
+fn pack(lay: &Layout, rec: &[f32], state: &mut [f32]) {
+    let hl = lay.h * LANES;
+    for (l, hc) in state.chunks_exact_mut(2 * hl).enumerate() {
+        let (h, c) = hc.split_at_mut(hl);
+        h.copy_from_slice(&rec[lay.h_at(l) * LANES..][..hl]);
+        c.copy_from_slice(&rec[lay.c_at(l) * LANES..][..hl]);
+    }
 }
 
 #[cfg(test)]

@@ -416,3 +416,54 @@ fn bitwise_reproducible_for_any_thread_count() {
         );
     }
 }
+
+#[test]
+fn recomputed_records_give_the_kept_records_gradient_bit_for_bit() {
+    // 1,300 coordinates in two groups (11 tasks, neither group on a block boundary), a
+    // truncation that starts mid-trajectory from a nonzero LSTM state, weighted steps:
+    // recomputing the step records in the backward pass changes no bit.
+    let config = OptimizerConfig::default();
+    let q = Quadratic::from_seed(8, 130, 10).unwrap();
+    let g = Grouped {
+        q: &q,
+        map: GroupMap {
+            groups: vec![("conv", 0..437), ("fc", 437..1300)],
+        },
+    };
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let grouped = AnyPhi::Groups(
+        crate::PhiGroups::new(vec![
+            ("conv".into(), Phi::init(config, 1).unwrap()),
+            ("fc".into(), Phi::init(config, 2).unwrap()),
+        ])
+        .unwrap(),
+    );
+    let one = AnyPhi::from(Phi::init(config, 3).unwrap());
+    let weights: Vec<f32> = (1..=12).map(|t| t as f32 / 6.5).collect();
+    for (phi, problem) in [
+        (&one, &q as &dyn HostProblem),
+        (&grouped, &g as &dyn HostProblem),
+    ] {
+        let start = HostCarry::start(&config, q.theta0.clone());
+        let warm = meta_grad(phi, problem, start, 0, 5).unwrap().carry;
+        assert!(warm.h[0].iter().any(|v| *v != 0.0));
+        let kept =
+            meta_grad_with(false, phi, problem, warm.clone(), 5, 12, Some(&weights)).unwrap();
+        let redone = meta_grad_recomputed(phi, problem, warm, 5, 12, Some(&weights)).unwrap();
+        assert_eq!(kept.losses, redone.losses);
+        assert_eq!(kept.meta_loss.to_bits(), redone.meta_loss.to_bits());
+        assert_eq!(kept.carry, redone.carry);
+        for (a, b) in kept.grad.tensors().zip(redone.grad.tensors()) {
+            assert!(bits(a) == bits(b), "a gradient tensor differs");
+        }
+        assert!(kept.grad.tensors().any(|t| t.iter().any(|v| *v != 0.0)));
+        // Forward only, keeping h and c alone: the same losses and carry.
+        let a = forward(phi, problem, redone.carry.clone(), 17, 12, Some(&weights)).unwrap();
+        let b = forward_compact(phi, problem, redone.carry, 17, 12, Some(&weights)).unwrap();
+        assert_eq!(a.losses, b.losses);
+        assert_eq!(a.carry, b.carry);
+    }
+    // The size rule: small truncations keep their records, a million coordinates do not.
+    assert!(!recomputes(&config, 16_000, 20));
+    assert!(recomputes(&config, 1_000_000, 20));
+}
