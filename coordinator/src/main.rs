@@ -113,9 +113,11 @@ async fn serve(o: Overrides) -> Result<()> {
     tracing::info!(addr = %server.addr, token, tls, "serving");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("cannot install the SIGTERM handler")?;
-    // After the last update, linger until every live worker has heard that the run is
-    // finished (at most 10 s), so none is left retrying against a closed port.
+    // After the last update, linger until the last validation jobs are recorded (at most
+    // validation.timeout_ms) and every live worker has heard that the run is finished (at
+    // most 10 s more), so none is left retrying against a closed port.
     let mut finished_at = None;
+    let validation_limit = std::time::Duration::from_millis(config.validation.timeout_ms);
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
@@ -125,7 +127,9 @@ async fn serve(o: Overrides) -> Result<()> {
                 let c = server.shared.lock();
                 if c.finished() {
                     let since = *finished_at.get_or_insert(now);
-                    if c.all_told_finished(now) || now.duration_since(since).as_secs() >= 10 {
+                    let waited = now.duration_since(since);
+                    let validating = !c.validation_idle() && waited < validation_limit;
+                    if !validating && (c.all_told_finished(now) || waited.as_secs() >= 10) {
                         break;
                     }
                 }

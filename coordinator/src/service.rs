@@ -195,7 +195,9 @@ impl Rpc for Shared {
         req: Request<SubmitValidationRequest>,
     ) -> Result<Response<SubmitValidationReply>, Status> {
         let r = req.into_inner();
-        let _files = self.validation_files.lock().await;
+        // Held until the files are written and the best confirmed, inside the blocking
+        // task, so a dropped request cannot let a later result overtake this one.
+        let files = self.validation_files.clone().lock_owned().await;
         let (result, dir) = {
             let mut c = self.lock();
             (
@@ -203,7 +205,7 @@ impl Rpc for Shared {
                 c.config().dir.clone(),
             )
         };
-        let (record, best) = result.map_err(|e| {
+        let (mut record, best) = result.map_err(|e| {
             tracing::info!(
                 worker = r.worker_id,
                 job = r.job_id,
@@ -212,22 +214,33 @@ impl Rpc for Shared {
             );
             e.to_status()
         })?;
-        let reply = SubmitValidationReply {
-            best: record.best,
-            score: record.score,
-        };
+        let shared = self.clone();
         let written = tokio::task::spawn_blocking(move || {
-            crate::validation::write(&dir, &record, best.as_ref())
+            let _files = files;
+            let out = crate::validation::write(&dir, &mut record, best.as_ref());
+            if let (Ok(true), Some(b)) = (&out, &best) {
+                shared.lock().validation_best_written(b.version, b.score);
+            }
+            (out, record)
         })
         .await;
-        match written {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                tracing::error!(error = %format!("{e:#}"), "cannot write the validation files")
+        let record = match written {
+            Ok((Ok(_), record)) => record,
+            Ok((Err(e), record)) => {
+                tracing::error!(error = %format!("{e:#}"), "cannot write the validation files");
+                record
             }
-            Err(e) => tracing::error!(error = %e, "the validation writer panicked"),
-        }
-        Ok(Response::new(reply))
+            Err(e) => {
+                tracing::error!(error = %e, "the validation writer panicked");
+                return Err(Status::internal(
+                    "the validation result could not be recorded",
+                ));
+            }
+        };
+        Ok(Response::new(SubmitValidationReply {
+            best: record.best,
+            score: record.score,
+        }))
     }
 
     async fn status(&self, _req: Request<StatusRequest>) -> Result<Response<StatusReply>, Status> {

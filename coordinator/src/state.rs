@@ -432,9 +432,13 @@ impl Coordinator {
     fn forget_workers(&mut self, now: Instant) {
         let after = Duration::from_millis(self.config.forget_workers_after_ms());
         let leases = &mut self.leases;
+        let validator = self.validator.as_ref();
         let before = self.workers.len();
         self.workers.retain(|id, w| {
-            let keep = now.saturating_duration_since(w.last_seen) < after;
+            // An evaluator computing a job calls nothing until its result: kept while the
+            // job is (the job's own deadline bounds that).
+            let keep = now.saturating_duration_since(w.last_seen) < after
+                || validator.is_some_and(|v| v.holds(*id));
             if !keep {
                 leases.release_worker(*id);
             }
@@ -906,6 +910,9 @@ impl Coordinator {
             if let Some(want) = &self.counters.data_fingerprint
                 && !want.eq_ignore_ascii_case(&req.data_fingerprint)
             {
+                // This evaluator stops (it cannot compute on the run's data); another
+                // one takes the job.
+                v.release(req.job_id);
                 return Err(Refusal::WrongData {
                     got: req.data_fingerprint.chars().take(64).collect(),
                     want: want.clone(),
@@ -916,6 +923,13 @@ impl Coordinator {
         match self.validator.as_mut() {
             Some(v) => v.complete(req, &run),
             None => Err(Refusal::UnknownJob { job: req.job_id }),
+        }
+    }
+
+    /// Makes `version` the run's best by validation, its file written.
+    pub fn validation_best_written(&mut self, version: Version, score: f64) {
+        if let Some(v) = self.validator.as_mut() {
+            v.confirm_best(version, score);
         }
     }
 

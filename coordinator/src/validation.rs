@@ -56,6 +56,9 @@ pub const MAX_STEPS: u32 = 2_000;
 /// Jobs waiting for an evaluator at most; a newer one pushes out the oldest.
 pub const MAX_WAITING: usize = 2;
 
+/// Longest time an evaluator may hold a job: a day.
+pub const MAX_TIMEOUT_MS: u64 = 86_400_000;
+
 /// How long an evaluator waits before asking again when no job is waiting.
 pub const RETRY_MS: u64 = 1000;
 
@@ -166,8 +169,11 @@ impl ValidationConfig {
                 self.learning_rate
             );
         }
-        if self.timeout_ms == 0 {
-            bail!("validation.timeout_ms must be positive");
+        if !(1..=MAX_TIMEOUT_MS).contains(&self.timeout_ms) {
+            bail!(
+                "validation.timeout_ms must be in 1..={MAX_TIMEOUT_MS} (a day), got {}",
+                self.timeout_ms
+            );
         }
         if let Some(p) = &self.problem {
             p.parse::<ProblemSpec>()
@@ -251,9 +257,14 @@ impl Record {
     }
 }
 
-/// A job's φ that became the best: what to write to [`BEST_FILE`].
+/// A job's φ that beats the run's best: what to write to [`BEST_FILE`], and to confirm
+/// with [`Validator::confirm_best`] once written.
 #[derive(Debug, Clone)]
 pub struct NewBest {
+    /// Its version.
+    pub version: Version,
+    /// Its score.
+    pub score: f64,
     /// φ.
     pub phi: AnyPhi,
     /// Its file's metadata (run, version, score, how it was validated).
@@ -280,13 +291,14 @@ pub struct Validator {
 impl Validator {
     /// The validator of a run (none when `config.every` is 0) serving `epoch`, for runs of
     /// `trajectory_steps` whose first family is `first`; `best` is the best so far (from
-    /// [`read_best`]).
+    /// [`read_best`]), ignored when it was measured otherwise (another problem, baseline,
+    /// horizon, number of instances or score).
     pub fn new(
         config: &ValidationConfig,
         first: &ProblemSpec,
         trajectory_steps: u32,
         epoch: u64,
-        best: Option<(Version, f64)>,
+        best: Option<Best>,
     ) -> Result<Option<Self>> {
         if !config.enabled() {
             return Ok(None);
@@ -306,6 +318,19 @@ impl Validator {
             (0..n as u64)
                 .map(|i| Instance::of(&spec, (base ^ config.seed).wrapping_add(i)))
                 .collect()
+        };
+        let measured = measured(config, &spec, steps);
+        let best = match best {
+            Some(b) if b.measured == measured => Some((b.version, b.score)),
+            Some(b) => {
+                tracing::warn!(
+                    was = %b.measured,
+                    now = %measured,
+                    "the best φ on disk was validated otherwise; the next validation replaces it"
+                );
+                None
+            }
+            None => None,
         };
         Ok(Some(Self {
             instances: draw(HELD_OUT_SEEDS, config.instances),
@@ -488,9 +513,10 @@ impl Validator {
         rec.best = rec.score.is_finite() && self.best.is_none_or(|(_, b)| rec.score < b);
         self.done += 1;
         let best = rec.best.then(|| {
-            self.best = Some((rec.version, rec.score));
             let v = rec.version;
             NewBest {
+                version: v,
+                score: rec.score,
                 phi: r.job.phi.clone(),
                 metadata: HashMap::from([
                     ("run".to_string(), run.to_string()),
@@ -509,6 +535,10 @@ impl Validator {
                         req.baseline_lr.to_string(),
                     ),
                     ("validation_steps".to_string(), self.steps.to_string()),
+                    (
+                        "validation_measured".to_string(),
+                        measured(&self.config, &self.spec, self.steps),
+                    ),
                     ("validation_problem".to_string(), self.spec.to_string()),
                     (
                         "validation_instances".to_string(),
@@ -526,6 +556,30 @@ impl Validator {
         );
         self.last = Some(rec.clone());
         Ok((rec, best))
+    }
+
+    /// Makes `version` the run's best with `score`, once its file is written (a φ whose
+    /// file could not be written is not the best: later ones are compared with the last
+    /// best on disk).
+    pub fn confirm_best(&mut self, version: Version, score: f64) {
+        if self.best.is_none_or(|(_, b)| score < b) {
+            self.best = Some((version, score));
+        }
+    }
+
+    /// True when `worker` holds a job (it computes and calls nothing meanwhile, so it is
+    /// not to be forgotten as silent).
+    pub fn holds(&self, worker: u64) -> bool {
+        self.running.values().any(|r| r.worker == worker)
+    }
+
+    /// Puts job `job` back at the head of the queue for another evaluator (its evaluator
+    /// cannot compute it, e.g. it has another data set than the run's).
+    pub fn release(&mut self, job: u64) {
+        if let Some(r) = self.running.remove(&job) {
+            self.waiting.push_front(r.job);
+            self.waiting.truncate(MAX_WAITING);
+        }
     }
 
     /// Drops jobs whose evaluator went silent past their deadline.
@@ -581,10 +635,37 @@ impl Validator {
     }
 }
 
-/// The best version and score recorded in `dir`'s [`BEST_FILE`] for `run`; none when
-/// there is no such file, or it belongs to another run. A file that cannot be read is
-/// an error: it would be replaced without knowing what it held.
-pub fn read_best(dir: &Path, run: &str) -> Result<Option<(Version, f64)>> {
+/// How a run's validations are measured, as one line: two bests compare only when equal.
+fn measured(config: &ValidationConfig, spec: &ProblemSpec, steps: u32) -> String {
+    format!(
+        "{} of {} instances of {spec}, {steps} steps, seed {}, against {} (rate {})",
+        config.select,
+        config.instances,
+        config.seed,
+        config.baseline,
+        if config.learning_rate > 0.0 {
+            config.learning_rate.to_string()
+        } else {
+            format!("tuned on {}", config.tune_instances)
+        }
+    )
+}
+
+/// The best φ of a run on disk: its version, its score, and how it was measured.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Best {
+    /// Its version.
+    pub version: Version,
+    /// Its score.
+    pub score: f64,
+    /// How it was measured (empty when the file does not say).
+    pub measured: String,
+}
+
+/// The best φ recorded in `dir`'s [`BEST_FILE`] for `run`; none when there is no such
+/// file, or it belongs to another run. A file that cannot be read is an error: it would
+/// be replaced without knowing what it held.
+pub fn read_best(dir: &Path, run: &str) -> Result<Option<Best>> {
     let path = dir.join(BEST_FILE);
     if !path.exists() {
         return Ok(None);
@@ -610,7 +691,11 @@ pub fn read_best(dir: &Path, run: &str) -> Result<Option<(Version, f64)>> {
         .get("validation_score")
         .and_then(|s| s.parse::<f64>().ok());
     match (version, score) {
-        (Some(v), Some(s)) if s.is_finite() => Ok(Some((v, s))),
+        (Some(version), Some(score)) if score.is_finite() => Ok(Some(Best {
+            version,
+            score,
+            measured: meta.get("validation_measured").cloned().unwrap_or_default(),
+        })),
         _ => bail!(
             "{} has no readable version and validation_score; move it aside to let the run \
              choose its best φ again",
@@ -619,10 +704,22 @@ pub fn read_best(dir: &Path, run: &str) -> Result<Option<(Version, f64)>> {
     }
 }
 
-/// Appends `record` to `dir`'s [`VALIDATION_FILE`] (with the header when the file is new)
-/// and, for a new best, writes [`BEST_FILE`] atomically.
-pub fn write(dir: &Path, record: &Record, best: Option<&NewBest>) -> Result<()> {
+/// For a new best, writes [`BEST_FILE`] atomically (a failure is logged, and the row then
+/// says the φ is not the best), then appends `record` to `dir`'s [`VALIDATION_FILE`] (with
+/// the header when the file is new); true when the best was written.
+pub fn write(dir: &Path, record: &mut Record, best: Option<&NewBest>) -> Result<bool> {
     use std::io::Write;
+    let mut written = false;
+    if let Some(b) = best {
+        let p = dir.join(BEST_FILE);
+        match b.phi.save(&p, b.metadata.clone()) {
+            Ok(()) => written = true,
+            Err(e) => {
+                tracing::error!(error = %e, path = %p.display(), "cannot write the best φ; it is not counted as the best");
+                record.best = false;
+            }
+        }
+    }
     let path = dir.join(VALIDATION_FILE);
     let new = !path.exists();
     let mut f = std::fs::OpenOptions::new()
@@ -643,11 +740,7 @@ pub fn write(dir: &Path, record: &Record, best: Option<&NewBest>) -> Result<()> 
     f.write_all(text.as_bytes())
         .and_then(|()| f.sync_data())
         .map_err(|e| anyhow::anyhow!("cannot append to {}: {e}", path.display()))?;
-    if let Some(b) = best {
-        let p = dir.join(BEST_FILE);
-        b.phi.save(&p, b.metadata.clone())?;
-    }
-    Ok(())
+    Ok(written)
 }
 
 #[cfg(test)]

@@ -120,8 +120,13 @@ fn only_a_better_finite_score_becomes_the_best() {
     let run = |v: &mut Validator, step: u64, l: f64| {
         v.queue(version(step), phi(), Bytes::new());
         let id = v.take(1, now).job_id;
-        v.complete(&result(1, id, curve(l, l), curve(1.0, 1.0)), "r")
-            .unwrap()
+        let out = v
+            .complete(&result(1, id, curve(l, l), curve(1.0, 1.0)), "r")
+            .unwrap();
+        if let Some(b) = &out.1 {
+            v.confirm_best(b.version, b.score);
+        }
+        out
     };
     assert!(run(&mut v, 5, 0.8).1.is_some());
     assert!(run(&mut v, 10, 0.9).1.is_none(), "worse");
@@ -258,6 +263,13 @@ fn bad_configurations_are_refused_by_field() {
         (
             ValidationConfig {
                 timeout_ms: 0,
+                ..config(1)
+            },
+            "timeout_ms",
+        ),
+        (
+            ValidationConfig {
+                timeout_ms: MAX_TIMEOUT_MS + 1,
                 ..config(1)
             },
             "timeout_ms",
@@ -420,9 +432,15 @@ fn a_run_queues_its_phi_every_k_updates_and_keeps_the_best_across_restarts() {
         session: S.to_vec(),
         ..good
     };
-    let (rec, best) = c.submit_validation(&good, now).unwrap();
+    let (mut rec, best) = c.submit_validation(&good, now).unwrap();
     assert!(rec.best);
-    write(dir.path(), &rec, best.as_ref()).unwrap();
+    assert!(
+        c.status(now).validation.unwrap().best_version.is_none(),
+        "not the best before its file is written"
+    );
+    assert!(write(dir.path(), &mut rec, best.as_ref()).unwrap());
+    let b = best.unwrap();
+    c.validation_best_written(b.version, b.score);
     let status = c.status(now).validation.unwrap();
     assert_eq!(
         (status.best_version, status.best_score),
@@ -465,10 +483,25 @@ fn a_run_queues_its_phi_every_k_updates_and_keeps_the_best_across_restarts() {
     };
     let (rec, best) = c.submit_validation(&worse, now).unwrap();
     assert!(!rec.best && best.is_none());
+    let on_disk = read_best(dir.path(), &run).unwrap().unwrap();
     assert_eq!(
-        read_best(dir.path(), &run).unwrap(),
-        Some((Version { epoch: 0, step: 2 }, 0.5))
+        (on_disk.version, on_disk.score),
+        (Version { epoch: 0, step: 2 }, 0.5)
     );
+    // A best measured otherwise (here: on more instances) is not compared with.
+    let quadratic = "quadratic".parse().unwrap();
+    let other = ValidationConfig {
+        instances: 5,
+        ..config(2)
+    };
+    let v = Validator::new(&other, &quadratic, 100, 1, Some(on_disk.clone()))
+        .unwrap()
+        .unwrap();
+    assert_eq!(v.best(), None);
+    let same = Validator::new(&config(2), &quadratic, 100, 1, Some(on_disk))
+        .unwrap()
+        .unwrap();
+    assert_eq!(same.best(), Some((Version { epoch: 0, step: 2 }, 0.5)));
     // Another run's best file means nothing to this one; an unreadable one stops the start.
     assert_eq!(read_best(dir.path(), "another-run").unwrap(), None);
     std::fs::write(dir.path().join(BEST_FILE), b"not a safetensors file").unwrap();
@@ -508,9 +541,44 @@ fn a_validation_on_other_data_than_the_runs_is_refused() {
     let err = c.submit_validation(&r, now).unwrap_err();
     assert_eq!(err.reason(), "wrong_data");
     assert!(err.to_string().contains(&"ab".repeat(32)), "{err}");
+    // The job goes back to the queue for another evaluator.
+    let e2 = c.register("e2", "cpu", S, now).unwrap();
+    let again = c.validate(e2, &S, now).unwrap();
+    assert_eq!(again.version, job.version);
+    r.worker_id = e2;
+    r.job_id = again.job_id;
     r.data_fingerprint = "AB".repeat(32);
     assert!(
         c.submit_validation(&r, now).is_ok(),
         "the same set, in capitals"
+    );
+}
+
+#[test]
+fn an_evaluator_computing_a_long_job_is_not_forgotten() {
+    let dir = tempfile::tempdir().unwrap();
+    let t0 = Instant::now();
+    let mut c = coordinator(dir.path(), Start::fresh());
+    let (t, e) = (
+        c.register("t", "cpu", S, t0).unwrap(),
+        c.register("e", "cpu", S, t0).unwrap(),
+    );
+    let job = c.validate(e, &S, t0).unwrap();
+    assert_eq!(job.version, Some(version(0)));
+    // Past forget_workers_after_ms (10 lease timeouts: 100 s) and within the job's 600 s.
+    let later = t0 + Duration::from_secs(200);
+    c.tick(later);
+    assert_eq!(
+        c.lease(t, &S, later).unwrap_err().reason(),
+        "unknown_worker",
+        "the silent trainer is forgotten"
+    );
+    let r = SubmitValidationRequest {
+        session: S.to_vec(),
+        ..result(e, job.job_id, curve(1.0, 1.0), curve(2.0, 2.0))
+    };
+    assert!(
+        c.submit_validation(&r, later).is_ok(),
+        "the evaluator is not"
     );
 }
