@@ -723,8 +723,9 @@ fn a_run_validates_through_its_evaluators_and_keeps_the_best_phi() {
     };
     let elog = dir.path().join("e.log");
     let mut evaluator = l2l_tests::start_worker_on(&evaluator_host, &c.url(), "eval", &elog);
-    let st = c.wait_for(Duration::from_secs(120), "two validations", |s| {
-        s["validation"]["done"].as_u64() >= Some(2)
+    // The starting φ, then every 5 updates.
+    let st = c.wait_for(Duration::from_secs(120), "three validations", |s| {
+        s["validation"]["done"].as_u64() >= Some(3)
     });
     let v = &st["validation"];
     assert_eq!(
@@ -761,7 +762,8 @@ fn a_run_validates_through_its_evaluators_and_keeps_the_best_phi() {
     let csv = std::fs::read_to_string(d.join("validation.csv")).unwrap();
     let rows: Vec<&str> = csv.lines().skip(1).collect();
     assert!(csv.starts_with("update,epoch,"), "{csv}");
-    assert!(rows.len() >= 2, "{csv}");
+    assert!(rows.len() >= 3, "{csv}");
+    assert!(rows[0].starts_with("0,0,"), "the starting φ first: {csv}");
     let best_row = rows
         .iter()
         .rfind(|r| r.ends_with(",1"))
