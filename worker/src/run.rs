@@ -269,51 +269,42 @@ impl Worker {
                 if self.stopping() {
                     return Ok(());
                 }
-                if self.opts.role == Role::Evaluator {
-                    match self.validation()? {
-                        Outcome::Done => continue,
-                        Outcome::Release => {
-                            self.pause();
-                            continue;
-                        }
-                        Outcome::Reregister => {
+                let outcome = if self.opts.role == Role::Evaluator {
+                    self.validation()?
+                } else {
+                    let mut c = self
+                        .client
+                        .clone()
+                        .ok_or_else(|| anyhow!("not connected"))?;
+                    let lease = self.rt.block_on(c.lease(LeaseRequest {
+                        worker_id: self.id,
+                        session: self.session.clone(),
+                    }));
+                    let lease = match lease {
+                        Ok(l) => l.into_inner(),
+                        Err(s) if Reason::of(&s) == Some(Reason::Finished) => return Ok(()),
+                        Err(s)
+                            if matches!(
+                                Reason::of(&s),
+                                Some(Reason::UnknownWorker | Reason::BadSession)
+                            ) =>
+                        {
                             self.pause();
                             continue 'join;
                         }
-                        Outcome::Stop => return Ok(()),
-                    }
-                }
-                let mut c = self
-                    .client
-                    .clone()
-                    .ok_or_else(|| anyhow!("not connected"))?;
-                let lease = self.rt.block_on(c.lease(LeaseRequest {
-                    worker_id: self.id,
-                    session: self.session.clone(),
-                }));
-                let lease = match lease {
-                    Ok(l) => l.into_inner(),
-                    Err(s) if Reason::of(&s) == Some(Reason::Finished) => return Ok(()),
-                    Err(s)
-                        if matches!(
-                            Reason::of(&s),
-                            Some(Reason::UnknownWorker | Reason::BadSession)
-                        ) =>
-                    {
-                        self.pause();
-                        continue 'join;
-                    }
-                    Err(s) => {
-                        if let Some(why) = fatal_refusal(&s) {
-                            bail!(why);
+                        Err(s) => {
+                            if let Some(why) = fatal_refusal(&s) {
+                                bail!(why);
+                            }
+                            tracing::warn!(status = %s, "lease failed; reconnecting");
+                            self.client = None;
+                            self.pause();
+                            continue 'join;
                         }
-                        tracing::warn!(status = %s, "lease failed; reconnecting");
-                        self.client = None;
-                        self.pause();
-                        continue 'join;
-                    }
+                    };
+                    self.trajectory(lease)?
                 };
-                match self.trajectory(lease)? {
+                match outcome {
                     Outcome::Done => continue,
                     Outcome::Release => {
                         self.pause();
