@@ -722,6 +722,20 @@ pub fn write(dir: &Path, record: &mut Record, best: Option<&NewBest>) -> Result<
     }
     let path = dir.join(VALIDATION_FILE);
     let new = !path.exists();
+    // A row cut short by a crash mid-append is ended, so it does not swallow this one.
+    let cut = !new
+        && std::fs::File::open(&path)
+            .and_then(|mut f| {
+                use std::io::{Read, Seek, SeekFrom};
+                if f.seek(SeekFrom::End(0))? == 0 {
+                    return Ok(false);
+                }
+                f.seek(SeekFrom::End(-1))?;
+                let mut last = [0u8];
+                f.read_exact(&mut last)?;
+                Ok(last[0] != b'\n')
+            })
+            .unwrap_or(false);
     let mut f = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -731,6 +745,9 @@ pub fn write(dir: &Path, record: &mut Record, best: Option<&NewBest>) -> Result<
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     let mut text = String::new();
+    if cut {
+        text.push('\n');
+    }
     if new {
         text.push_str(CSV_HEADER);
         text.push('\n');

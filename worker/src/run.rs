@@ -500,26 +500,47 @@ impl Worker {
     /// Submits, retrying transport failures a few times (duplicates are acknowledged).
     /// Returns the refusal reason on failure (`transport` when the coordinator is gone).
     fn submit(&mut self, req: SubmitRequest) -> Result<(), NotLanded> {
+        match self.retrying("submit", |mut c| {
+            let req = req.clone();
+            async move { c.submit(req).await }
+        }) {
+            Ok(_) => Ok(()),
+            Err(Some(s)) => {
+                let r = Reason::of(&s).map_or(NotLanded::Unrecognised, NotLanded::Refused);
+                tracing::info!(reason = r.label(), "submission refused: {}", s.message());
+                Err(r)
+            }
+            Err(None) => Err(NotLanded::Transport),
+        }
+    }
+
+    /// Calls the coordinator, retrying transport failures a few times with backoff (a
+    /// retried submission is acknowledged as a duplicate); a refusal is `Some(status)`,
+    /// and `None` means the coordinator could not be reached (the client is dropped).
+    fn retrying<R, Fut>(
+        &mut self,
+        what: &str,
+        mut call: impl FnMut(Client) -> Fut,
+    ) -> Result<R, Option<tonic::Status>>
+    where
+        Fut: std::future::Future<Output = Result<tonic::Response<R>, tonic::Status>>,
+    {
         for attempt in 0..4 {
-            let Some(mut c) = self.client.clone() else {
+            let Some(c) = self.client.clone() else {
                 break;
             };
-            match self.rt.block_on(c.submit(req.clone())) {
-                Ok(_) => return Ok(()),
+            match self.rt.block_on(call(c)) {
+                Ok(r) => return Ok(r.into_inner()),
                 Err(s) if is_transport(&s) => {
-                    tracing::warn!(status = %s, attempt, "submit failed; retrying");
+                    tracing::warn!(status = %s, attempt, "{what} failed; retrying");
                     let delay = self.backoff.delay(attempt);
                     self.sleep(delay);
                 }
-                Err(s) => {
-                    let r = Reason::of(&s).map_or(NotLanded::Unrecognised, NotLanded::Refused);
-                    tracing::info!(reason = r.label(), "submission refused: {}", s.message());
-                    return Err(r);
-                }
+                Err(s) => return Err(Some(s)),
             }
         }
         self.client = None;
-        Err(NotLanded::Transport)
+        Err(None)
     }
 
     /// Heartbeats the lease every third of its timeout while the unroll runs.
@@ -575,20 +596,17 @@ impl Worker {
         let _g = span.enter();
         let phi = decode_phi(&job.phi).context("cannot read the validation job's φ")?;
         // The data set's fingerprint, when a family of the job uses data.
-        let mut fingerprint = String::new();
         let first = job.instances.first().and_then(|i| i.spec().ok());
-        if first.is_some_and(|spec| spec.needs_data()) {
-            let data = self.data.get().with_context(|| {
+        let fingerprint = if first.is_some_and(|spec| spec.needs_data()) {
+            self.data_fingerprint().with_context(|| {
                 format!(
                     "cannot load the validation data (--data {})",
                     self.opts.data.display()
                 )
-            })?;
-            if self.fingerprint.is_empty() {
-                self.fingerprint = data.fingerprint();
-            }
-            fingerprint = self.fingerprint.clone();
-        }
+            })?
+        } else {
+            String::new()
+        };
         let started = Instant::now();
         let stop = self.stop.clone();
         let curves = self
@@ -611,45 +629,35 @@ impl Worker {
             baseline_lr: curves.lr,
             data_fingerprint: fingerprint,
         };
-        for attempt in 0..4 {
-            let Some(mut c) = self.client.clone() else {
-                break;
-            };
-            match self.rt.block_on(c.submit_validation(req.clone())) {
-                Ok(r) => {
-                    let r = r.into_inner();
-                    self.summary.validations += 1;
-                    self.backoff.reset();
-                    tracing::info!(
-                        version = version.step,
-                        score = r.score,
-                        best = r.best,
-                        seconds = started.elapsed().as_secs_f64(),
-                        "validation recorded"
-                    );
-                    return Ok(Outcome::Done);
-                }
-                Err(s) if is_transport(&s) => {
-                    tracing::warn!(status = %s, attempt, "validation result not delivered; retrying");
-                    let delay = self.backoff.delay(attempt);
-                    self.sleep(delay);
-                }
-                Err(s) => {
-                    if Reason::of(&s) == Some(Reason::WrongData) {
-                        bail!(
-                            "the coordinator refused this evaluator's data ({}): {}; give every \
-                             worker of the run the same --data files",
-                            self.opts.data.display(),
-                            s.message()
-                        );
-                    }
-                    tracing::warn!(status = %s, "validation result refused");
-                    return self.after_refusal(&s);
-                }
+        let sent = self.retrying("validation result", |mut c| {
+            let req = req.clone();
+            async move { c.submit_validation(req).await }
+        });
+        match sent {
+            Ok(r) => {
+                self.summary.validations += 1;
+                self.backoff.reset();
+                tracing::info!(
+                    version = version.step,
+                    score = r.score,
+                    best = r.best,
+                    seconds = started.elapsed().as_secs_f64(),
+                    "validation recorded"
+                );
+                Ok(Outcome::Done)
             }
+            Err(Some(s)) if Reason::of(&s) == Some(Reason::WrongData) => bail!(
+                "the coordinator refused this evaluator's data ({}): {}; give every \
+                 worker of the run the same --data files",
+                self.opts.data.display(),
+                s.message()
+            ),
+            Err(Some(s)) => {
+                tracing::warn!(status = %s, "validation result refused");
+                self.after_refusal(&s)
+            }
+            Err(None) => Ok(Outcome::Reregister),
         }
-        self.client = None;
-        Ok(Outcome::Reregister)
     }
 
     /// What a refused or failed request of an evaluator leads to.
@@ -687,21 +695,24 @@ impl Worker {
     ) -> Result<(Loaded, String), String> {
         let i = instance.ok_or("the lease carries no instance")?;
         let spec = i.spec().map_err(|e| e.to_string())?;
-        let first_data = spec.needs_data() && !self.data.is_loaded();
         let optimizee = spec
             .instance(i.seed, &mut self.data)
             .map_err(|e| format!("cannot make the {} instance: {e}", spec.family()))?;
-        if first_data {
-            let data = self.data.get().map_err(|e| e.to_string())?;
-            let fingerprint = data.fingerprint();
-            tracing::info!(dir = %self.opts.data.display(), examples = data.len(), sha256 = %fingerprint, "training data loaded");
-            self.fingerprint = fingerprint;
-        }
         let fingerprint = if spec.needs_data() {
-            self.fingerprint.clone()
+            self.data_fingerprint().map_err(|e| e.to_string())?
         } else {
             String::new()
         };
         Ok((self.engine.load(optimizee), fingerprint))
+    }
+
+    /// The SHA-256 of the training split, loading it (and logging it) the first time.
+    fn data_fingerprint(&mut self) -> Result<String, l2l_common::Error> {
+        if self.fingerprint.is_empty() {
+            let data = self.data.get()?;
+            self.fingerprint = data.fingerprint();
+            tracing::info!(dir = %self.opts.data.display(), examples = data.len(), sha256 = %self.fingerprint, "training data loaded");
+        }
+        Ok(self.fingerprint.clone())
     }
 }

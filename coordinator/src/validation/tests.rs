@@ -582,3 +582,22 @@ fn an_evaluator_computing_a_long_job_is_not_forgotten() {
         "the evaluator is not"
     );
 }
+
+#[test]
+fn a_row_cut_short_by_a_crash_does_not_swallow_the_next() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(VALIDATION_FILE);
+    std::fs::write(&path, format!("{CSV_HEADER}\n5,0,17,10,0.9")).unwrap();
+    let mut v = validator(Select::Mean);
+    v.queue(version(10), phi(), Bytes::new());
+    let id = v.take(1, Instant::now()).job_id;
+    let (mut rec, _) = v
+        .complete(&result(1, id, curve(1.0, 1.0), curve(2.0, 2.0)), "r")
+        .unwrap();
+    write(dir.path(), &mut rec, None).unwrap();
+    let text = std::fs::read_to_string(&path).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 3, "{text}");
+    assert_eq!(lines[1], "5,0,17,10,0.9", "the cut row stays as it was");
+    assert!(lines[2].starts_with("10,0,"), "{text}");
+}
