@@ -46,6 +46,44 @@ impl Baseline {
         lr: f64,
         steps: usize,
     ) -> Vec<f64> {
+        self.run(problem, theta0, lr, steps, |_, _| {})
+    }
+
+    /// θ_t at each step of `at` (ascending) from `theta0` with learning rate `lr`; a step
+    /// after a blow-up keeps the last finite θ.
+    pub fn thetas(
+        self,
+        problem: &dyn HostProblem,
+        theta0: &[f32],
+        lr: f64,
+        at: &[usize],
+    ) -> Vec<Vec<f32>> {
+        let steps = at.iter().copied().max().unwrap_or(0);
+        let mut out: Vec<Vec<f32>> = Vec::with_capacity(at.len());
+        let mut last = theta0.to_vec();
+        self.run(problem, theta0, lr, steps, |t, theta| {
+            if theta.iter().all(|v| v.is_finite()) {
+                last.copy_from_slice(theta);
+            }
+            while out.len() < at.len() && at[out.len()] == t {
+                out.push(last.clone());
+            }
+        });
+        while out.len() < at.len() {
+            out.push(last.clone());
+        }
+        out
+    }
+
+    /// The curve of [`Baseline::curve`], calling `visit(t, θ_t)` at every step reached.
+    fn run(
+        self,
+        problem: &dyn HostProblem,
+        theta0: &[f32],
+        lr: f64,
+        steps: usize,
+        mut visit: impl FnMut(usize, &[f32]),
+    ) -> Vec<f64> {
         let n = theta0.len();
         let lr = lr as f32;
         let mut theta = theta0.to_vec();
@@ -55,6 +93,7 @@ impl Baseline {
         for t in 0..=steps {
             let loss = problem.eval(&theta, t, &mut g);
             out.push(loss);
+            visit(t, &theta);
             if !loss.is_finite() {
                 break;
             }

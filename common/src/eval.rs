@@ -70,6 +70,36 @@ pub fn host_learned_curve(
     Ok(out)
 }
 
+/// θ_t under the learned optimizer on the host at each step of `at` (ascending, each
+/// ≤ the last), state carried throughout: what the optimizee looks like there (`eval`'s
+/// pictures). A step after a blow-up keeps the last finite θ.
+pub fn host_learned_thetas(
+    phi: &AnyPhi,
+    problem: &dyn HostProblem,
+    theta0: &[f32],
+    at: &[usize],
+) -> Result<Vec<Vec<f32>>, Error> {
+    let mut carry = HostCarry::start(&phi.config(), theta0.to_vec());
+    let mut t = 0;
+    let mut out = Vec::with_capacity(at.len());
+    for &want in at {
+        while t < want {
+            let k = HOST_CHUNK.min(want - t);
+            match fused::forward(phi, problem, carry.clone(), t, k, None) {
+                Ok(r) if r.carry.theta.iter().all(|v| v.is_finite()) => carry = r.carry,
+                Ok(_) | Err(Error::NonFinite(_)) => {
+                    t = usize::MAX;
+                    break;
+                }
+                Err(e) => return Err(e),
+            }
+            t += k;
+        }
+        out.push(carry.theta.clone());
+    }
+    Ok(out)
+}
+
 /// The one rule of every loss curve (learned or baseline, host or device): from the
 /// first loss that is not finite to step `steps`, every loss is +∞ (the run diverged).
 pub fn end_at_divergence(curve: &mut Vec<f64>, steps: usize) {

@@ -20,7 +20,7 @@ use l2l_common::problems::{DataSource, Optimizee};
 use l2l_worker::DEFAULT_DATA;
 use rayon::prelude::*;
 
-use crate::plot::{Series, plot_curves};
+use crate::plot::{Picture, Series, plot_curves};
 
 /// Arguments of `eval`.
 #[derive(Debug, Args)]
@@ -29,12 +29,14 @@ pub struct EvalArgs {
     /// problem's parameter groups (spec §5: `conv` needs `conv,fc` unless `lstms=1`).
     #[arg(long)]
     phi: PathBuf,
-    /// The problem: quadratic, mlp, conv, or a variant such as mlp:hidden=40,
-    /// mlp:hidden=20x20, mlp:act=relu, conv:labels=5-9, conv:lstms=1.
+    /// The problem: quadratic, mlp, conv, art, or a variant such as mlp:hidden=40,
+    /// mlp:hidden=20x20, mlp:act=relu, conv:labels=5-9, conv:lstms=1,
+    /// art:size=128,content=chelsea,style=hubble_deep_field.
     #[arg(long, default_value = "quadratic")]
     problem: ProblemSpec,
     /// The data of mlp and conv problems: MNIST-format IDX files (plain or .gz) or
-    /// CIFAR-10 binary files.
+    /// CIFAR-10 binary files; for art, a directory of PNG/JPEG images
+    /// (deploy/art-images.sh DIR puts the sample ones there).
     #[arg(long, env = "L2L_DATA", default_value = DEFAULT_DATA)]
     data: PathBuf,
     /// Optimizee steps per run.
@@ -76,6 +78,11 @@ pub struct EvalArgs {
     /// Directory for curves.csv, summary.csv and loss.png.
     #[arg(long)]
     out: PathBuf,
+    /// For an art problem: draw the first N report problems, one PNG each
+    /// (pictures/problem-I.png): the content crop, the style, and the image each
+    /// optimizer made at every step of --at (the learned one on the host's fused path).
+    #[arg(long, default_value_t = 0)]
+    pictures: usize,
     /// Where the learned optimizer runs: `fused` (`cpu` too), `flex` or `wgpu` (needs a build with
     /// `--features wgpu`). The baselines run on the CPU.
     #[arg(long, value_enum, default_value_t = Backend::Fused)]
@@ -181,6 +188,16 @@ pub fn run(a: EvalArgs) -> Result<()> {
             bail!("--lr gives {} two rates; give one", b.name());
         }
     }
+    if a.pictures > 0 && !matches!(a.problem, ProblemSpec::Art(_)) {
+        bail!(
+            "--pictures draws the optimizee as an image: only art problems are images (the \
+             problem is {}); drop --pictures",
+            a.problem.family()
+        );
+    }
+    if a.pictures > a.runs {
+        bail!("--pictures {} is more than --runs {}", a.pictures, a.runs);
+    }
     let phi = l2l_common::groups::load_for(&a.phi, &a.problem).context("cannot load φ (--phi)")?;
     let engine = Engine::open(a.backend).with_context(|| format!("--backend {}", a.backend))?;
     eprintln!("learned optimizer on {}", engine.describe());
@@ -262,7 +279,9 @@ pub fn run(a: EvalArgs) -> Result<()> {
     progress.finish_and_clear();
 
     let all: Vec<(&Row, Stats)> = rows.iter().map(|r| (r, stats(&r.curves))).collect();
-    let source = if a.problem.needs_data() {
+    let source = if a.problem.reads_images() {
+        format!(" (images from {})", a.data.display())
+    } else if a.problem.needs_data() {
         // With every rate given (--lr), nothing was tuned: do not say where.
         let tuned = if to_tune > 0 {
             "; rates tuned on the training split"
@@ -308,6 +327,9 @@ pub fn run(a: EvalArgs) -> Result<()> {
             high: s.p90.clone(),
         })
         .collect();
+    if a.pictures > 0 {
+        draw_pictures(&a, &phi, &report[..a.pictures], &tuned, &at)?;
+    }
     let png = a.out.join("loss.png");
     match plot_curves(&png, &a.problem.name(), &series) {
         Ok(()) => println!(
@@ -327,6 +349,79 @@ pub fn run(a: EvalArgs) -> Result<()> {
             return Err(e.context("the table and CSVs were written, but not the plot"));
         }
     }
+    Ok(())
+}
+
+/// Writes `pictures/problem-I.png` for each art instance of `report`: its content crop
+/// and style, then each optimizer's image at every step of `at`, the loss under each.
+fn draw_pictures(
+    a: &EvalArgs,
+    phi: &l2l_common::AnyPhi,
+    report: &[Optimizee],
+    tuned: &[Tuned],
+    at: &[usize],
+) -> Result<()> {
+    use l2l_common::problems::images::Image;
+    let dir = a.out.join("pictures");
+    std::fs::create_dir_all(&dir)
+        .with_context(|| format!("cannot create the directory {}", dir.display()))?;
+    let mut columns = vec!["content".to_string(), "style".to_string(), "learned".to_string()];
+    columns.extend(tuned.iter().map(|t| t.baseline.name().to_string()));
+    let progress = bar(report.len() as u64, "pictures");
+    for (i, o) in report.iter().enumerate() {
+        let Optimizee::Art(art) = o else {
+            bail!("--pictures needs an art problem");
+        };
+        let size = art.spec.size;
+        let mut runs = vec![l2l_common::eval::host_learned_thetas(
+            phi,
+            art,
+            &art.theta0,
+            at,
+        )?];
+        runs.extend(
+            tuned
+                .par_iter()
+                .map(|t| t.baseline.thetas(art, &art.theta0, t.lr, at))
+                .collect::<Vec<_>>(),
+        );
+        let mut g = vec![0f32; art.theta0.len()];
+        let rows = at
+            .iter()
+            .enumerate()
+            .map(|(k, t)| {
+                let mut cells: Vec<Option<Picture>> = if k == 0 {
+                    vec![
+                        Some(Picture {
+                            image: (*art.content).clone(),
+                            caption: art.photo.clone(),
+                        }),
+                        Some(Picture {
+                            image: (*art.style).clone(),
+                            caption: art.spec.style.clone(),
+                        }),
+                    ]
+                } else {
+                    vec![None, None]
+                };
+                for run in &runs {
+                    let theta = &run[k];
+                    let loss = art.eval(theta, *t, &mut g);
+                    cells.push(Some(Picture {
+                        image: Image::new(size, size, theta.clone())?,
+                        caption: format!("f {}", rate(loss)),
+                    }));
+                }
+                Ok((format!("step {t}"), cells))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let title = format!("{} · problem {i} (held out): {}", a.problem.name(), art.photo);
+        let path = dir.join(format!("problem-{i}.png"));
+        crate::plot::picture_grid(&path, &title, &columns, &rows)?;
+        progress.inc(1);
+    }
+    progress.finish_and_clear();
+    println!("wrote {} picture grids in {}", report.len(), dir.display());
     Ok(())
 }
 

@@ -300,6 +300,126 @@ fn draw_curves(pixels: &mut [u8], path: &Path, title: &str, series: &[Series]) -
     Ok(())
 }
 
+/// One picture of a grid: an RGB image `[3, h, w]` (values clamped to [0, 1] when
+/// drawn) and the line written under it.
+pub struct Picture {
+    /// The image.
+    pub image: l2l_common::problems::images::Image,
+    /// The caption under it (e.g. the loss).
+    pub caption: String,
+}
+
+/// Largest side of a picture in a grid, pixels.
+const CELL: u32 = 160;
+
+/// How a picture is drawn: its longer side on screen, and the factors up / down it is
+/// scaled by (a whole enlargement up to [`CELL`], or a whole reduction below it, nearest
+/// neighbour so pixels stay pixels).
+fn shown(image: &l2l_common::problems::images::Image) -> (u32, u32, u32) {
+    let side = image.height.max(image.width).max(1) as u32;
+    if side <= CELL {
+        let up = CELL / side;
+        (side * up, up, 1)
+    } else {
+        let down = side.div_ceil(CELL);
+        (side / down, 1, down)
+    }
+}
+
+/// Margin around and between cells, pixels.
+const GAP: u32 = 10;
+/// Height of a text line, pixels.
+const LINE: u32 = 22;
+
+/// Draws a grid of pictures into a PNG at `path`: a title, the column headings, then one
+/// row per entry of `rows` (its heading on the left, `None` cells left blank); each
+/// image scaled as [`shown`] says.
+pub fn picture_grid(
+    path: &Path,
+    title: &str,
+    columns: &[String],
+    rows: &[(String, Vec<Option<Picture>>)],
+) -> Result<()> {
+    let font = font()?;
+    let cell = rows
+        .iter()
+        .flat_map(|(_, r)| r.iter().flatten())
+        .map(|p| shown(&p.image).0)
+        .max()
+        .context("no picture to draw")?;
+    let left = 90;
+    let (w, h) = (
+        left + columns.len() as u32 * (cell + GAP) + GAP,
+        2 * LINE + GAP + rows.len() as u32 * (cell + LINE + GAP) + GAP,
+    );
+    let mut pixels = vec![255u8; (w * h * 3) as usize];
+    {
+        let root = Glyphs {
+            inner: BitMapBackend::with_buffer(&mut pixels, (w, h)),
+            font,
+        }
+        .into_drawing_area();
+        let draw = |e: &dyn std::fmt::Display| anyhow!("cannot draw {}: {e}", path.display());
+        let text = |size: f64| TextStyle::from(("sans-serif", size).into_font()).color(&BLACK);
+        root.fill(&WHITE).map_err(|e| draw(&e))?;
+        root.draw(&Text::new(title.to_string(), (GAP as i32, 4), text(18.0)))
+            .map_err(|e| draw(&e))?;
+        for (i, name) in columns.iter().enumerate() {
+            let x = (left + i as u32 * (cell + GAP)) as i32;
+            root.draw(&Text::new(name.clone(), (x, (LINE + 4) as i32), text(16.0)))
+                .map_err(|e| draw(&e))?;
+        }
+        for (r, (name, cells)) in rows.iter().enumerate() {
+            let y = 2 * LINE + GAP + r as u32 * (cell + LINE + GAP);
+            root.draw(&Text::new(
+                name.clone(),
+                (GAP as i32, (y + cell / 2) as i32),
+                text(16.0),
+            ))
+            .map_err(|e| draw(&e))?;
+            for (i, p) in cells.iter().enumerate() {
+                if let Some(p) = p {
+                    let x = (left + i as u32 * (cell + GAP)) as i32;
+                    root.draw(&Text::new(
+                        p.caption.clone(),
+                        (x, (y + cell + 2) as i32),
+                        text(14.0),
+                    ))
+                    .map_err(|e| draw(&e))?;
+                }
+            }
+        }
+        root.present().map_err(|e| draw(&e))?;
+    }
+    for (r, (_, cells)) in rows.iter().enumerate() {
+        let y0 = 2 * LINE + GAP + r as u32 * (cell + LINE + GAP);
+        for (i, p) in cells.iter().enumerate() {
+            let Some(p) = p else { continue };
+            let x0 = left + i as u32 * (cell + GAP);
+            let rgb = p.image.to_rgb8();
+            let (_, up, down) = shown(&p.image);
+            let (iw, ih) = (p.image.width as u32, p.image.height as u32);
+            for y in 0..(ih * up / down).min(cell) {
+                for x in 0..(iw * up / down).min(cell) {
+                    let (sy, sx) = (y * down / up, x * down / up);
+                    let src = ((sy * iw + sx) * 3) as usize;
+                    let dst = (((y0 + y) * w + x0 + x) * 3) as usize;
+                    pixels[dst..dst + 3].copy_from_slice(&rgb[src..src + 3]);
+                }
+            }
+        }
+    }
+    let file =
+        std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    let mut enc = png::Encoder::new(std::io::BufWriter::new(file), w, h);
+    enc.set_color(png::ColorType::Rgb);
+    enc.set_depth(png::BitDepth::Eight);
+    enc.set_compression(png::Compression::Best);
+    enc.write_header()
+        .and_then(|mut wr| wr.write_image_data(&pixels))
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

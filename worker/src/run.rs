@@ -10,7 +10,7 @@ use l2l_common::engine::{Backend, Engine, Loaded};
 use l2l_common::estimator::Trajectory;
 use l2l_common::files::TensorFile;
 use l2l_common::files::config_from;
-use l2l_common::problems::DataSource;
+use l2l_common::problems::{DataSource, ProblemSpec};
 use l2l_common::problems::mnist::Split;
 use l2l_proto::client::{Client, ClientSecurity, connect, explain, fatal_refusal};
 use l2l_proto::refusal::Reason;
@@ -149,8 +149,9 @@ struct Worker {
     summary: WorkerSummary,
     /// The training split, loaded on the first lease that needs data.
     data: DataSource,
-    /// SHA-256 of the training split once loaded (sent with every gradient that used it).
-    fingerprint: String,
+    /// SHA-256 of the training split and of the image directory, each once read (sent
+    /// with every gradient that used it).
+    fingerprint: [String; 2],
     /// The backend the unrolls run on.
     engine: Engine,
     /// The baseline rates and curves an evaluator keeps across jobs.
@@ -173,7 +174,7 @@ pub fn run_worker(opts: WorkerOptions, stop: Arc<AtomicBool>) -> Result<WorkerSu
     let mut w = Worker {
         backoff: Backoff::new(opts.min_backoff, opts.max_backoff, opts.seed),
         data: DataSource::new(&opts.data, Split::Train),
-        fingerprint: String::new(),
+        fingerprint: Default::default(),
         opts,
         rt,
         client: None,
@@ -597,8 +598,8 @@ impl Worker {
         let phi = decode_phi(&job.phi).context("cannot read the validation job's φ")?;
         // The data set's fingerprint, when a family of the job uses data.
         let first = job.instances.first().and_then(|i| i.spec().ok());
-        let fingerprint = if first.is_some_and(|spec| spec.needs_data()) {
-            self.data_fingerprint().with_context(|| {
+        let fingerprint = if let Some(spec) = first.filter(|spec| spec.needs_data()) {
+            self.data_fingerprint(&spec).with_context(|| {
                 format!(
                     "cannot load the validation data (--data {})",
                     self.opts.data.display()
@@ -699,20 +700,28 @@ impl Worker {
             .instance(i.seed, &mut self.data)
             .map_err(|e| format!("cannot make the {} instance: {e}", spec.family()))?;
         let fingerprint = if spec.needs_data() {
-            self.data_fingerprint().map_err(|e| e.to_string())?
+            self.data_fingerprint(&spec).map_err(|e| e.to_string())?
         } else {
             String::new()
         };
         Ok((self.engine.load(optimizee), fingerprint))
     }
 
-    /// The SHA-256 of the training split, loading it (and logging it) the first time.
-    fn data_fingerprint(&mut self) -> Result<String, l2l_common::Error> {
-        if self.fingerprint.is_empty() {
-            let data = self.data.get()?;
-            self.fingerprint = data.fingerprint();
-            tracing::info!(dir = %self.opts.data.display(), examples = data.len(), sha256 = %self.fingerprint, "training data loaded");
+    /// The SHA-256 of the training split (or, for `art`, of the image directory),
+    /// loading it (and logging it) the first time.
+    fn data_fingerprint(&mut self, spec: &ProblemSpec) -> Result<String, l2l_common::Error> {
+        let images = spec.reads_images();
+        let slot = &mut self.fingerprint[usize::from(images)];
+        if slot.is_empty() {
+            if images {
+                *slot = self.data.images().fingerprint()?;
+                tracing::info!(dir = %self.opts.data.display(), sha256 = %slot, "images found");
+            } else {
+                let data = self.data.get()?;
+                *slot = data.fingerprint();
+                tracing::info!(dir = %self.opts.data.display(), examples = data.len(), sha256 = %slot, "training data loaded");
+            }
         }
-        Ok(self.fingerprint.clone())
+        Ok(slot.clone())
     }
 }

@@ -6,10 +6,13 @@
 //! registry: the worker, `eval` and the coordinator's sampler reach every family through
 //! it, so adding a family is a new module and one variant (with its match arms) here.
 
+pub mod art;
+pub mod art_on;
 pub mod cifar;
 pub mod conv;
 pub mod conv_on;
 pub mod gemm;
+pub mod images;
 pub mod mlp;
 pub mod mlp_on;
 pub mod mnist;
@@ -25,6 +28,7 @@ use crate::Error;
 use crate::groups::GroupMap;
 use mnist::{Dataset, Split};
 
+pub use art::{Art, ArtSpec};
 pub use conv::{Conv, ConvSpec};
 pub use conv_on::ConvOn;
 pub use mlp::{Activation, Mlp, MlpSpec};
@@ -112,10 +116,12 @@ pub enum ProblemSpec {
     Mlp(MlpSpec),
     /// The paper's CIFAR-10 network (spec §6).
     Conv(ConvSpec),
+    /// The paper's neural art: θ is an image (spec §6).
+    Art(ArtSpec),
 }
 
 /// The names of the registered families.
-pub const FAMILIES: [&str; 3] = ["quadratic", "mlp", "conv"];
+pub const FAMILIES: [&str; 4] = ["quadratic", "mlp", "conv", "art"];
 
 impl ProblemSpec {
     /// The family with its `params` (each family's defaults fill the rest).
@@ -131,6 +137,7 @@ impl ProblemSpec {
             "quadratic" => QuadraticSpec::parse(&params).map(ProblemSpec::Quadratic),
             "mlp" => MlpSpec::parse(&params).map(ProblemSpec::Mlp),
             "conv" => ConvSpec::parse(&params).map(ProblemSpec::Conv),
+            "art" => ArtSpec::parse(&params).map(ProblemSpec::Art),
             _ => Err(params.bad(format!(
                 "unknown family; use one of {}",
                 FAMILIES.join(", ")
@@ -144,6 +151,7 @@ impl ProblemSpec {
             ProblemSpec::Quadratic(_) => "quadratic",
             ProblemSpec::Mlp(_) => "mlp",
             ProblemSpec::Conv(_) => "conv",
+            ProblemSpec::Art(_) => "art",
         }
     }
 
@@ -153,6 +161,7 @@ impl ProblemSpec {
             ProblemSpec::Quadratic(q) => q.params(),
             ProblemSpec::Mlp(m) => m.params(),
             ProblemSpec::Conv(c) => c.params(),
+            ProblemSpec::Art(a) => a.params(),
         }
     }
 
@@ -162,6 +171,7 @@ impl ProblemSpec {
             ProblemSpec::Quadratic(q) => q.name(),
             ProblemSpec::Mlp(m) => m.name(),
             ProblemSpec::Conv(c) => c.name(),
+            ProblemSpec::Art(a) => a.name(),
         }
     }
 
@@ -169,7 +179,7 @@ impl ProblemSpec {
     /// for a family whose parameters all share one LSTM.
     pub fn groups(&self) -> Option<Vec<&'static str>> {
         match self {
-            ProblemSpec::Quadratic(_) | ProblemSpec::Mlp(_) => None,
+            ProblemSpec::Quadratic(_) | ProblemSpec::Mlp(_) | ProblemSpec::Art(_) => None,
             ProblemSpec::Conv(c) => c.groups(),
         }
     }
@@ -181,11 +191,11 @@ impl ProblemSpec {
         crate::groups::check_groups(phi, self.groups().as_deref(), &who)
     }
 
-    /// Whether instances need a data set (`--data`).
+    /// Whether instances need data (`--data`: a data set, or images for `art`).
     pub fn needs_data(&self) -> bool {
         match self {
             ProblemSpec::Quadratic(_) => false,
-            ProblemSpec::Mlp(_) | ProblemSpec::Conv(_) => true,
+            ProblemSpec::Mlp(_) | ProblemSpec::Conv(_) | ProblemSpec::Art(_) => true,
         }
     }
 
@@ -195,7 +205,13 @@ impl ProblemSpec {
             ProblemSpec::Quadratic(q) => Optimizee::Quadratic(q.instance(seed)?),
             ProblemSpec::Mlp(m) => Optimizee::Mlp(Mlp::new(m.clone(), data.get()?, seed)?),
             ProblemSpec::Conv(c) => Optimizee::Conv(Conv::new(c.clone(), data.get()?, seed)?),
+            ProblemSpec::Art(a) => Optimizee::Art(Art::new(a.clone(), &data.images(), seed)?),
         })
+    }
+
+    /// Whether instances read images (`art`) rather than a data set.
+    pub fn reads_images(&self) -> bool {
+        matches!(self, ProblemSpec::Art(_))
     }
 }
 
@@ -239,6 +255,8 @@ pub enum Optimizee {
     Mlp(Mlp),
     /// A convolutional network.
     Conv(Conv),
+    /// An image to stylise.
+    Art(Art),
 }
 
 impl Optimizee {
@@ -248,6 +266,7 @@ impl Optimizee {
             Optimizee::Quadratic(q) => q,
             Optimizee::Mlp(m) => m,
             Optimizee::Conv(c) => c,
+            Optimizee::Art(a) => a,
         }
     }
 
@@ -257,6 +276,7 @@ impl Optimizee {
             Optimizee::Quadratic(q) => &q.theta0,
             Optimizee::Mlp(m) => &m.theta0,
             Optimizee::Conv(c) => &c.theta0,
+            Optimizee::Art(a) => &a.theta0,
         }
     }
 
@@ -266,18 +286,21 @@ impl Optimizee {
             Optimizee::Quadratic(q) => Box::new(q.on(dev, DType::F32)),
             Optimizee::Mlp(m) => Box::new(m.on(&cache.get(&m.data, dev))),
             Optimizee::Conv(c) => Box::new(c.on(&cache.get(&c.data, dev))),
+            Optimizee::Art(a) => Box::new(a.on(dev)),
         }
     }
 }
 
 /// Where instances find their data: a directory of MNIST-format IDX files or of CIFAR-10
 /// binary files ([`cifar`], chosen when `data_batch_1.bin` or `test_batch.bin` is there),
-/// loaded once on first use.
+/// loaded once on first use; for `art`, a directory of images ([`images`]), each read
+/// when an instance first names it.
 #[derive(Debug, Clone)]
 pub struct DataSource {
     dir: PathBuf,
     split: Split,
     loaded: Option<Arc<Dataset>>,
+    images: Option<Arc<images::ImageSet>>,
 }
 
 impl DataSource {
@@ -287,7 +310,16 @@ impl DataSource {
             dir: dir.to_path_buf(),
             split,
             loaded: None,
+            images: None,
         }
+    }
+
+    /// The directory's images (the same for both splits: `art` families name their
+    /// held-out photographs).
+    pub fn images(&mut self) -> Arc<images::ImageSet> {
+        self.images
+            .get_or_insert_with(|| Arc::new(images::ImageSet::new(&self.dir)))
+            .clone()
     }
 
     /// The data set, loaded on the first call.
@@ -307,7 +339,7 @@ impl DataSource {
 
     /// Whether the data was loaded already.
     pub fn is_loaded(&self) -> bool {
-        self.loaded.is_some()
+        self.loaded.is_some() || self.images.is_some()
     }
 }
 
@@ -357,6 +389,8 @@ mod tests {
             "mlp",
             "conv",
             "conv:labels=0-1+8,lstms=1,channels=8",
+            "art",
+            "art:size=128,content=chelsea+rocket,style=brick",
         ] {
             let spec: ProblemSpec = text.parse().unwrap();
             assert_eq!(spec.to_string().parse::<ProblemSpec>().unwrap(), spec);
@@ -373,6 +407,8 @@ mod tests {
             "mlp:act=tanh",
             "lstm",
             "conv:lstms=0",
+            "art:size=8",
+            "art:style=../x",
             "mlp:hidden",
             "quadratic:batch=1000000,dims=1000000",
             "quadratic:dims=99999999999999999999",
