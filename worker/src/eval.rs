@@ -365,7 +365,11 @@ fn draw_pictures(
     let dir = a.out.join("pictures");
     std::fs::create_dir_all(&dir)
         .with_context(|| format!("cannot create the directory {}", dir.display()))?;
-    let mut columns = vec!["content".to_string(), "style".to_string(), "learned".to_string()];
+    let mut columns = vec![
+        "content".to_string(),
+        "style".to_string(),
+        "learned".to_string(),
+    ];
     columns.extend(tuned.iter().map(|t| t.baseline.name().to_string()));
     let progress = bar(report.len() as u64, "pictures");
     for (i, o) in report.iter().enumerate() {
@@ -415,7 +419,11 @@ fn draw_pictures(
                 Ok((format!("step {t}"), cells))
             })
             .collect::<Result<Vec<_>>>()?;
-        let title = format!("{} · problem {i} (held out): {}", a.problem.name(), art.photo);
+        let title = format!(
+            "{} · problem {i} (held out): {}",
+            a.problem.name(),
+            art.photo
+        );
         let path = dir.join(format!("problem-{i}.png"));
         crate::plot::picture_grid(&path, &title, &columns, &rows)?;
         progress.inc(1);

@@ -180,7 +180,9 @@ pub fn filters() -> &'static [Vec<f64>] {
             .iter()
             .map(|&k| {
                 let scale = 1.0 / ((3 * k * k) as f64).sqrt();
-                (0..FILTERS * 3 * k * k).map(|_| rng.normal() * scale).collect()
+                (0..FILTERS * 3 * k * k)
+                    .map(|_| rng.normal() * scale)
+                    .collect()
             })
             .collect()
     })
@@ -269,7 +271,8 @@ impl Art {
         let theta0 = (0..spec.num_coords())
             .map(|_| (CENTRE + NOISE * rng.normal()) as f32)
             .collect();
-        let to64 = |i: &Image| -> Vec<f64> { i.pixels.iter().map(|v| *v as f64 - CENTRE).collect() };
+        let to64 =
+            |i: &Image| -> Vec<f64> { i.pixels.iter().map(|v| *v as f64 - CENTRE).collect() };
         let net = filters();
         let last = KERNELS.len() - 1;
         let c = to64(&content);
@@ -422,7 +425,14 @@ fn features<T: Real>(w: &[T], k: usize, x: &[T], (h, wd): (usize, usize)) -> Vec
 
 /// The k×k patches of output rows `y0 .. y0 + rows` of x `[3, h, w]` as columns
 /// `[3·k·k, rows · wo]`.
-fn im2col<T: Real>(x: &[T], k: usize, (h, w): (usize, usize), y0: usize, rows: usize, cols: &mut [T]) {
+fn im2col<T: Real>(
+    x: &[T],
+    k: usize,
+    (h, w): (usize, usize),
+    y0: usize,
+    rows: usize,
+    cols: &mut [T],
+) {
     let wo = w - k + 1;
     let n = rows * wo;
     for c in 0..3 {

@@ -40,7 +40,7 @@ impl Art {
             .map(|((&k, w), g)| {
                 (
                     from_f64(w, [FILTERS, 3, k, k], dev, dtype),
-                    from_f64(&g, [FILTERS, FILTERS], dev, dtype),
+                    from_f64(g, [FILTERS, FILTERS], dev, dtype),
                 )
             })
             .collect();
@@ -74,9 +74,14 @@ impl ArtOn {
             let [_, _, ho, wo] = phi.dims();
             let p = ho * wo;
             let phi = phi.reshape([FILTERS, p]);
-            let g = phi.clone().matmul(phi.clone().transpose()).div_scalar(p as f64);
+            let g = phi
+                .clone()
+                .matmul(phi.clone().transpose())
+                .div_scalar(p as f64);
             let d = g - target.clone();
-            let term = (d.clone() * d).sum().div_scalar(nf * nf * self.scales.len() as f64);
+            let term = (d.clone() * d)
+                .sum()
+                .div_scalar(nf * nf * self.scales.len() as f64);
             style = Some(match style {
                 None => term,
                 Some(t) => t + term,
@@ -139,8 +144,8 @@ mod tests {
     use burn::tensor::{DType, Device};
 
     use super::*;
-    use crate::problems::images::Image;
     use crate::problems::ArtSpec;
+    use crate::problems::images::Image;
     use crate::rng::Rng;
     use crate::tensor::to_f64;
 
@@ -157,10 +162,18 @@ mod tests {
             size,
             ..ArtSpec::default()
         };
-        let art = Art::from_images(spec, "n".into(), noise(size, size, 1), noise(23, 21, 2), Rng::new(3))
-            .unwrap();
+        let art = Art::from_images(
+            spec,
+            "n".into(),
+            noise(size, size, 1),
+            noise(23, 21, 2),
+            Rng::new(3),
+        )
+        .unwrap();
         let mut rng = Rng::new(4);
-        let theta: Vec<f64> = (0..art.theta0.len()).map(|_| 0.5 + 0.3 * rng.normal()).collect();
+        let theta: Vec<f64> = (0..art.theta0.len())
+            .map(|_| 0.5 + 0.3 * rng.normal())
+            .collect();
         let mut want_g = vec![0f64; theta.len()];
         let want = art.loss_grad(&theta, &mut want_g);
         for dev in [Device::flex(), Device::flex().autodiff()] {
@@ -176,7 +189,10 @@ mod tests {
                 .fold(0f64, |m, (a, b)| m.max((a - b).abs()));
             // Measured 1.4e-8 of the largest entry (burn's convolution backward sums in
             // another order); a wrong layout or scale shows at 1e-2 and more.
-            assert!(worst < 1e-7 * scale, "gradient off by {worst:e} of {scale:e}");
+            assert!(
+                worst < 1e-7 * scale,
+                "gradient off by {worst:e} of {scale:e}"
+            );
         }
     }
 }

@@ -82,7 +82,10 @@ impl Image {
 
     /// The `h`×`w` window whose top-left pixel is (`y`, `x`); it must lie inside.
     pub fn crop(&self, y: usize, x: usize, h: usize, w: usize) -> Image {
-        assert!(y + h <= self.height && x + w <= self.width, "crop outside the image");
+        assert!(
+            y + h <= self.height && x + w <= self.width,
+            "crop outside the image"
+        );
         let mut out = Vec::with_capacity(3 * h * w);
         for c in 0..3 {
             for row in y..y + h {
@@ -289,8 +292,11 @@ pub fn write_png(path: &Path, image: &Image) -> Result<(), Error> {
     let rgb = image::RgbImage::from_raw(image.width as u32, image.height as u32, image.to_rgb8())
         .ok_or_else(|| Error::Shape("an image's pixels do not fill it".into()))?;
     let mut bytes = Vec::new();
-    rgb.write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png)
-        .map_err(|e| Error::format(path, format!("cannot encode a PNG image: {e}")))?;
+    rgb.write_to(
+        &mut std::io::Cursor::new(&mut bytes),
+        image::ImageFormat::Png,
+    )
+    .map_err(|e| Error::format(path, format!("cannot encode a PNG image: {e}")))?;
     std::fs::write(path, bytes).map_err(io)
 }
 
@@ -333,13 +339,19 @@ mod tests {
         std::fs::write(dir.path().join("junk.png"), b"not a picture").unwrap();
         assert_ne!(set.fingerprint().unwrap(), fp);
         let empty = tempfile::tempdir().unwrap();
-        let e = ImageSet::new(empty.path()).fingerprint().unwrap_err().to_string();
+        let e = ImageSet::new(empty.path())
+            .fingerprint()
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("no .png"), "{e}");
 
         let e = set.get("junk").unwrap_err().to_string();
         assert!(e.contains("not a readable PNG or JPEG"), "{e}");
         let e = set.get("missing").unwrap_err().to_string();
-        assert!(e.contains("no image \"missing\"") && e.contains("--data"), "{e}");
+        assert!(
+            e.contains("no image \"missing\"") && e.contains("--data"),
+            "{e}"
+        );
         for bad in ["../a", "a/b", "", "a.png", &"x".repeat(65)] {
             assert!(set.get(bad).is_err(), "{bad}");
         }

@@ -97,7 +97,10 @@ fn the_result_does_not_depend_on_the_thread_count() {
             .unwrap();
         let mut g = vec![0f32; art.theta0.len()];
         let f = pool.install(|| art.loss_grad(&art.theta0, &mut g));
-        (f.to_bits(), g.iter().map(|v| v.to_bits()).collect::<Vec<_>>())
+        (
+            f.to_bits(),
+            g.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+        )
     };
     assert_eq!(run(1), run(3));
 }
@@ -121,9 +124,8 @@ fn instances_crop_the_shrunk_photograph_and_bad_images_are_refused() {
     assert_eq!(a.content, b.content);
     // The crop is a window of the photograph (shrunk by 1: itself).
     let photo = images.get("photo").unwrap();
-    let found = (0..=50 - 16).any(|y| {
-        (0..=70 - 16).any(|x| photo.crop(y, x, 16, 16) == *a.content)
-    });
+    let found =
+        (0..=50 - 16).any(|y| (0..=70 - 16).any(|x| photo.crop(y, x, 16, 16) == *a.content));
     assert!(found);
     // Size 16 from a 40×40 style image: shrunk by ⌊40 / 32⌋ = 1.
     assert_eq!((a.style.height, a.style.width), (40, 40));
