@@ -256,12 +256,20 @@ pub async fn run(args: Local) -> Result<LocalOutcome> {
         }
     }
     stop.store(true, Ordering::Relaxed);
+    let trainers = handles.len();
+    let run_finished = server.shared.lock().finished();
     handles.extend(evaluator_handles);
-    for h in handles {
-        match h.join() {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => eprintln!("a worker failed: {e:#}"),
-            Err(_) => eprintln!("a worker thread panicked"),
+    // Why each trainer stopped, when it failed (the first is repeated at the end).
+    let mut failed = Vec::new();
+    for (i, h) in handles.into_iter().enumerate() {
+        let why = match h.join() {
+            Ok(Ok(_)) => continue,
+            Ok(Err(e)) => format!("{e:#}"),
+            Err(_) => "its thread panicked".to_string(),
+        };
+        eprintln!("a worker failed: {why}");
+        if i < trainers {
+            failed.push(why);
         }
     }
     let elapsed = started.elapsed().as_secs_f64();
@@ -295,6 +303,15 @@ pub async fn run(args: Local) -> Result<LocalOutcome> {
     if interrupted {
         bail!(
             "interrupted; run the same command again to resume from {}",
+            ckpt.display()
+        );
+    }
+    if !run_finished && trainers > 0 && failed.len() == trainers {
+        bail!(
+            "every worker stopped before the run's {} updates, the first because: {}; fix \
+             that and run the same command again to resume from {}",
+            config.max_updates,
+            failed[0],
             ckpt.display()
         );
     }

@@ -190,4 +190,37 @@ fn bad_images_sizes_and_options_are_refused_and_nothing_is_written() {
         assert!(stderr.contains(want), "{problem}: {stderr}");
         assert!(!out.exists(), "{problem}: something was written");
     }
+
+    // `local` whose workers cannot find the images stops with the reason, not with a
+    // trained φ: every worker failed before the first update.
+    let recipe = dir.path().join("art.toml");
+    std::fs::write(
+        &recipe,
+        "trajectory_steps = 4\ntruncation_steps = 2\n\
+         [[problems]]\nfamily = \"art\"\nsize = 16\ncontent = \"nowhere\"\nstyle = \"st\"\n",
+    )
+    .unwrap();
+    let o = coordinator(&[
+        "local",
+        "--workers",
+        "1",
+        "--config",
+        s(&recipe),
+        "--data",
+        s(&data),
+        "--dir",
+        s(&dir.path().join("run")),
+        "--max-updates",
+        "2",
+    ]);
+    let (stdout, stderr) = text(&o);
+    assert!(!o.status.success(), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(
+        stderr.contains("every worker stopped before the run's 2 updates")
+            && stderr.contains("no image \"nowhere\"")
+            && stderr.contains("run the same command again to resume"),
+        "{stderr}"
+    );
+    assert!(!stdout.contains("learned optimizer φ written"), "{stdout}");
 }

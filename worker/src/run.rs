@@ -360,9 +360,7 @@ impl Worker {
             Ok(p) => p,
             Err(why) => {
                 tracing::error!(instance = ?lease.instance, "{why}");
-                bail!(
-                    "cannot run the leased instance: {why}; is this worker older than the coordinator?"
-                );
+                bail!("cannot run the leased instance: {why}");
             }
         };
         let estimator = match lease.estimator() {
@@ -695,7 +693,9 @@ impl Worker {
         instance: Option<&Instance>,
     ) -> Result<(Loaded, String), String> {
         let i = instance.ok_or("the lease carries no instance")?;
-        let spec = i.spec().map_err(|e| e.to_string())?;
+        let spec = i
+            .spec()
+            .map_err(|e| format!("{e}; is this worker older than the coordinator?"))?;
         let optimizee = spec
             .instance(i.seed, &mut self.data)
             .map_err(|e| format!("cannot make the {} instance: {e}", spec.family()))?;
