@@ -531,7 +531,7 @@ fn eval_uses_given_rates_and_refuses_bad_ones() {
 #[test]
 fn the_pretrained_optimizers_load_and_the_quadratic_one_beats_tuned_baselines() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    for (file, hidden) in [("quadratic", 20), ("mlp", 20)] {
+    for (file, hidden) in [("quadratic", 20), ("mlp", 20), ("art", 20)] {
         let phi = Phi::load(&root.join(format!("pretrained/{file}.safetensors")))
             .unwrap_or_else(|e| panic!("pretrained/{file}.safetensors: {e}"));
         assert_eq!(phi.config.hidden, hidden, "{file}");
