@@ -248,6 +248,25 @@ mod tests {
     use super::*;
     use crate::Quadratic;
 
+    /// SGD's θ at the requested steps, by hand: θ_{t+1} = θ_t − lr·(8θ_t − 4) from 0.
+    #[test]
+    fn thetas_are_the_iterates_at_the_requested_steps() {
+        let q = one_d();
+        let lr = 0.05;
+        let mut want = vec![0f32];
+        for _ in 0..3 {
+            let t = *want.last().unwrap();
+            want.push(t - lr as f32 * (8.0 * t - 4.0));
+        }
+        let got = Baseline::Sgd.thetas(&q, &q.theta0, lr, &[0, 1, 3]);
+        assert_eq!(got.len(), 3);
+        for (g, w) in got.iter().zip([want[0], want[1], want[3]]) {
+            assert!((g[0] - w).abs() < 1e-6, "{g:?} vs {w}");
+        }
+        // 0.2 exactly: 0.05 · 4 from θ = 0.
+        assert!((want[1] - 0.2).abs() < 1e-7);
+    }
+
     /// f(θ) = (2θ − 1)² on one coordinate: ∇ = 4(2θ − 1) = 8θ − 4, minimum at θ = 0.5.
     fn one_d() -> Quadratic {
         Quadratic {

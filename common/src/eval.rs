@@ -81,16 +81,14 @@ pub fn host_learned_thetas(
 ) -> Result<Vec<Vec<f32>>, Error> {
     let mut carry = HostCarry::start(&phi.config(), theta0.to_vec());
     let mut t = 0;
+    let mut diverged = false;
     let mut out = Vec::with_capacity(at.len());
     for &want in at {
-        while t < want {
+        while t < want && !diverged {
             let k = HOST_CHUNK.min(want - t);
             match fused::forward(phi, problem, carry.clone(), t, k, None) {
                 Ok(r) if r.carry.theta.iter().all(|v| v.is_finite()) => carry = r.carry,
-                Ok(_) | Err(Error::NonFinite(_)) => {
-                    t = usize::MAX;
-                    break;
-                }
+                Ok(_) | Err(Error::NonFinite(_)) => diverged = true,
                 Err(e) => return Err(e),
             }
             t += k;

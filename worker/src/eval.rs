@@ -371,6 +371,11 @@ fn draw_pictures(
         "learned".to_string(),
     ];
     columns.extend(tuned.iter().map(|t| t.baseline.name().to_string()));
+    // The snapshots are taken in step order: --at may list its steps in any order.
+    let mut at = at.to_vec();
+    at.sort_unstable();
+    at.dedup();
+    let at = &at[..];
     let progress = bar(report.len() as u64, "pictures");
     for (i, o) in report.iter().enumerate() {
         let Optimizee::Art(art) = o else {

@@ -15,10 +15,10 @@ use crate::Error;
 
 /// Longest image name.
 pub const MAX_NAME: usize = 64;
-/// Largest side of an image file that is decoded.
-pub const MAX_SIDE: u32 = 16_384;
+/// Largest side of an image file that is decoded (at most 64 Mpx: 768 MB as f32).
+pub const MAX_SIDE: u32 = 8192;
 /// Most bytes the decoder may allocate for one image.
-pub const MAX_DECODE_BYTES: u64 = 1 << 30;
+pub const MAX_DECODE_BYTES: u64 = 512 << 20;
 /// Most image files a directory's fingerprint reads.
 pub const MAX_FILES: usize = 4096;
 /// Largest image file a fingerprint reads.
@@ -151,16 +151,24 @@ pub fn read(path: &Path) -> Result<Image, Error> {
     let decoded = reader
         .decode()
         .map_err(|e| bad(format!("not a readable PNG or JPEG image: {e}")))?;
-    let rgb = decoded.to_rgb32f();
-    let (w, h) = (rgb.width() as usize, rgb.height() as usize);
+    let (w, h) = (decoded.width() as usize, decoded.height() as usize);
     if w == 0 || h == 0 {
         return Err(bad("the image has no pixels".into()));
     }
-    let raw = rgb.into_raw();
+    // Straight from 8 or 16 bits to planar f32: no interleaved f32 copy of a large image.
     let mut pixels = vec![0f32; 3 * h * w];
-    for (i, px) in raw.chunks_exact(3).enumerate() {
-        for c in 0..3 {
-            pixels[c * h * w + i] = px[c];
+    let mut put = |i: usize, px: [f32; 3]| {
+        for (c, v) in px.into_iter().enumerate() {
+            pixels[c * h * w + i] = v;
+        }
+    };
+    if decoded.color().bytes_per_pixel() / decoded.color().channel_count() > 1 {
+        for (i, px) in decoded.to_rgb16().pixels().enumerate() {
+            put(i, px.0.map(|v| v as f32 / 65535.0));
+        }
+    } else {
+        for (i, px) in decoded.to_rgb8().pixels().enumerate() {
+            put(i, px.0.map(|v| v as f32 / 255.0));
         }
     }
     Image::new(h, w, pixels)
@@ -266,14 +274,20 @@ impl ImageSet {
                     format!("{len} bytes; an image file may have at most {MAX_FILE_BYTES}"),
                 ));
             }
-            let bytes = std::fs::read(&path).map_err(|error| Error::Io {
-                path: path.clone(),
-                error,
-            })?;
             h.update((name.len() as u64).to_le_bytes());
             h.update(name.as_bytes());
-            h.update((bytes.len() as u64).to_le_bytes());
-            h.update(&bytes);
+            h.update(len.to_le_bytes());
+            // Streamed, and exactly the length announced (a file that grows meanwhile
+            // hashes differently, never endlessly).
+            let read = std::fs::File::open(&path)
+                .and_then(|f| std::io::copy(&mut std::io::Read::take(f, len), &mut h))
+                .map_err(|error| Error::Io {
+                    path: path.clone(),
+                    error,
+                })?;
+            if read != len {
+                return Err(Error::format(&path, "the file changed while it was read"));
+            }
         }
         Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
     }
