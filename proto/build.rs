@@ -10,6 +10,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .bytes(".l2l.v1.FetchPhiReply.phi")
         .bytes(".l2l.v1.ValidateReply.phi")
         .bytes(".l2l.v1.SubmitRequest.grad")
+        .bytes(".l2l.v1.SubmitBatchReply.phi")
         .compile_protos(&["proto/l2l.proto"], &["proto"])?;
     println!("cargo:rerun-if-changed=proto/l2l.proto");
     Ok(())

@@ -1,15 +1,24 @@
 //! `bench`: M simulated workers over loopback submit spec-sized gradients; prints
 //! accepted gradients/s, φ fetches/s, latency percentiles, and with `--unroll-ms` (compute
-//! replaced by a sleep of the unroll time) the efficiency against ideal scaling.
+//! replaced by a sleep of the unroll time) the efficiency against ideal scaling. With
+//! `--relays R` the workers go through R relays ([`crate::relay`]) in this process: a
+//! worker's call to its relay is a function call (in a cluster that hop stays on the
+//! worker's machine), the relay's batches to the coordinator cross loopback HTTP/2.
 
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::Args;
 use l2l_proto::client::{Client, ClientArgs, ClientSecurity, client, connect, endpoint};
-use l2l_proto::v1::{FetchPhiRequest, LeaseRequest, RegisterRequest, SubmitRequest, Version};
+use l2l_proto::v1::coordinator_server::Coordinator as _;
+use l2l_proto::v1::{
+    FetchPhiReply, FetchPhiRequest, LeaseReply, LeaseRequest, RegisterReply, RegisterRequest,
+    SubmitReply, SubmitRequest, Version,
+};
+use tonic::{Request, Status};
 
 use crate::config::{Config, Mode};
+use crate::relay::{MAX_BATCH, Relay};
 use crate::service::Server;
 use crate::state::Coordinator;
 
@@ -23,6 +32,10 @@ pub struct Bench {
     /// submits; 0 = no compute, the coordinator's raw capacity.
     #[arg(long, default_value_t = 0.0)]
     pub unroll_ms: f64,
+    /// Relays the workers share (worker i uses relay i mod R); 0 = every worker talks to
+    /// the coordinator itself.
+    #[arg(long, default_value_t = 0)]
+    pub relays: usize,
     /// Seconds to measure (after one second of warm-up).
     #[arg(long, default_value_t = 5.0)]
     pub seconds: f64,
@@ -61,8 +74,13 @@ struct Row {
 pub async fn run(a: Bench) -> Result<()> {
     if !a.json {
         println!(
-            "l2l-coordinator bench: 5,141-value gradients over loopback, {} s per row, simulated unroll {} ms",
-            a.seconds, a.unroll_ms
+            "l2l-coordinator bench: 5,141-value gradients over loopback, {} s per row, simulated unroll {} ms, {}",
+            a.seconds,
+            a.unroll_ms,
+            match a.relays {
+                0 => "no relays".to_string(),
+                r => format!("{r} relays in this process"),
+            }
         );
         println!(
             "{:>8} {:>12} {:>10} {:>9} {:>9} {:>10} {:>10}",
@@ -78,6 +96,7 @@ pub async fn run(a: Bench) -> Result<()> {
             m,
             a.seconds,
             a.unroll_ms,
+            a.relays,
             a.coordinator.as_deref(),
             &security,
         )
@@ -86,7 +105,7 @@ pub async fn run(a: Bench) -> Result<()> {
             println!(
                 "{}",
                 serde_json::json!({
-                    "workers": r.workers, "seconds": a.seconds, "unroll_ms": a.unroll_ms,
+                    "workers": r.workers, "relays": a.relays, "seconds": a.seconds, "unroll_ms": a.unroll_ms,
                     "accepted_per_s": r.accepted_per_s, "fetches_per_s": r.fetches_per_s,
                     "submit_p50_ms": r.p50_ms, "submit_p99_ms": r.p99_ms,
                     "updates_per_s": r.updates_per_s, "efficiency": r.efficiency,
@@ -114,6 +133,7 @@ async fn measure(
     workers: usize,
     seconds: f64,
     unroll_ms: f64,
+    relays: usize,
     external: Option<&str>,
     security: &ClientSecurity,
 ) -> Result<Row> {
@@ -157,15 +177,25 @@ async fn measure(
     let start = Instant::now() + Duration::from_secs(1);
     let end = start + Duration::from_secs_f64(seconds);
     let unroll = Duration::from_secs_f64(unroll_ms / 1e3);
+    let mut relay_list = Vec::new();
+    for _ in 0..relays {
+        relay_list.push(Relay::connect(&url, security, MAX_BATCH, Duration::from_secs(30)).await?);
+    }
     let mut tasks = Vec::new();
     for i in 0..workers {
-        // One connection per simulated worker, as separate worker processes would have.
-        let channel = endpoint(&url, security)?
-            .connect()
-            .await
-            .context("cannot connect")?;
-        let c = client(channel, security);
-        tasks.push(tokio::spawn(simulate(c, i, n, unroll, start, end)));
+        let target = match relay_list.get(i % relays.max(1)) {
+            Some(r) => Target::Relay(r.clone()),
+            None => {
+                // One connection per simulated worker, as separate worker processes
+                // would have.
+                let channel = endpoint(&url, security)?
+                    .connect()
+                    .await
+                    .context("cannot connect")?;
+                Target::Direct(client(channel, security))
+            }
+        };
+        tasks.push(tokio::spawn(simulate(target, i, n, unroll, start, end)));
     }
     let mut submits = Vec::new();
     let (mut fetches, mut accepted) = (0, 0);
@@ -176,6 +206,7 @@ async fn measure(
         accepted += s.accepted;
     }
     let updates_at_end = version_now(url.clone()).await? - updates_before;
+    drop(relay_list);
     if let Some(server) = server {
         server.shutdown().await?;
     }
@@ -205,10 +236,51 @@ fn tempfile_dir() -> Result<std::path::PathBuf> {
     Ok(dir)
 }
 
+/// Where a simulated worker's calls go: the coordinator over loopback, or a relay in
+/// this process.
+enum Target {
+    Direct(Client),
+    Relay(Relay),
+}
+
+impl Target {
+    async fn register(&mut self, r: RegisterRequest) -> Result<RegisterReply, Status> {
+        match self {
+            Target::Direct(c) => c.register(r).await,
+            Target::Relay(x) => x.register(Request::new(r)).await,
+        }
+        .map(|r| r.into_inner())
+    }
+
+    async fn lease(&mut self, r: LeaseRequest) -> Result<LeaseReply, Status> {
+        match self {
+            Target::Direct(c) => c.lease(r).await,
+            Target::Relay(x) => x.lease(Request::new(r)).await,
+        }
+        .map(|r| r.into_inner())
+    }
+
+    async fn fetch_phi(&mut self, r: FetchPhiRequest) -> Result<FetchPhiReply, Status> {
+        match self {
+            Target::Direct(c) => c.fetch_phi(r).await,
+            Target::Relay(x) => x.fetch_phi(Request::new(r)).await,
+        }
+        .map(|r| r.into_inner())
+    }
+
+    async fn submit(&mut self, r: SubmitRequest) -> Result<SubmitReply, Status> {
+        match self {
+            Target::Direct(c) => c.submit(r).await,
+            Target::Relay(x) => x.submit(Request::new(r)).await,
+        }
+        .map(|r| r.into_inner())
+    }
+}
+
 /// One simulated worker: fetch φ when it changed, "compute", submit, repeat; lease anew
 /// after each trajectory.
 async fn simulate(
-    mut c: Client,
+    mut c: Target,
     i: usize,
     n: usize,
     unroll: Duration,
@@ -221,8 +293,7 @@ async fn simulate(
             backend: "none".into(),
             ..Default::default()
         })
-        .await?
-        .into_inner();
+        .await?;
     let (id, session) = (reply.worker_id, reply.session);
     let values: Vec<f32> = (0..n).map(|j| ((j % 7) as f32 - 3.0) * 1e-3).collect();
     let grad = bytes::Bytes::from(l2l_common::wire::f32_to_le_bytes(&values));
@@ -239,8 +310,7 @@ async fn simulate(
                 worker_id: id,
                 session: session.clone(),
             })
-            .await?
-            .into_inner();
+            .await?;
         let truncations = lease.trajectory_steps / lease.truncation_steps.max(1);
         for k in 0..truncations {
             let now = Instant::now();
@@ -251,8 +321,7 @@ async fn simulate(
             if have != current {
                 let phi = c
                     .fetch_phi(FetchPhiRequest { have, wait_ms: 0 })
-                    .await?
-                    .into_inner();
+                    .await?;
                 have = phi.version;
                 if now >= start {
                     stats.fetches += 1;
@@ -276,7 +345,7 @@ async fn simulate(
                 })
                 .await;
             if let Ok(reply) = &r {
-                current = reply.get_ref().current;
+                current = reply.current;
             }
             if now >= start {
                 stats.submits.push(t0.elapsed());

@@ -18,6 +18,7 @@ pub mod lease;
 pub mod local;
 pub mod metrics;
 pub mod refusal;
+pub mod relay;
 pub mod run_dir;
 pub mod sampler;
 pub mod schedule;

@@ -9,7 +9,7 @@ use l2l_coordinator::cli::{LogFormat, Overrides, init_logging};
 use l2l_coordinator::config::Config;
 use l2l_coordinator::service::Server;
 use l2l_coordinator::state::Coordinator;
-use l2l_coordinator::{bench, local, metrics, run_dir, status};
+use l2l_coordinator::{bench, local, metrics, relay, run_dir, status};
 
 /// Meta-trains the l2l learned LSTM optimizer: holds φ and its Adam state, leases problem
 /// instances to workers (`l2l-worker run`), aggregates their meta-gradients, checkpoints.
@@ -30,6 +30,9 @@ enum Command {
     /// Runs a coordinator and N workers on this machine, then compares the learned
     /// optimizer with tuned Adam on fresh quadratics.
     Local(local::Local),
+    /// Serves the workers of this machine (or rack) in front of a coordinator: batches
+    /// their submissions and answers φ from a cache, with the same refusals.
+    Relay(relay::RelayArgs),
     /// Prints a running coordinator's progress and counters.
     Status(status::Status),
     /// Load-tests the coordinator with simulated workers over loopback.
@@ -55,6 +58,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Serve(o) => serve(o).await,
             Command::Local(l) => local::run(l).await.map(|_| ()),
+            Command::Relay(r) => relay::run(r).await,
             Command::Status(s) => status::run(s).await,
             Command::Bench(b) => bench::run(b).await,
         }

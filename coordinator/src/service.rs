@@ -5,6 +5,10 @@
 //! (`grpc.health.v1.Health`, no token needed): service `""` is SERVING when the
 //! coordinator is ready (φ loaded, run directory writable, last checkpoint written) and
 //! service `liveness` while the process serves at all.
+//!
+//! It also serves `l2l.v1.Relay` (same token): a relay (`l2l-coordinator relay`, see
+//! [`crate::relay`]) sends the submissions of the workers behind it as one batch, each
+//! item judged under one lock exactly as a `Submit` of its own worker would be.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -15,10 +19,12 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{Context, Result};
 use l2l_proto::refusal::Reason;
 use l2l_proto::v1::coordinator_server::{Coordinator as Rpc, CoordinatorServer};
+use l2l_proto::v1::relay_server::{Relay as RelayRpc, RelayServer};
 use l2l_proto::v1::{
     FetchPhiReply, FetchPhiRequest, HeartbeatReply, HeartbeatRequest, LeaseReply, LeaseRequest,
-    RegisterReply, RegisterRequest, StatusReply, StatusRequest, SubmitReply, SubmitRequest,
-    SubmitValidationReply, SubmitValidationRequest, ValidateReply, ValidateRequest,
+    RegisterReply, RegisterRequest, StatusReply, StatusRequest, SubmitBatchReply,
+    SubmitBatchRequest, SubmitOutcome, SubmitReply, SubmitRequest, SubmitValidationReply,
+    SubmitValidationRequest, ValidateReply, ValidateRequest,
 };
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -255,6 +261,63 @@ impl Rpc for Shared {
     }
 }
 
+/// Most submissions one `SubmitBatch` may carry.
+pub const MAX_BATCH: usize = 64;
+
+/// Bytes of one batch item beyond its gradient (ids, version, session, fingerprint).
+const ITEM_ENVELOPE: usize = 1024;
+
+#[tonic::async_trait]
+impl RelayRpc for Shared {
+    async fn submit_batch(
+        &self,
+        req: Request<SubmitBatchRequest>,
+    ) -> Result<Response<SubmitBatchReply>, Status> {
+        let r = req.into_inner();
+        if r.items.len() > MAX_BATCH {
+            return Err(Status::invalid_argument(format!(
+                "a batch holds at most {MAX_BATCH} submissions, this one {}; \
+                 is the relay newer than the coordinator?",
+                r.items.len()
+            )));
+        }
+        let now = Instant::now();
+        let mut c = self.lock();
+        let outcomes = r
+            .items
+            .iter()
+            .map(|item| match c.submit(item, now) {
+                Ok(a) => SubmitOutcome {
+                    reply: Some(a.reply),
+                    ..Default::default()
+                },
+                Err(e) => {
+                    tracing::info!(
+                        worker = item.worker_id,
+                        lease = item.lease_id,
+                        reason = e.reason(),
+                        "submission refused: {e}"
+                    );
+                    SubmitOutcome {
+                        reply: None,
+                        code: e.code() as i32,
+                        reason: e.reason().into(),
+                        message: e.to_string(),
+                    }
+                }
+            })
+            .collect();
+        self.announce(&c);
+        let phi = c.fetch_phi(r.have);
+        drop(c);
+        Ok(Response::new(SubmitBatchReply {
+            outcomes,
+            current: phi.version,
+            phi: phi.phi,
+        }))
+    }
+}
+
 /// A running server: its address, the shared state, and a way to stop it.
 pub struct Server {
     /// The address it listens on (the real port when configured with port 0).
@@ -286,8 +349,9 @@ async fn set_ready(health: &HealthReporter, stats: &ServiceStats, ready: bool) {
 }
 
 /// Message size limits from φ's size: the largest request is a gradient (4 bytes per
-/// parameter), the largest reply φ's file; both with room for the envelope.
-fn message_limits(c: &Coordinator) -> (usize, usize) {
+/// parameter), the largest reply φ's file; both with room for the envelope. A batch
+/// request may hold [`MAX_BATCH`] gradients.
+fn message_limits(c: &Coordinator) -> (usize, usize, usize) {
     const SLACK: usize = 64 << 10;
     let params = c.phi().map_or(0, |p| p.num_params());
     let phi_file = c.fetch_phi(None).phi.len();
@@ -300,7 +364,45 @@ fn message_limits(c: &Coordinator) -> (usize, usize) {
     (
         params * 4 + SLACK,
         phi_file.max(weights).max(phi_file + instances) + SLACK,
+        MAX_BATCH * (params * 4 + ITEM_ENVELOPE) + SLACK,
     )
+}
+
+/// A gRPC server with l2l's explicit HTTP/2 limits, serving TLS when `tls` is set.
+pub(crate) fn http2_server(
+    tls: Option<tonic::transport::ServerTlsConfig>,
+) -> Result<tonic::transport::Server> {
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder
+            .tls_config(tls)
+            .context("bad TLS configuration: check the certificate and key files")?;
+    }
+    // Gradients are ~20 KB: larger HTTP/2 frames and windows mean one frame per message
+    // and no WINDOW_UPDATE round per request.
+    Ok(builder
+        // Explicit HTTP/2 limits: what one connection may hold open, how long a request
+        // may run (a φ long-poll waits at most 60 s), and how a dead peer is noticed.
+        .timeout(REQUEST_TIMEOUT)
+        // Enforced by HTTP/2 itself (the peer may not open more); a tower concurrency
+        // layer on top cost about 5% of the bench's throughput.
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .http2_max_pending_accept_reset_streams(Some(64))
+        .http2_max_header_list_size(16 << 10)
+        .initial_stream_window_size(1 << 20)
+        .initial_connection_window_size(8 << 20)
+        .max_frame_size(1 << 20))
+}
+
+/// The accepted connections of `listener`, with TCP_NODELAY (small request/reply pairs
+/// must not wait for delayed ACKs) and keep-alive (a peer that vanished without closing
+/// is noticed by TCP too).
+pub(crate) fn incoming(listener: TcpListener) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(Duration::from_secs(60)))
 }
 
 impl Server {
@@ -314,17 +416,19 @@ impl Server {
             .await
             .with_context(|| format!("cannot listen on {listen}; is the port in use?"))?;
         let addr = listener.local_addr()?;
-        let (max_request, max_reply) = message_limits(&coordinator);
+        let (max_request, max_reply, max_batch) = message_limits(&coordinator);
         let dir = coordinator.config().dir.clone();
         let shared = Shared::new(coordinator);
         let (stop, mut stopped) = watch::channel(false);
         let svc = CoordinatorServer::new(shared.clone())
             .max_decoding_message_size(max_request)
             .max_encoding_message_size(max_reply);
-        let svc = tonic::service::interceptor::InterceptedService::new(
-            svc,
-            CheckToken::new(security.token, shared.stats.unauthenticated.clone()),
-        );
+        let check = CheckToken::new(security.token, shared.stats.unauthenticated.clone());
+        let svc = tonic::service::interceptor::InterceptedService::new(svc, check.clone());
+        let batches = RelayServer::new(shared.clone())
+            .max_decoding_message_size(max_batch)
+            .max_encoding_message_size(max_reply);
+        let batches = tonic::service::interceptor::InterceptedService::new(batches, check);
         let (health, health_svc) = tonic_health::server::health_reporter();
         health
             .set_service_status(LIVENESS, ServingStatus::Serving)
@@ -336,12 +440,7 @@ impl Server {
                 set_ready(&health, &shared.stats, false).await;
             }
         }
-        let mut builder = tonic::transport::Server::builder();
-        if let Some(tls) = security.tls {
-            builder = builder
-                .tls_config(tls)
-                .context("bad TLS configuration: check the certificate and key files")?;
-        }
+        let mut builder = http2_server(security.tls)?;
         let ticker = shared.clone();
         let mut tick_stop = stop.subscribe();
         let task = tokio::spawn(async move {
@@ -406,31 +505,11 @@ impl Server {
                     }
                 }
             });
-            // TCP_NODELAY: small request/reply pairs must not wait for delayed ACKs.
-            let incoming = tonic::transport::server::TcpIncoming::from(listener)
-                .with_nodelay(Some(true))
-                // A peer that vanished without closing is noticed by TCP too.
-                .with_keepalive(Some(Duration::from_secs(60)));
-            // Gradients are ~20 KB: larger HTTP/2 frames and windows mean one frame per
-            // message and no WINDOW_UPDATE round per request.
             let served = builder
-                // Explicit HTTP/2 limits: what one connection may hold open, how long a
-                // request may run (a φ long-poll waits at most 60 s), and how a dead
-                // peer is noticed.
-                .timeout(REQUEST_TIMEOUT)
-                // Enforced by HTTP/2 itself (the peer may not open more); a tower
-                // concurrency layer on top cost about 5% of the bench's throughput.
-                .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
-                .http2_keepalive_interval(Some(Duration::from_secs(30)))
-                .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-                .http2_max_pending_accept_reset_streams(Some(64))
-                .http2_max_header_list_size(16 << 10)
-                .initial_stream_window_size(1 << 20)
-                .initial_connection_window_size(8 << 20)
-                .max_frame_size(1 << 20)
                 .add_service(health_svc)
+                .add_service(batches)
                 .add_service(svc)
-                .serve_with_incoming_shutdown(incoming, async move {
+                .serve_with_incoming_shutdown(incoming(listener), async move {
                     let _ = stopped.changed().await;
                 })
                 .await;

@@ -11,6 +11,7 @@ use std::time::Duration;
 use crate::auth::{TOKEN_FILE_ENV, Token};
 use crate::refusal::{REFUSAL_KEY, Reason};
 use crate::v1::coordinator_client::CoordinatorClient;
+use crate::v1::relay_client::RelayClient;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use tonic::service::Interceptor;
@@ -19,6 +20,9 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 
 /// A connected client of the coordinator, presenting the token (if any) on every call.
 pub type Client = CoordinatorClient<InterceptedService<Channel, Bearer>>;
+
+/// A relay's client of the coordinator's `Relay` service, presenting the token.
+pub type BatchClient = RelayClient<InterceptedService<Channel, Bearer>>;
 
 /// Largest reply a client accepts (φ is a few hundred KB even for large optimizers).
 pub const MAX_REPLY_BYTES: usize = 64 << 20;
@@ -148,6 +152,14 @@ pub fn client(channel: Channel, security: &ClientSecurity) -> Client {
     CoordinatorClient::with_interceptor(channel, Bearer(security.token.clone()))
         .max_decoding_message_size(MAX_REPLY_BYTES)
         .max_encoding_message_size(MAX_REPLY_BYTES)
+}
+
+/// A batch client over an open channel, presenting the token; it sends requests of at
+/// most `max_request` bytes.
+pub fn batch_client(channel: Channel, security: &ClientSecurity, max_request: usize) -> BatchClient {
+    RelayClient::with_interceptor(channel, Bearer(security.token.clone()))
+        .max_decoding_message_size(MAX_REPLY_BYTES)
+        .max_encoding_message_size(max_request)
 }
 
 /// Connects to `url`, with a per-call timeout of `timeout`.

@@ -191,15 +191,7 @@ impl Coordinator {
             .stderr(std::fs::File::create(&log).expect("log file"))
             .spawn()
             .expect("l2l-coordinator starts");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(a) = line.strip_prefix("listening on ") {
-                    let _ = tx.send(a.parse::<SocketAddr>().expect("an address"));
-                }
-            }
-        });
+        let rx = listening_on(child.stdout.take().expect("piped stdout"));
         let proc = Proc { child };
         let addr = rx
             .recv_timeout(Duration::from_secs(60))
@@ -255,6 +247,57 @@ impl Coordinator {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
+}
+
+/// A relay started with `l2l-coordinator relay`, and the address it reported.
+pub struct Relay {
+    /// The process.
+    pub proc: Proc,
+    /// Where it listens.
+    pub addr: SocketAddr,
+}
+
+impl Relay {
+    /// Starts `l2l-coordinator relay --upstream UPSTREAM --listen 127.0.0.1:0 ARGS...` on
+    /// `host` and waits for its "listening on" line; its log goes to `log`.
+    pub fn start(host: &Host, upstream: &str, log: &Path, args: &[&str]) -> Self {
+        let mut child = host
+            .command("l2l-coordinator")
+            .args(["relay", "--upstream", upstream, "--listen", "127.0.0.1:0"])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(log).expect("log file"))
+            .spawn()
+            .expect("l2l-coordinator starts");
+        let addr = listening_on(child.stdout.take().expect("piped stdout"));
+        let proc = Proc { child };
+        let addr = addr.recv_timeout(Duration::from_secs(60)).unwrap_or_else(|_| {
+            panic!(
+                "relay never listened; log: {}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            )
+        });
+        Self { proc, addr }
+    }
+
+    /// The URL workers use.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+/// The address of the first "listening on ADDR" line a process prints.
+fn listening_on(stdout: std::process::ChildStdout) -> std::sync::mpsc::Receiver<SocketAddr> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(a) = line.strip_prefix("listening on ") {
+                let _ = tx.send(a.parse::<SocketAddr>().expect("an address"));
+            }
+        }
+    });
+    rx
 }
 
 /// `l2l-coordinator status --json --coordinator URL`, parsed.
