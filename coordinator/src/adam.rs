@@ -79,20 +79,17 @@ impl Adam {
         let power = t.min(i32::MAX as u64) as i32;
         let bc1 = 1.0 - c.beta1.powi(power);
         let bc2 = 1.0 - c.beta2.powi(power);
-        let n = phi.len();
-        let (mut p1, mut m1s, mut v1s) = (
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-        );
-        for (((p, g), m), v) in phi.iter().zip(grad).zip(&self.m).zip(&self.v) {
+        // Written in place into copies (no pushes), so the loop vectorises; IEEE sqrt and
+        // division round the same in every lane, so the bits do not change.
+        let (mut p1, mut m1s, mut v1s) = (phi.to_vec(), self.m.clone(), self.v.clone());
+        for (((p, g), m), v) in p1.iter_mut().zip(grad).zip(&mut m1s).zip(&mut v1s) {
             let g = *g as f64 * scale;
             let m1 = c.beta1 * *m as f64 + (1.0 - c.beta1) * g;
             let v1 = c.beta2 * *v as f64 + (1.0 - c.beta2) * g * g;
             let update = c.lr * (m1 / bc1) / ((v1 / bc2).sqrt() + c.eps);
-            m1s.push(m1 as f32);
-            v1s.push(v1 as f32);
-            p1.push((*p as f64 - update) as f32);
+            *m = m1 as f32;
+            *v = v1 as f32;
+            *p = (*p as f64 - update) as f32;
         }
         let bad = |xs: &[f32]| xs.iter().position(|x| !x.is_finite());
         if let Some(index) = bad(&p1).or_else(|| bad(&m1s)).or_else(|| bad(&v1s)) {

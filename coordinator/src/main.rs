@@ -11,6 +11,11 @@ use l2l_coordinator::service::Server;
 use l2l_coordinator::state::Coordinator;
 use l2l_coordinator::{bench, local, metrics, relay, run_dir, status};
 
+/// mimalloc keeps freed megabyte blocks (a relay's batches) for reuse, where glibc's
+/// malloc gave them back and faulted them in again for every message.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Meta-trains the l2l learned LSTM optimizer: holds φ and its Adam state, leases problem
 /// instances to workers (`l2l-worker run`), aggregates their meta-gradients, checkpoints.
 #[derive(Debug, Parser)]
