@@ -319,9 +319,7 @@ async fn simulate(
             }
             // Like a worker, fetch φ only when the last reply says it changed.
             if have != current {
-                let phi = c
-                    .fetch_phi(FetchPhiRequest { have, wait_ms: 0 })
-                    .await?;
+                let phi = c.fetch_phi(FetchPhiRequest { have, wait_ms: 0 }).await?;
                 have = phi.version;
                 if now >= start {
                     stats.fetches += 1;

@@ -37,9 +37,9 @@ use l2l_proto::refusal::Reason;
 use l2l_proto::v1::coordinator_server::{Coordinator as Rpc, CoordinatorServer};
 use l2l_proto::v1::{
     FetchPhiReply, FetchPhiRequest, HeartbeatReply, HeartbeatRequest, LeaseReply, LeaseRequest,
-    RegisterReply, RegisterRequest, StatusReply, StatusRequest, SubmitBatchRequest,
-    SubmitOutcome, SubmitReply, SubmitRequest, SubmitValidationReply, SubmitValidationRequest,
-    ValidateReply, ValidateRequest, Version,
+    RegisterReply, RegisterRequest, StatusReply, StatusRequest, SubmitBatchRequest, SubmitOutcome,
+    SubmitReply, SubmitRequest, SubmitValidationReply, SubmitValidationRequest, ValidateReply,
+    ValidateRequest, Version,
 };
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, Semaphore, mpsc, oneshot, watch};
@@ -177,7 +177,10 @@ impl Relay {
 fn forwarded(upstream: &str, s: Status) -> Status {
     if let Some(r) = Reason::of(&s) {
         if r == Reason::Unauthenticated {
-            tracing::error!("the coordinator refused this relay's token: {}", s.message());
+            tracing::error!(
+                "the coordinator refused this relay's token: {}",
+                s.message()
+            );
             return Status::unavailable(
                 "the relay's token was refused by the coordinator; fix the relay's \
                  --token-file (or $L2L_TOKEN)",
@@ -321,7 +324,10 @@ async fn batcher(
                     return;
                 }
                 Err(_) => {
-                    tracing::warn!(items = n, "a batch got no answer in 30 s; its workers retry");
+                    tracing::warn!(
+                        items = n,
+                        "a batch got no answer in 30 s; its workers retry"
+                    );
                     for r in replies {
                         let _ = r.send(Err(Status::unavailable(
                             "the coordinator did not answer the relay in 30 s; retry",
@@ -401,7 +407,7 @@ async fn poller(mut client: Client, inner: Arc<Inner>) {
             }
             failed => {
                 // Quiet once the relay is gone (its coordinator may be gone too).
-                if failures % 10 == 0 && Arc::strong_count(&inner) > 1 {
+                if failures.is_multiple_of(10) && Arc::strong_count(&inner) > 1 {
                     let why = match failed {
                         Ok(Err(s)) => s.to_string(),
                         _ => "no answer".into(),
@@ -671,7 +677,11 @@ mod tests {
         // The poller's answer is the coordinator's state now: a run started over (its
         // epoch counted anew) is taken as it is.
         publish(&phi, cached(1, 1), true);
-        assert_eq!(held(&phi), (1, 2), "within an epoch only forward, even for the poller");
+        assert_eq!(
+            held(&phi),
+            (1, 2),
+            "within an epoch only forward, even for the poller"
+        );
         publish(&phi, cached(0, 0), true);
         assert_eq!(held(&phi), (0, 0));
         assert_eq!(phi.borrow().as_ref().unwrap().phi[..], [0u8; 8]);

@@ -156,7 +156,11 @@ pub fn client(channel: Channel, security: &ClientSecurity) -> Client {
 
 /// A batch client over an open channel, presenting the token; it sends requests of at
 /// most `max_request` bytes.
-pub fn batch_client(channel: Channel, security: &ClientSecurity, max_request: usize) -> BatchClient {
+pub fn batch_client(
+    channel: Channel,
+    security: &ClientSecurity,
+    max_request: usize,
+) -> BatchClient {
     RelayClient::with_interceptor(channel, Bearer(security.token.clone()))
         .max_decoding_message_size(MAX_REPLY_BYTES)
         .max_encoding_message_size(max_request)

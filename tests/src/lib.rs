@@ -272,12 +272,14 @@ impl Relay {
             .expect("l2l-coordinator starts");
         let addr = listening_on(child.stdout.take().expect("piped stdout"));
         let proc = Proc { child };
-        let addr = addr.recv_timeout(Duration::from_secs(60)).unwrap_or_else(|_| {
-            panic!(
-                "relay never listened; log: {}",
-                std::fs::read_to_string(log).unwrap_or_default()
-            )
-        });
+        let addr = addr
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| {
+                panic!(
+                    "relay never listened; log: {}",
+                    std::fs::read_to_string(log).unwrap_or_default()
+                )
+            });
         Self { proc, addr }
     }
 

@@ -188,11 +188,7 @@ fn workers_train_through_a_relay_that_refuses_what_the_coordinator_refuses() {
         );
 
         // The coordinator's batch service: the token, at most 64 items, one outcome each.
-        let channel = endpoint(&c.url(), &sec)
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
+        let channel = endpoint(&c.url(), &sec).unwrap().connect().await.unwrap();
         let mut no_token = batch_client(channel.clone(), &ClientSecurity::default(), 8 << 20);
         let err = no_token
             .submit_batch(SubmitBatchRequest {
@@ -227,7 +223,9 @@ fn workers_train_through_a_relay_that_refuses_what_the_coordinator_refuses() {
             .unwrap()
             .into_inner();
         assert_eq!(reply.outcomes.len(), 2);
-        let dup = reply.outcomes[0].reply.expect("the good one is a duplicate");
+        let dup = reply.outcomes[0]
+            .reply
+            .expect("the good one is a duplicate");
         assert!(dup.accepted && dup.duplicate);
         let refused = &reply.outcomes[1];
         assert!(refused.reply.is_none());
@@ -235,10 +233,17 @@ fn workers_train_through_a_relay_that_refuses_what_the_coordinator_refuses() {
             (refused.code, refused.reason.as_str()),
             (tonic::Code::PermissionDenied as i32, "bad_session")
         );
-        assert!(!reply.phi.is_empty(), "φ comes along when `have` is not current");
+        assert!(
+            !reply.phi.is_empty(),
+            "φ comes along when `have` is not current"
+        );
     });
     let s = c.status();
-    assert_eq!(version(&s), 0, "one gradient of a quorum of two: no update yet");
+    assert_eq!(
+        version(&s),
+        0,
+        "one gradient of a quorum of two: no update yet"
+    );
     assert_eq!(s["accepted"], 1, "{s}");
 
     // Two workers train through the relay; in sync mode they wait for each round's φ at
@@ -342,7 +347,10 @@ fn after_a_coordinator_restart_the_relay_serves_the_new_epoch_and_fences_old_wor
             if err.code() != tonic::Code::Unavailable {
                 break err;
             }
-            assert!(Instant::now() < end, "the relay never reached the new coordinator");
+            assert!(
+                Instant::now() < end,
+                "the relay never reached the new coordinator"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         };
         assert_eq!(
