@@ -48,7 +48,7 @@ use tonic::{Code, Request, Response, Status};
 use crate::auth::{CheckToken, ServerSecurity};
 use crate::config::SecurityConfig;
 pub use crate::service::MAX_BATCH;
-use crate::service::{REQUEST_TIMEOUT, http2_server, incoming};
+use crate::service::{ITEM_ENVELOPE, REQUEST_TIMEOUT, http2_server, incoming};
 
 /// Batches a relay has in flight to the coordinator at once.
 pub const IN_FLIGHT: usize = 2;
@@ -135,7 +135,7 @@ impl Relay {
         let control = client(endpoint(upstream, security)?.connect_lazy(), security);
         let first = first_phi(control.clone(), upstream, patience).await?;
         // A gradient has φ's size, and φ's file is its values plus a header.
-        let max_request = max_batch * (first.phi.len() + SLACK) + SLACK;
+        let max_request = max_batch * (first.phi.len() + ITEM_ENVELOPE) + SLACK;
         let batches = batch_client(
             endpoint(upstream, security)?.connect_lazy(),
             security,
@@ -164,6 +164,23 @@ impl Relay {
     /// Bytes of the largest request a worker may send: a gradient of φ's size.
     fn max_request(&self) -> usize {
         self.inner.phi.borrow().as_ref().map_or(0, |c| c.phi.len()) + SLACK
+    }
+
+    /// Refuses a submission that would not fit its share of a batch (φ's file size plus
+    /// [`ITEM_ENVELOPE`]), so no worker can make the coordinator refuse its neighbours'
+    /// batch as too large.
+    fn check_size(&self, r: &SubmitRequest) -> Result<(), Status> {
+        // Fixed-size fields (ids, version, losses) with their tags and length prefixes
+        // take at most 128 bytes.
+        let size = r.grad.len() + r.session.len() + r.data_fingerprint.len() + 128;
+        let limit = self.inner.phi.borrow().as_ref().map_or(0, |c| c.phi.len()) + ITEM_ENVELOPE;
+        if size > limit {
+            return Err(Status::invalid_argument(format!(
+                "this submission is {size} bytes, more than a gradient of φ's size with its \
+                 envelope ({limit}); is the worker meant for another run?"
+            )));
+        }
+        Ok(())
     }
 
     /// An upstream failure as the worker should see it.
@@ -201,6 +218,9 @@ fn forwarded(upstream: &str, s: Status) -> Status {
 /// The refusal an outcome of a batch carries, as a status.
 fn outcome_status(o: SubmitOutcome) -> Status {
     match Reason::from_name(&o.reason) {
+        _ if o.code == Code::Ok as i32 => {
+            Status::internal("the coordinator answered neither a reply nor a refusal")
+        }
         Some(r) if r.code() as i32 == o.code => r.status(o.message),
         _ => Status::new(Code::from(o.code), o.message),
     }
@@ -497,13 +517,12 @@ impl Rpc for Relay {
     }
 
     async fn submit(&self, req: Request<SubmitRequest>) -> Result<Response<SubmitReply>, Status> {
+        let req = req.into_inner();
+        self.check_size(&req)?;
         let (reply, answer) = oneshot::channel();
         self.inner
             .queue
-            .send(Pending {
-                req: req.into_inner(),
-                reply,
-            })
+            .send(Pending { req, reply })
             .await
             .map_err(|_| Status::unavailable("the relay is shutting down; retry"))?;
         answer
@@ -707,6 +726,9 @@ mod tests {
             message: "x".into(),
         });
         assert_eq!((s.code(), Reason::of(&s)), (Code::NotFound, None));
+        // An outcome with neither a reply nor a refusal is an error, never a success.
+        let s = outcome_status(SubmitOutcome::default());
+        assert_eq!(s.code(), Code::Internal);
     }
 
     #[test]

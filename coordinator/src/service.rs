@@ -264,8 +264,9 @@ impl Rpc for Shared {
 /// Most submissions one `SubmitBatch` may carry.
 pub const MAX_BATCH: usize = 64;
 
-/// Bytes of one batch item beyond its gradient (ids, version, session, fingerprint).
-const ITEM_ENVELOPE: usize = 1024;
+/// Bytes of one batch item beyond φ's file size (ids, version, session, fingerprint); a
+/// relay refuses a larger submission itself, so one worker cannot make a batch too large.
+pub const ITEM_ENVELOPE: usize = 1024;
 
 #[tonic::async_trait]
 impl RelayRpc for Shared {
@@ -364,7 +365,8 @@ fn message_limits(c: &Coordinator) -> (usize, usize, usize) {
     (
         params * 4 + SLACK,
         phi_file.max(weights).max(phi_file + instances) + SLACK,
-        MAX_BATCH * (params * 4 + ITEM_ENVELOPE) + SLACK,
+        // φ's file is at least its values (4 bytes each): what a relay bounds items by.
+        MAX_BATCH * (phi_file.max(params * 4) + ITEM_ENVELOPE) + SLACK,
     )
 }
 

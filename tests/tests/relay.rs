@@ -159,6 +159,17 @@ fn workers_train_through_a_relay_that_refuses_what_the_coordinator_refuses() {
             let straight = direct.submit(req).await.unwrap_err();
             assert_eq!(code_and_reason(&straight), code_and_reason(&through));
         }
+        // A submission larger than its share of a batch (φ's file + 1 KB) is refused by
+        // the relay itself, so it cannot make the coordinator refuse a whole batch.
+        let err = r
+            .submit(SubmitRequest {
+                data_fingerprint: "f".repeat(8192),
+                ..good.clone()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+        assert!(err.message().contains("envelope"), "{err:?}");
         let first = r.submit(good.clone()).await.unwrap().into_inner();
         assert!(first.accepted && !first.duplicate, "{first:?}");
         let again = r.submit(good.clone()).await.unwrap().into_inner();
