@@ -70,6 +70,9 @@ pub enum BackendError {
          --backend fused"
     )]
     NoAdapter(String),
+    /// `L2L_KERNELS` names kernels this CPU cannot run, or none at all.
+    #[error("{0}")]
+    Kernels(String),
 }
 
 /// An opened backend: its device and the adapter it runs on.
@@ -112,10 +115,19 @@ impl Engine {
     /// Opens `backend`: for `wgpu`, finds and opens the adapter (once per process).
     pub fn open(backend: Backend) -> Result<Self, BackendError> {
         let (device, adapter) = match backend {
-            Backend::Fused => (
-                None,
-                format!("CPU kernels, {} threads", rayon::current_num_threads()),
-            ),
+            Backend::Fused => {
+                let kernels = crate::fused::Kernels::chosen().map_err(|e| match e {
+                    crate::Error::Config(why) => BackendError::Kernels(why),
+                    other => BackendError::Kernels(other.to_string()),
+                })?;
+                (
+                    None,
+                    format!(
+                        "CPU kernels ({kernels}), {} threads",
+                        rayon::current_num_threads()
+                    ),
+                )
+            }
             Backend::Flex => (Some(Device::flex().autodiff()), "burn flex".to_string()),
             Backend::Wgpu => {
                 let (device, adapter) = open_wgpu()?;

@@ -7,11 +7,12 @@
 
 use std::ops::Range;
 
+use super::kernels::Kernels;
 use super::math::{sigmoid, tanh};
 use crate::{OptimizerConfig, Phi, Preprocess};
 
-/// Coordinates per SIMD block (8 f32 = one AVX register).
-pub const LANES: usize = 8;
+/// Coordinates per SIMD block (16 f32: one AVX-512 register, two AVX ones).
+pub const LANES: usize = 16;
 
 type V = [f32; LANES];
 
@@ -194,23 +195,42 @@ fn fma<M: Madd>(y: V, a: &V, x: f32) -> V {
     o
 }
 
-/// Σ_j d[j] · w[j] over 4H terms (4H is a multiple of 4), in four interleaved partial
-/// sums so the adds do not wait on each other.
+/// `out[r] = Σ_j d[j] · w[r·4H + j]` for the `R` rows of `w` (4H is even), each in two
+/// interleaved partial sums (even and odd j) so that `2R` add chains run side by side;
+/// every `R` gives the same bits.
 #[inline(always)]
-fn dot4<M: Madd>(d: &[V], w: &[f32]) -> V {
-    let (mut s0, mut s1, mut s2, mut s3) =
-        ([0f32; LANES], [0f32; LANES], [0f32; LANES], [0f32; LANES]);
-    for (dc, wc) in d.chunks_exact(4).zip(w.chunks_exact(4)) {
-        s0 = fma::<M>(s0, &dc[0], wc[0]);
-        s1 = fma::<M>(s1, &dc[1], wc[1]);
-        s2 = fma::<M>(s2, &dc[2], wc[2]);
-        s3 = fma::<M>(s3, &dc[3], wc[3]);
+fn dots<M: Madd, const R: usize>(d: &[V], w: &[f32], out: &mut [V]) {
+    let h4 = d.len();
+    let mut even = [[0f32; LANES]; R];
+    let mut odd = [[0f32; LANES]; R];
+    for (j, dj) in d.chunks_exact(2).enumerate() {
+        let j = 2 * j;
+        for r in 0..R {
+            even[r] = fma::<M>(even[r], &dj[0], w[r * h4 + j]);
+            odd[r] = fma::<M>(odd[r], &dj[1], w[r * h4 + j + 1]);
+        }
     }
-    let mut s = [0f32; LANES];
-    for lane in 0..LANES {
-        s[lane] = (s0[lane] + s1[lane]) + (s2[lane] + s3[lane]);
+    for r in 0..R {
+        for lane in 0..LANES {
+            out[r][lane] = even[r][lane] + odd[r][lane];
+        }
     }
-    s
+}
+
+/// `out[kk] = Σ_j d[j] · w[kk·4H + j]` for every row kk of `w`, `R` rows at a time.
+#[inline(always)]
+fn matvec<M: Madd, const R: usize>(d: &[V], w: &[f32], out: &mut [V]) {
+    let h4 = d.len();
+    let rows = out.len();
+    let mut kk = 0;
+    while kk + R <= rows {
+        dots::<M, R>(d, &w[kk * h4..(kk + R) * h4], &mut out[kk..kk + R]);
+        kk += R;
+    }
+    while kk < rows {
+        dots::<M, 1>(d, &w[kk * h4..(kk + 1) * h4], &mut out[kk..kk + 1]);
+        kk += 1;
+    }
 }
 
 /// `f` applied to every lane.
@@ -223,18 +243,11 @@ fn map(x: &V, f: impl Fn(f32) -> f32) -> V {
     o
 }
 
-/// Whether to run the AVX2+FMA kernels: the CPU has both and `portable` is not forced.
-#[cfg(target_arch = "x86_64")]
-fn fma_kernels(portable: bool) -> bool {
-    !portable
-        && std::arch::is_x86_feature_detected!("avx2")
-        && std::arch::is_x86_feature_detected!("fma")
-}
-
 /// One optimizer step for consecutive blocks: reads g and the previous records, writes the
 /// new records and adds u to θ. Slices hold whole blocks (multiples of `LANES` coordinates).
+/// A variant this CPU cannot run falls back to the portable one.
 pub fn forward_blocks(
-    portable: bool,
+    kernels: Kernels,
     w: &Weights,
     lay: &Layout,
     g: &[f32],
@@ -242,15 +255,23 @@ pub fn forward_blocks(
     cur: &mut [f32],
     theta: &mut [f32],
 ) {
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = portable;
     #[cfg(target_arch = "x86_64")]
-    if fma_kernels(portable) {
-        // SAFETY: the CPU supports AVX2 and FMA, checked by fma_kernels.
-        unsafe { forward_avx2(w, lay, g, prev, cur, theta) };
-        return;
+    match kernels {
+        Kernels::Avx512 if kernels.supported() => {
+            // SAFETY: the CPU has AVX-512 F/VL, AVX2 and FMA, checked just above.
+            unsafe { forward_avx512(w, lay, g, prev, cur, theta) };
+            return;
+        }
+        Kernels::Avx2 if kernels.supported() => {
+            // SAFETY: the CPU has AVX2 and FMA, checked just above.
+            unsafe { forward_avx2(w, lay, g, prev, cur, theta) };
+            return;
+        }
+        _ => {}
     }
-    forward_any::<Plain>(w, lay, g, prev, cur, theta)
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = kernels;
+    forward_any::<Plain, 4>(w, lay, g, prev, cur, theta)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -263,11 +284,77 @@ unsafe fn forward_avx2(
     cur: &mut [f32],
     theta: &mut [f32],
 ) {
-    forward_any::<Fused>(w, lay, g, prev, cur, theta)
+    // Four gate columns of two 256-bit halves: 8 of the 16 registers accumulate.
+    forward_any::<Fused, 4>(w, lay, g, prev, cur, theta)
 }
 
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+unsafe fn forward_avx512(
+    w: &Weights,
+    lay: &Layout,
+    g: &[f32],
+    prev: &[f32],
+    cur: &mut [f32],
+    theta: &mut [f32],
+) {
+    // Eight gate columns: eight independent chains hide the FMA latency of 32 registers.
+    forward_any::<Fused, 8>(w, lay, g, prev, cur, theta)
+}
+
+/// Defines a gate tile: the pre-activations `b + W_x x + W_h h` of consecutive gate
+/// columns from `j` into `out`, one named accumulator per column (named, so that the
+/// compiler keeps them in registers: an array of them ends up on the stack), each summed
+/// in input order, so every tile width gives the same bits.
+macro_rules! gate_tile {
+    ($name:ident: $($s:ident $c:literal),+) => {
+        #[inline(always)]
+        fn $name<M: Madd>(layer: &Layer, j: usize, input: &[V], h_prev: &[V], out: &mut [V]) {
+            let (ni, h) = (input.len(), h_prev.len());
+            let n = [$($c),+].len();
+            $(let mut $s = [layer.b[j + $c]; LANES];)+
+            // One slice per column, each exactly as long as its input, so that the loops
+            // below carry no bounds checks.
+            let wx = &layer.w_xt[j * ni..(j + n) * ni];
+            let wx = [$(&wx[$c * ni..($c + 1) * ni]),+];
+            for kk in 0..ni {
+                let x = &input[kk];
+                $($s = fma::<M>($s, x, wx[$c][kk]);)+
+            }
+            let wh = &layer.w_ht[j * h..(j + n) * h];
+            let wh = [$(&wh[$c * h..($c + 1) * h]),+];
+            for kk in 0..h {
+                let x = &h_prev[kk];
+                $($s = fma::<M>($s, x, wh[$c][kk]);)+
+            }
+            $(out[$c] = $s;)+
+        }
+    };
+}
+
+gate_tile!(gate_tile4: s0 0, s1 1, s2 2, s3 3);
+gate_tile!(gate_tile8: s0 0, s1 1, s2 2, s3 3, s4 4, s5 5, s6 6, s7 7);
+
+/// A gate tile `C` wide (4 or 8).
 #[inline(always)]
-fn forward_any<M: Madd>(
+fn gate_tile<M: Madd, const C: usize>(
+    layer: &Layer,
+    j: usize,
+    input: &[V],
+    h_prev: &[V],
+    out: &mut [V],
+) {
+    match C {
+        8 => gate_tile8::<M>(layer, j, input, h_prev, out),
+        4 => gate_tile4::<M>(layer, j, input, h_prev, out),
+        _ => unreachable!("gate tiles are 4 or 8 columns"),
+    }
+}
+
+/// The forward step with gate tiles `C` wide (4H need not be a multiple of `C`: the rest
+/// goes four at a time).
+#[inline(always)]
+fn forward_any<M: Madd, const C: usize>(
     w: &Weights,
     lay: &Layout,
     g: &[f32],
@@ -297,33 +384,15 @@ fn forward_any<M: Madd>(
             let src = if l == 0 { 0 } else { lay.h_at(l - 1) };
             input[..layer.inputs].copy_from_slice(&rec[src..src + layer.inputs]);
             let h_prev = &prv[lay.h_at(l)..lay.h_at(l) + h];
-            // Four gate columns at a time: four independent add chains instead of one.
             let ni = layer.inputs;
-            for (j, zc) in (0..4 * h).step_by(4).zip(z.chunks_exact_mut(4)) {
-                let (mut s0, mut s1, mut s2, mut s3) = (
-                    [layer.b[j]; LANES],
-                    [layer.b[j + 1]; LANES],
-                    [layer.b[j + 2]; LANES],
-                    [layer.b[j + 3]; LANES],
-                );
-                let wx = &layer.w_xt[j * ni..(j + 4) * ni];
-                for (kk, x) in input[..ni].iter().enumerate() {
-                    s0 = fma::<M>(s0, x, wx[kk]);
-                    s1 = fma::<M>(s1, x, wx[ni + kk]);
-                    s2 = fma::<M>(s2, x, wx[2 * ni + kk]);
-                    s3 = fma::<M>(s3, x, wx[3 * ni + kk]);
-                }
-                let wh = &layer.w_ht[j * h..(j + 4) * h];
-                for (kk, x) in h_prev.iter().enumerate() {
-                    s0 = fma::<M>(s0, x, wh[kk]);
-                    s1 = fma::<M>(s1, x, wh[h + kk]);
-                    s2 = fma::<M>(s2, x, wh[2 * h + kk]);
-                    s3 = fma::<M>(s3, x, wh[3 * h + kk]);
-                }
-                zc[0] = s0;
-                zc[1] = s1;
-                zc[2] = s2;
-                zc[3] = s3;
+            let mut j = 0;
+            while j + C <= 4 * h {
+                gate_tile::<M, C>(layer, j, &input[..ni], h_prev, &mut z[j..]);
+                j += C;
+            }
+            while j < 4 * h {
+                gate_tile::<M, 4>(layer, j, &input[..ni], h_prev, &mut z[j..]);
+                j += 4;
             }
             let c_prev = &prv[lay.c_at(l)..lay.c_at(l) + h];
             let (gates, rest) = rec[lay.gates_at(l)..lay.gates_at(l) + 7 * h].split_at_mut(4 * h);
@@ -407,9 +476,10 @@ impl Accumulator {
 }
 
 /// Backpropagation through the truncation for the blocks in `blocks`, adding ∂L/∂φ into
-/// `acc`. `du[t]` is ∂L/∂u_t for every (padded) coordinate.
+/// `acc`. `du[t]` is ∂L/∂u_t for every (padded) coordinate. A variant this CPU cannot run
+/// falls back to the portable one.
 pub fn backward_blocks(
-    portable: bool,
+    kernels: Kernels,
     w: &Weights,
     lay: &Layout,
     records: &[Vec<f32>],
@@ -417,15 +487,23 @@ pub fn backward_blocks(
     blocks: Range<usize>,
     acc: &mut Accumulator,
 ) {
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = portable;
     #[cfg(target_arch = "x86_64")]
-    if fma_kernels(portable) {
-        // SAFETY: the CPU supports AVX2 and FMA, checked by fma_kernels.
-        unsafe { backward_avx2(w, lay, records, du, blocks, acc) };
-        return;
+    match kernels {
+        Kernels::Avx512 if kernels.supported() => {
+            // SAFETY: the CPU has AVX-512 F/VL, AVX2 and FMA, checked just above.
+            unsafe { backward_avx512(w, lay, records, du, blocks, acc) };
+            return;
+        }
+        Kernels::Avx2 if kernels.supported() => {
+            // SAFETY: the CPU has AVX2 and FMA, checked just above.
+            unsafe { backward_avx2(w, lay, records, du, blocks, acc) };
+            return;
+        }
+        _ => {}
     }
-    backward_any::<Plain>(w, lay, records, du, blocks, acc)
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = kernels;
+    backward_any::<Plain, 2, 4>(w, lay, records, du, blocks, acc)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -438,11 +516,28 @@ unsafe fn backward_avx2(
     blocks: Range<usize>,
     acc: &mut Accumulator,
 ) {
-    backward_any::<Fused>(w, lay, records, du, blocks, acc)
+    // Tiles of 2 rows (dh) and 1 row (weight gradients): 8 registers accumulate.
+    backward_any::<Fused, 2, 4>(w, lay, records, du, blocks, acc)
 }
 
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+unsafe fn backward_avx512(
+    w: &Weights,
+    lay: &Layout,
+    records: &[Vec<f32>],
+    du: &[Vec<f32>],
+    blocks: Range<usize>,
+    acc: &mut Accumulator,
+) {
+    // Tiles of 4 rows (dh) and 2 rows (weight gradients): 8 chains in 32 registers.
+    backward_any::<Fused, 4, 8>(w, lay, records, du, blocks, acc)
+}
+
+/// The backward pass with dh tiles of `R` rows and weight-gradient tiles of `NW / 4` rows
+/// (`NW` accumulators).
 #[inline(always)]
-fn backward_any<M: Madd>(
+fn backward_any<M: Madd, const R: usize, const NW: usize>(
     w: &Weights,
     lay: &Layout,
     records: &[Vec<f32>],
@@ -461,7 +556,9 @@ fn backward_any<M: Madd>(
     let mut dh = vec![zero; nb * h];
     let mut dz = vec![zero; nb * h4];
     let mut dzt = vec![zero; nb * h4];
-    let mut xs = vec![zero; nb];
+    const { assert!(NW.is_multiple_of(4) && NW > 0) };
+    let rw = NW / 4;
+    let mut xs = vec![zero; nb * rw];
     let a = &mut acc.lanes;
     // Time outermost and all blocks of the task together, so that each accumulator row
     // is loaded once per step for all blocks instead of once per block.
@@ -533,13 +630,9 @@ fn backward_any<M: Madd>(
                     dzb[3 * h + j] = zo;
                 }
                 // To the previous time step through w_h, and to the layer below through w_x.
-                for kk in 0..h {
-                    dh_carry[carry_at + kk] = dot4::<M>(dzb, &layer.w_h[kk * h4..(kk + 1) * h4]);
-                }
+                matvec::<M, R>(dzb, &layer.w_h, &mut dh_carry[carry_at..carry_at + h]);
                 if l > 0 {
-                    for kk in 0..h {
-                        dh[b * h + kk] = dot4::<M>(dzb, &layer.w_x[kk * h4..(kk + 1) * h4]);
-                    }
+                    matvec::<M, R>(dzb, &layer.w_x, &mut dh[b * h..(b + 1) * h]);
                 }
             }
             // Weight gradients: each accumulator row once for all blocks of the task, with
@@ -561,39 +654,67 @@ fn backward_any<M: Madd>(
                 }
                 a[b_at + j] = v;
             }
-            for kk in 0..layer.inputs + h {
-                let row_at = if kk < layer.inputs {
-                    wx_at + kk * h4
+            // w_x's rows and then w_h's are consecutive in the gradient: row kk of the
+            // stacked [x; h_prev] input is at wx_at + kk·4H.
+            let rows = layer.inputs + h;
+            let x_of = |b: usize, kk: usize| {
+                if kk < layer.inputs {
+                    rec_of(b)[src + kk]
                 } else {
-                    wh_at + (kk - layer.inputs) * h4
-                };
-                for (b, x) in xs.iter_mut().enumerate() {
-                    *x = if kk < layer.inputs {
-                        rec_of(b)[src + kk]
-                    } else {
-                        prv_of(b)[lay.h_at(l) + kk - layer.inputs]
-                    };
+                    prv_of(b)[lay.h_at(l) + kk - layer.inputs]
                 }
-                let row = &mut a[row_at..row_at + h4];
-                for (r4, d4) in row.chunks_exact_mut(4).zip(dzt.chunks_exact(4 * nb)) {
-                    let (c0, rest) = d4.split_at(nb);
-                    let (c1, rest) = rest.split_at(nb);
-                    let (c2, c3) = rest.split_at(nb);
-                    let (mut v0, mut v1, mut v2, mut v3) = (r4[0], r4[1], r4[2], r4[3]);
-                    for ((((x, d0), d1), d2), d3) in xs.iter().zip(c0).zip(c1).zip(c2).zip(c3) {
-                        for lane in 0..LANES {
-                            v0[lane] = M::madd(x[lane], d0[lane], v0[lane]);
-                            v1[lane] = M::madd(x[lane], d1[lane], v1[lane]);
-                            v2[lane] = M::madd(x[lane], d2[lane], v2[lane]);
-                            v3[lane] = M::madd(x[lane], d3[lane], v3[lane]);
-                        }
+            };
+            let mut kk = 0;
+            while kk + rw <= rows {
+                for (r, xr) in xs.chunks_exact_mut(nb).take(rw).enumerate() {
+                    for (b, x) in xr.iter_mut().enumerate() {
+                        *x = x_of(b, kk + r);
                     }
-                    r4[0] = v0;
-                    r4[1] = v1;
-                    r4[2] = v2;
-                    r4[3] = v3;
                 }
+                grad_tile::<M, NW>(&xs, &dzt, nb, &mut a[wx_at + kk * h4..wx_at + (kk + rw) * h4]);
+                kk += rw;
             }
+            while kk < rows {
+                for (b, x) in xs[..nb].iter_mut().enumerate() {
+                    *x = x_of(b, kk);
+                }
+                grad_tile::<M, 4>(&xs, &dzt, nb, &mut a[wx_at + kk * h4..wx_at + (kk + 1) * h4]);
+                kk += 1;
+            }
+        }
+    }
+}
+
+/// `y + a · x`, lane by lane, both vectors.
+#[inline(always)]
+fn fma_v<M: Madd>(y: V, a: &V, x: &V) -> V {
+    let mut o = y;
+    for l in 0..LANES {
+        o[l] = M::madd(a[l], x[l], o[l]);
+    }
+    o
+}
+
+/// Adds `Σ_b x[r][b] · dz[b][j]` into `rows[r·4H + j]` for the `RW` rows and every gate
+/// column j, four columns at a time: `4·RW` accumulators (`N` of them) stay in registers
+/// across the blocks. `xs` is `[RW][nb]`, `dzt` is dz transposed (`[4H][nb]`).
+#[inline(always)]
+fn grad_tile<M: Madd, const N: usize>(xs: &[V], dzt: &[V], nb: usize, rows: &mut [V]) {
+    let rw = N / 4;
+    let h4 = rows.len() / rw;
+    for (q, d4) in dzt.chunks_exact(4 * nb).enumerate() {
+        let mut s: [V; N] = std::array::from_fn(|i| rows[(i / 4) * h4 + 4 * q + i % 4]);
+        // Each accumulator's two operand rows as slices exactly `nb` long, so that the
+        // loop below carries no bounds checks.
+        let x: [&[V]; N] = std::array::from_fn(|i| &xs[(i / 4) * nb..][..nb]);
+        let d: [&[V]; N] = std::array::from_fn(|i| &d4[(i % 4) * nb..][..nb]);
+        for b in 0..nb {
+            for (i, si) in s.iter_mut().enumerate() {
+                *si = fma_v::<M>(*si, &x[i][b], &d[i][b]);
+            }
+        }
+        for (i, si) in s.iter().enumerate() {
+            rows[(i / 4) * h4 + 4 * q + i % 4] = *si;
         }
     }
 }

@@ -21,8 +21,12 @@ pub fn exp(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 5.000_000_1e-1;
     let e = p * r * r + r + 1.0;
-    // n is within [-126, 127] after the clamp; wrapping ops keep the loop branch-free.
-    f32::from_bits(((n as i32).wrapping_add(127) as u32) << 23) * e
+    // n is an integer within [-126, 127] after the clamp. Adding 1.5·2^23 puts it in the
+    // low mantissa bits (exactly), so 2^n is built with integer ops on the bits; `n as i32`
+    // would give the same bits but its NaN and saturation checks are scalar code that
+    // keeps the loops from vectorizing.
+    let n_bits = (n + 12_582_912.0).to_bits().wrapping_sub(0x4B40_0000);
+    f32::from_bits(n_bits.wrapping_add(127) << 23) * e
 }
 
 /// 1 / (1 + e^-x).
@@ -57,6 +61,12 @@ mod tests {
         assert!(worst.0 < 5e-7, "exp rel {:e}", worst.0);
         assert!(worst.1 < 2e-7, "sigmoid abs {:e}", worst.1);
         assert!(worst.2 < 4e-7, "tanh abs {:e}", worst.2);
+        // The ends of the clamp, where 2^n is largest and smallest.
+        for x in [-87.0f32, -86.5, 87.5, 88.0, -1e30, 1e30] {
+            let xe = (x as f64).clamp(-87.0, 88.0);
+            let e = (exp(x) as f64 - xe.exp()).abs() / xe.exp();
+            assert!(e < 5e-7, "exp({x}) rel {e:e}");
+        }
         assert_eq!(sigmoid(-200.0), 1.0 / (1.0 + 88f32.exp()));
         assert_eq!(tanh(100.0), 1.0);
         assert_eq!(tanh(-100.0), -1.0);

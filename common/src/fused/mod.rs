@@ -7,11 +7,13 @@
 //! computes anyway (plus one at θ_T). The rest is the coordinatewise LSTM's own
 //! backpropagation through time, independent per coordinate: blocks of coordinates run
 //! in parallel ([`rayon`]), each keeping all 4H gates of a coordinate together in cache,
-//! with branch-free exp/sigmoid/tanh ([`math`]) that vectorize, compiled for AVX2+FMA when
-//! the CPU has them. The burn composition in [`crate::unroll`] stays as the reference the
-//! tests compare this path with.
+//! with branch-free exp/sigmoid/tanh ([`math`]) that vectorize, compiled for AVX-512 or
+//! AVX2 with FMA when the CPU has them ([`kernels`], chosen at run time). The burn
+//! composition in [`crate::unroll`] stays as the reference the tests compare this path
+//! with.
 
 mod cell;
+pub mod kernels;
 pub mod math;
 
 use rayon::prelude::*;
@@ -24,6 +26,7 @@ use crate::groups::AnyPhi;
 use crate::{Error, OptimizerConfig, Phi};
 
 use cell::{Accumulator, LANES, Layout, Weights};
+pub use kernels::Kernels;
 
 /// Where a trajectory stands between truncations, on the host.
 #[derive(Debug, Clone, PartialEq)]
@@ -56,9 +59,10 @@ const TASK_BLOCKS: usize = 8;
 ///
 /// `phi` may have parameter groups (spec §5): each group's LSTM updates the coordinates
 /// the problem assigns it ([`HostProblem::groups`]), and the gradient has one part per
-/// group. On x86-64 CPUs with AVX2 and FMA the kernels use fused multiply-adds; elsewhere
-/// plain ones. Results are bitwise reproducible on one kind of CPU, whatever the thread
-/// count, and agree across kinds to float32 rounding.
+/// group. The kernels are [`Kernels::chosen`]: AVX-512 or AVX2 with fused multiply-adds
+/// where the CPU has them (the two give the same bits), plain ones elsewhere. Results are
+/// bitwise reproducible for one variant, whatever the thread count, and agree across
+/// variants to float32 rounding.
 pub fn meta_grad(
     phi: &AnyPhi,
     problem: &dyn HostProblem,
@@ -66,7 +70,7 @@ pub fn meta_grad(
     start: usize,
     steps: usize,
 ) -> Result<Truncation<HostCarry>, Error> {
-    meta_grad_with(false, phi, problem, carry, start, steps, None)
+    meta_grad_with(Kernels::chosen()?, phi, problem, carry, start, steps, None)
 }
 
 /// [`meta_grad`] of the weighted meta-loss L = (1/T) Σ w_t f_t(θ_t) (spec §2), with
@@ -79,7 +83,7 @@ pub fn meta_grad_weighted(
     weights: &[f32],
 ) -> Result<Truncation<HostCarry>, Error> {
     meta_grad_with(
-        false,
+        Kernels::chosen()?,
         phi,
         problem,
         carry,
@@ -124,7 +128,7 @@ fn forward_pass(
     let mut records = FORWARD_RECORDS.with(|r| std::mem::take(&mut *r.borrow_mut()));
     let out = run(
         pass,
-        false,
+        Kernels::chosen()?,
         phi,
         problem,
         carry,
@@ -199,9 +203,9 @@ pub fn release_buffers() {
     FORWARD_RECORDS.with(|r| r.borrow_mut().clear());
 }
 
-/// [`meta_grad`], with `portable` forcing the kernels that run on any CPU.
+/// [`meta_grad`] (weighted when `weights` is given) run by `kernels`.
 pub(crate) fn meta_grad_with(
-    portable: bool,
+    kernels: Kernels,
     phi: &AnyPhi,
     problem: &dyn HostProblem,
     carry: HostCarry,
@@ -214,7 +218,7 @@ pub(crate) fn meta_grad_with(
     } else {
         Pass::MetaGrad
     };
-    meta_grad_pass(pass, portable, phi, problem, carry, start, steps, weights)
+    meta_grad_pass(pass, kernels, phi, problem, carry, start, steps, weights)
 }
 
 /// [`meta_grad_weighted`] (`weights`, or all 1 over `steps`) with the step records
@@ -230,7 +234,7 @@ pub fn meta_grad_recomputed(
 ) -> Result<Truncation<HostCarry>, Error> {
     meta_grad_pass(
         Pass::Recompute,
-        false,
+        Kernels::chosen()?,
         phi,
         problem,
         carry,
@@ -264,7 +268,7 @@ pub(crate) fn forward_compact(
 #[allow(clippy::too_many_arguments)]
 fn meta_grad_pass(
     pass: Pass,
-    portable: bool,
+    kernels: Kernels,
     phi: &AnyPhi,
     problem: &dyn HostProblem,
     carry: HostCarry,
@@ -279,7 +283,7 @@ fn meta_grad_pass(
     };
     let out = run(
         pass,
-        portable,
+        kernels,
         phi,
         problem,
         carry,
@@ -323,7 +327,7 @@ impl Segment {
 #[allow(clippy::too_many_arguments)]
 fn run(
     pass: Pass,
-    portable: bool,
+    kernels: Kernels,
     phi: &AnyPhi,
     problem: &dyn HostProblem,
     carry: HostCarry,
@@ -490,7 +494,7 @@ fn run(
                             for k in 0..nb {
                                 unpack(&lay, &state[k * sl..(k + 1) * sl], &mut prev[k * rl..]);
                             }
-                            cell::forward_blocks(portable, &s.weights, &lay, g, prev, cur, theta);
+                            cell::forward_blocks(kernels, &s.weights, &lay, g, prev, cur, theta);
                             for k in 0..nb {
                                 pack(&lay, &cur[k * rl..], &mut state[k * sl..(k + 1) * sl]);
                             }
@@ -529,7 +533,7 @@ fn run(
                 .zip(theta_pad[b * LANES..e * LANES].par_chunks_mut(chunk))
                 .zip(g[b * LANES..e * LANES].par_chunks(chunk))
                 .for_each(|(((cur, prev), theta), g)| {
-                    cell::forward_blocks(portable, &s.weights, &lay, g, prev, cur, theta)
+                    cell::forward_blocks(kernels, &s.weights, &lay, g, prev, cur, theta)
                 });
         }
         match pass {
@@ -620,7 +624,7 @@ fn run(
             let w = &segments[*i].weights;
             let mut acc = Accumulator::new(w);
             if !compact {
-                cell::backward_blocks(portable, w, &lay, records, &du, range.clone(), &mut acc);
+                cell::backward_blocks(kernels, w, &lay, records, &du, range.clone(), &mut acc);
                 return acc.total();
             }
             // This task's records, recomputed from its blocks' initial state and the kept
@@ -641,10 +645,10 @@ fn run(
             for t in 0..steps {
                 let (done, rest) = local.split_at_mut(t + 1);
                 let g = &grads[t][lanes.clone()];
-                cell::forward_blocks(portable, w, &lay, g, &done[t], &mut rest[0], &mut theta);
+                cell::forward_blocks(kernels, w, &lay, g, &done[t], &mut rest[0], &mut theta);
             }
             let du: Vec<Vec<f32>> = du.iter().map(|d| d[lanes.clone()].to_vec()).collect();
-            cell::backward_blocks(portable, w, &lay, &local[..], &du, 0..nb, &mut acc);
+            cell::backward_blocks(kernels, w, &lay, &local[..], &du, 0..nb, &mut acc);
             acc.total()
         })
         .collect();

@@ -305,21 +305,41 @@ fn refuses_zero_steps_and_a_carry_of_the_wrong_size() {
 }
 
 #[test]
-fn portable_kernels_agree_with_the_dispatched_ones() {
-    // On this CPU the dispatch may pick AVX2+FMA; the portable kernels must give the same
-    // gradient to float32 rounding (one vs two roundings per multiply-add).
+fn every_kernel_variant_agrees_with_the_portable_one() {
+    // Every variant this CPU runs against the portable kernels and the f64 burn path:
+    // fused multiply-adds round once where the portable ones round twice, so they agree to
+    // float32 rounding; AVX2 and AVX-512 do the same operations, so they agree bit for bit.
+    // N = 200: 13 blocks of 16, the last one padded.
     let phi = AnyPhi::from(Phi::init(OptimizerConfig::default(), 3).unwrap());
     let q = Quadratic::from_seed(4, 20, 10).unwrap();
     let carry = HostCarry::start(&phi.config(), q.theta0.clone());
-    let fast = meta_grad(&phi, &q, carry.clone(), 0, 20).unwrap();
-    let portable = meta_grad_with(true, &phi, &q, carry.clone(), 0, 20, None).unwrap();
     let (want, _, _, _) = reference(&phi, None, &q, &carry, 0, 20);
-    for ((a, b), w) in fast.grad.tensors().zip(portable.grad.tensors()).zip(&want) {
-        assert!(max_rel(a, w) < 1e-4 && max_rel(b, w) < 1e-4);
+    let run = |k: Kernels| meta_grad_with(k, &phi, &q, carry.clone(), 0, 20, None).unwrap();
+    let portable = run(Kernels::Portable);
+    let available = Kernels::available();
+    eprintln!("kernel variants on this CPU: {available:?}");
+    if std::env::var("L2L_REQUIRE_ALL").is_ok_and(|v| v == "1") && cfg!(target_arch = "x86_64") {
+        // Every x86-64 server CI runs on has AVX2 and FMA; AVX-512 is tested where present.
+        assert!(available.contains(&Kernels::Avx2), "this CPU lacks AVX2+FMA");
     }
-    // Reused buffers: a second call gives bit-identical results.
-    let again = meta_grad(&phi, &q, carry, 0, 20).unwrap();
-    assert_eq!(again.grad, fast.grad);
+    let mut fma_bits = None;
+    for k in available {
+        let got = run(k);
+        for ((a, b), w) in got.grad.tensors().zip(portable.grad.tensors()).zip(&want) {
+            assert!(max_rel(a, w) < 1e-4, "{k} against f64: {}", max_rel(a, w));
+            let b64: Vec<f64> = b.iter().map(|&v| v as f64).collect();
+            assert!(max_rel(a, &b64) < 1e-4, "{k} against portable");
+        }
+        assert_eq!(got.losses.len(), 20);
+        if k != Kernels::Portable {
+            match &fma_bits {
+                None => fma_bits = Some(got.grad.clone()),
+                Some(first) => assert_eq!(&got.grad, first, "{k} differs from avx2"),
+            }
+        }
+        // Reused buffers: a second call gives bit-identical results.
+        assert_eq!(run(k).grad, got.grad, "{k} twice");
+    }
 }
 
 #[test]
@@ -448,7 +468,7 @@ fn recomputed_records_give_the_kept_records_gradient_bit_for_bit() {
         let warm = meta_grad(phi, problem, start, 0, 5).unwrap().carry;
         assert!(warm.h[0].iter().any(|v| *v != 0.0));
         let kept =
-            meta_grad_with(false, phi, problem, warm.clone(), 5, 12, Some(&weights)).unwrap();
+            meta_grad_with(Kernels::best(), phi, problem, warm.clone(), 5, 12, Some(&weights)).unwrap();
         let redone = meta_grad_recomputed(phi, problem, warm, 5, 12, Some(&weights)).unwrap();
         assert_eq!(kept.losses, redone.losses);
         assert_eq!(kept.meta_loss.to_bits(), redone.meta_loss.to_bits());
