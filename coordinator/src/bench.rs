@@ -36,6 +36,10 @@ pub struct Bench {
     /// the coordinator itself.
     #[arg(long, default_value_t = 0)]
     pub relays: usize,
+    /// Simulate pipelined workers: a submission, and the φ fetch after it, travel while
+    /// the next truncation "computes", and land before the next submission is sent.
+    #[arg(long)]
+    pub pipelined: bool,
     /// Seconds to measure (after one second of warm-up).
     #[arg(long, default_value_t = 5.0)]
     pub seconds: f64,
@@ -56,6 +60,25 @@ struct ClientStats {
     submits: Vec<Duration>,
     fetches: u64,
     accepted: u64,
+}
+
+impl ClientStats {
+    /// Counts a submission that took `took` (when `counted`: sent after the warm-up) and
+    /// returns the φ version its reply names.
+    fn record(
+        &mut self,
+        took: Duration,
+        r: Result<SubmitReply, Status>,
+        counted: bool,
+    ) -> Option<Version> {
+        if counted {
+            self.submits.push(took);
+            if r.is_ok() {
+                self.accepted += 1;
+            }
+        }
+        r.ok().and_then(|reply| reply.current)
+    }
 }
 
 /// What one measurement found.
@@ -97,6 +120,7 @@ pub async fn run(a: Bench) -> Result<()> {
             a.seconds,
             a.unroll_ms,
             a.relays,
+            a.pipelined,
             a.coordinator.as_deref(),
             &security,
         )
@@ -134,6 +158,7 @@ async fn measure(
     seconds: f64,
     unroll_ms: f64,
     relays: usize,
+    pipelined: bool,
     external: Option<&str>,
     security: &ClientSecurity,
 ) -> Result<Row> {
@@ -195,7 +220,9 @@ async fn measure(
                 Target::Direct(client(channel, security))
             }
         };
-        tasks.push(tokio::spawn(simulate(target, i, n, unroll, start, end)));
+        tasks.push(tokio::spawn(simulate(
+            target, i, n, unroll, pipelined, start, end,
+        )));
     }
     let mut submits = Vec::new();
     let (mut fetches, mut accepted) = (0, 0);
@@ -238,6 +265,7 @@ fn tempfile_dir() -> Result<std::path::PathBuf> {
 
 /// Where a simulated worker's calls go: the coordinator over loopback, or a relay in
 /// this process.
+#[derive(Clone)]
 enum Target {
     Direct(Client),
     Relay(Relay),
@@ -284,6 +312,7 @@ async fn simulate(
     i: usize,
     n: usize,
     unroll: Duration,
+    pipelined: bool,
     start: Instant,
     end: Instant,
 ) -> Result<ClientStats> {
@@ -304,6 +333,7 @@ async fn simulate(
     };
     let mut have: Option<Version> = None;
     let mut current = Some(Version::default());
+    let mut pending = None;
     loop {
         let lease = c
             .lease(LeaseRequest {
@@ -328,28 +358,52 @@ async fn simulate(
             if !unroll.is_zero() {
                 tokio::time::sleep(unroll).await;
             }
-            let t0 = Instant::now();
-            let r = c
-                .submit(SubmitRequest {
-                    worker_id: id,
-                    lease_id: lease.lease_id,
-                    truncation: k,
-                    version: have,
-                    grad: grad.clone(),
-                    meta_loss: 1.0,
-                    unroll_seconds: 0.0,
-                    session: session.clone(),
-                    data_fingerprint: String::new(),
-                })
-                .await;
-            if let Ok(reply) = &r {
-                current = reply.current;
-            }
-            if now >= start {
-                stats.submits.push(t0.elapsed());
-                if r.is_ok() {
-                    stats.accepted += 1;
+            let req = SubmitRequest {
+                worker_id: id,
+                lease_id: lease.lease_id,
+                truncation: k,
+                version: have,
+                grad: grad.clone(),
+                meta_loss: 1.0,
+                unroll_seconds: 0.0,
+                session: session.clone(),
+                data_fingerprint: String::new(),
+            };
+            let mut to = c.clone();
+            let submit = async move {
+                let t0 = Instant::now();
+                let r = to.submit(req).await;
+                (t0.elapsed(), r)
+            };
+            // The previous submission (and the φ fetched after it) lands before this one
+            // is sent.
+            if let Some((task, counted)) = pending.take() {
+                let (took, r, fetched) = task.await?;
+                current = stats.record(took, r, counted).or(current);
+                if let Some(v) = fetched {
+                    // At least as new as the reply's: nothing more to fetch.
+                    (have, current) = (v, v);
+                    stats.fetches += u64::from(counted);
                 }
+            }
+            if pipelined && k + 1 < truncations {
+                // Like a pipelined worker, fetch the new φ in the background too.
+                let mut to = c.clone();
+                let task = async move {
+                    let (took, r) = submit.await;
+                    let newer = r.as_ref().ok().and_then(|reply| reply.current);
+                    let mut fetched = None;
+                    if newer.is_some() && newer != have {
+                        if let Ok(phi) = to.fetch_phi(FetchPhiRequest { have, wait_ms: 0 }).await {
+                            fetched = Some(phi.version);
+                        }
+                    }
+                    (took, r, fetched)
+                };
+                pending = Some((tokio::spawn(task), now >= start));
+            } else {
+                let (took, r) = submit.await;
+                current = stats.record(took, r, now >= start).or(current);
             }
         }
     }

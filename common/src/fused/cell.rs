@@ -671,14 +671,24 @@ fn backward_any<M: Madd, const R: usize, const NW: usize>(
                         *x = x_of(b, kk + r);
                     }
                 }
-                grad_tile::<M, NW>(&xs, &dzt, nb, &mut a[wx_at + kk * h4..wx_at + (kk + rw) * h4]);
+                grad_tile::<M, NW>(
+                    &xs,
+                    &dzt,
+                    nb,
+                    &mut a[wx_at + kk * h4..wx_at + (kk + rw) * h4],
+                );
                 kk += rw;
             }
             while kk < rows {
                 for (b, x) in xs[..nb].iter_mut().enumerate() {
                     *x = x_of(b, kk);
                 }
-                grad_tile::<M, 4>(&xs, &dzt, nb, &mut a[wx_at + kk * h4..wx_at + (kk + 1) * h4]);
+                grad_tile::<M, 4>(
+                    &xs,
+                    &dzt,
+                    nb,
+                    &mut a[wx_at + kk * h4..wx_at + (kk + 1) * h4],
+                );
                 kk += 1;
             }
         }

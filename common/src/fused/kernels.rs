@@ -68,17 +68,20 @@ impl Kernels {
         CHOSEN
             .get_or_init(|| match std::env::var(ENV) {
                 Err(_) => Ok(Kernels::best()),
-                Ok(v) => v.parse::<Kernels>().map_err(|e| format!("{ENV}: {e}")).and_then(|k| {
-                    if k.supported() {
-                        Ok(k)
-                    } else {
-                        Err(format!(
-                            "{ENV}={v}, but this CPU cannot run the {k} kernels; \
+                Ok(v) => v
+                    .parse::<Kernels>()
+                    .map_err(|e| format!("{ENV}: {e}"))
+                    .and_then(|k| {
+                        if k.supported() {
+                            Ok(k)
+                        } else {
+                            Err(format!(
+                                "{ENV}={v}, but this CPU cannot run the {k} kernels; \
                              unset it or name one of: {}",
-                            names(&Kernels::available())
-                        ))
-                    }
-                }),
+                                names(&Kernels::available())
+                            ))
+                        }
+                    }),
             })
             .clone()
             .map_err(Error::Config)

@@ -320,7 +320,10 @@ fn every_kernel_variant_agrees_with_the_portable_one() {
     eprintln!("kernel variants on this CPU: {available:?}");
     if std::env::var("L2L_REQUIRE_ALL").is_ok_and(|v| v == "1") && cfg!(target_arch = "x86_64") {
         // Every x86-64 server CI runs on has AVX2 and FMA; AVX-512 is tested where present.
-        assert!(available.contains(&Kernels::Avx2), "this CPU lacks AVX2+FMA");
+        assert!(
+            available.contains(&Kernels::Avx2),
+            "this CPU lacks AVX2+FMA"
+        );
     }
     let mut fma_bits = None;
     for k in available {
@@ -467,8 +470,16 @@ fn recomputed_records_give_the_kept_records_gradient_bit_for_bit() {
         let start = HostCarry::start(&config, q.theta0.clone());
         let warm = meta_grad(phi, problem, start, 0, 5).unwrap().carry;
         assert!(warm.h[0].iter().any(|v| *v != 0.0));
-        let kept =
-            meta_grad_with(Kernels::best(), phi, problem, warm.clone(), 5, 12, Some(&weights)).unwrap();
+        let kept = meta_grad_with(
+            Kernels::best(),
+            phi,
+            problem,
+            warm.clone(),
+            5,
+            12,
+            Some(&weights),
+        )
+        .unwrap();
         let redone = meta_grad_recomputed(phi, problem, warm, 5, 12, Some(&weights)).unwrap();
         assert_eq!(kept.losses, redone.losses);
         assert_eq!(kept.meta_loss.to_bits(), redone.meta_loss.to_bits());
