@@ -119,6 +119,7 @@ impl Rpc for Shared {
             lease_timeout_ms: c.config().lease_timeout_ms,
             wait_for_update: c.config().aggregation.mode == crate::config::Mode::Sync,
             session: session.to_vec(),
+            max_staleness: c.config().aggregation.max_staleness,
         }))
     }
 

@@ -129,6 +129,83 @@ fn local_run_with_pes_trains_and_is_deterministic() {
     );
 }
 
+/// An async worker sends each truncation's submission while the next one computes, on a
+/// φ at most one submission older (so a coordinator that accepts staleness 1 refuses
+/// none of them), and submits before going on when the coordinator accepts no staleness.
+#[test]
+fn async_workers_pipeline_submissions_when_staleness_allows() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |name: &str, staleness: &str, worker_args: &[&str]| {
+        let d = dir.path().join(name);
+        let c = Coordinator::serve(
+            &d,
+            "127.0.0.1:0",
+            &[
+                "--aggregation",
+                "async",
+                "--every",
+                "1",
+                "--max-staleness",
+                staleness,
+                "--max-updates",
+                "40",
+                "--trajectory-steps",
+                "100",
+                "--truncation-steps",
+                "20",
+            ],
+        );
+        let url = c.url();
+        let mut args = vec![
+            "run",
+            "--coordinator",
+            url.as_str(),
+            "--max-backoff-ms",
+            "500",
+        ];
+        args.extend_from_slice(worker_args);
+        let out = l2l_tests::worker(&args);
+        let (stdout, stderr) = text(&out);
+        assert!(out.status.success(), "{stderr}");
+        let count = |what: &str| -> u64 {
+            let words: Vec<&str> = stdout.split_whitespace().collect();
+            let i = words
+                .iter()
+                .position(|w| w.trim_end_matches(',') == what)
+                .unwrap_or_else(|| panic!("no '{what}' in the summary: {stdout}"));
+            words[i - 1].parse().expect("a count")
+        };
+        let (accepted, overlapped) = (count("gradients"), count("submissions"));
+        let mut c = c;
+        assert!(c.proc.wait_exit(MINUTE).success());
+        let (_, snap) = checkpoint::load_newest(&d).unwrap().expect("a checkpoint");
+        assert_eq!(snap.version, 40, "the run completed");
+        let refusals: Vec<_> = snap
+            .counters
+            .refused
+            .iter()
+            .filter(|(r, n)| *r != "finished" && **n > 0)
+            .collect();
+        assert!(
+            refusals.is_empty(),
+            "one pipelining worker's gradients are at most 1 version stale: {refusals:?}"
+        );
+        (accepted, overlapped)
+    };
+    let (accepted, overlapped) = run("pipelined", "1", &[]);
+    // 5 truncations per trajectory: all but the last travel while the next computes.
+    assert!(
+        overlapped >= 4 * (accepted / 5) && overlapped < accepted,
+        "{overlapped} of {accepted} submissions overlapped"
+    );
+    assert_eq!(
+        run("no-staleness", "0", &[]).1,
+        0,
+        "staleness 0: no overlap"
+    );
+    assert_eq!(run("off", "1", &["--no-pipeline"]).1, 0, "--no-pipeline");
+}
+
 #[test]
 fn killed_worker_lease_expires_and_run_completes() {
     let dir = tempfile::tempdir().unwrap();

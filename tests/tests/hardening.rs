@@ -348,6 +348,7 @@ impl l2l_proto::v1::coordinator_server::Coordinator for Garbage {
             lease_timeout_ms: 30_000,
             wait_for_update: false,
             session: vec![1; 16],
+            max_staleness: 0,
         }))
     }
     async fn lease(

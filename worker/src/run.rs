@@ -49,6 +49,9 @@ pub struct WorkerOptions {
     pub backend: Backend,
     /// Train (lease instances, submit meta-gradients) or evaluate (validation jobs).
     pub role: Role,
+    /// In async runs, submit each truncation in the background while the next one
+    /// computes (its φ is then at most one submission older); off: submit, then go on.
+    pub pipeline: bool,
 }
 
 impl WorkerOptions {
@@ -65,6 +68,7 @@ impl WorkerOptions {
             data: std::path::PathBuf::from(crate::DEFAULT_DATA),
             backend: Backend::Fused,
             role: Role::Trainer,
+            pipeline: true,
         }
     }
 }
@@ -80,6 +84,8 @@ pub struct WorkerSummary {
     pub trajectories: u64,
     /// Validation results the coordinator recorded (evaluators).
     pub validations: u64,
+    /// Submissions that travelled while the next truncation computed (pipelining).
+    pub overlapped: u64,
 }
 
 /// How a trajectory ended.
@@ -92,6 +98,96 @@ enum Outcome {
     Reregister,
     /// The run is finished or a stop was requested.
     Stop,
+}
+
+/// Attempts of one call before the coordinator counts as unreachable.
+const RETRIES: usize = 4;
+
+/// What a landed submission brings back besides its acceptance: whether φ was checked
+/// right after it, and the newer φ when the coordinator's had moved past the one held.
+struct Landed {
+    /// The version check after the submission worked (the φ held, or `newer`, is current).
+    checked: bool,
+    /// φ fetched because the reply named a newer version than the one held.
+    newer: Option<(Version, AnyPhi)>,
+}
+
+/// A submission on its way: the coordinator's answer, as [`with_retries`] gives it.
+type Submission = tokio::task::JoinHandle<Result<Landed, Option<tonic::Status>>>;
+
+/// After an accepted submission whose reply names a φ newer than `have`, fetches and
+/// decodes it (`checked` is false when that failed: the next truncation fetches φ itself).
+async fn fetch_newer(
+    client: Option<Client>,
+    have: Option<Version>,
+    current: Option<Version>,
+) -> Landed {
+    if current.is_none() || current == have {
+        return Landed {
+            checked: current.is_some(),
+            newer: None,
+        };
+    }
+    let Some(mut c) = client else {
+        return Landed {
+            checked: false,
+            newer: None,
+        };
+    };
+    let fetched = c
+        .fetch_phi(FetchPhiRequest { have, wait_ms: 0 })
+        .await
+        .map_err(|s| anyhow::anyhow!("{s}"))
+        .and_then(|r| {
+            let r = r.into_inner();
+            if r.unchanged {
+                return Ok(None);
+            }
+            Ok(Some((r.version.unwrap_or_default(), decode_phi(&r.phi)?)))
+        });
+    match fetched {
+        Ok(newer) => Landed {
+            checked: true,
+            newer,
+        },
+        Err(e) => {
+            tracing::debug!(error = %e, "prefetching φ failed; the next truncation fetches it");
+            Landed {
+                checked: false,
+                newer: None,
+            }
+        }
+    }
+}
+
+/// Calls the coordinator up to [`RETRIES`] times, pausing `delays[i]` after the i-th
+/// transport failure (cut short by `stop`); a refusal is `Some(status)`, and `None` means
+/// the coordinator could not be reached (or there is no client).
+async fn with_retries<R, Fut>(
+    client: Option<Client>,
+    what: &'static str,
+    delays: [Duration; RETRIES],
+    stop: Arc<AtomicBool>,
+    mut call: impl FnMut(Client) -> Fut,
+) -> Result<R, Option<tonic::Status>>
+where
+    Fut: std::future::Future<Output = Result<tonic::Response<R>, tonic::Status>>,
+{
+    let client = client.ok_or(None)?;
+    for (attempt, delay) in delays.into_iter().enumerate() {
+        match call(client.clone()).await {
+            Ok(r) => return Ok(r.into_inner()),
+            Err(s) if is_transport(&s) => {
+                tracing::warn!(status = %s, attempt, "{what} failed; retrying");
+                let until = Instant::now() + delay;
+                while Instant::now() < until && !stop.load(Ordering::Relaxed) {
+                    tokio::time::sleep(Duration::from_millis(10).min(until - Instant::now())).await;
+                }
+            }
+            Err(s) => return Err(Some(s)),
+        }
+    }
+    Err(None)
 }
 
 /// Why a submission did not land.
@@ -140,6 +236,8 @@ struct Worker {
     backoff: Backoff,
     lease_timeout: Duration,
     wait_for_update: bool,
+    /// async: the largest staleness the coordinator accepts (0: submit before going on).
+    max_staleness: u64,
     /// How long the next φ fetch waits for a newer version: set after an accepted
     /// submission in sync mode, across trajectory boundaries too (a worker that starts a
     /// new trajectory must not compute on a φ whose round is still open).
@@ -182,6 +280,7 @@ pub fn run_worker(opts: WorkerOptions, stop: Arc<AtomicBool>) -> Result<WorkerSu
         session: Vec::new(),
         lease_timeout: Duration::from_secs(30),
         wait_for_update: false,
+        max_staleness: 0,
         next_wait: Duration::ZERO,
         phi: None,
         stop,
@@ -257,6 +356,7 @@ impl Worker {
         self.session = reply.session;
         self.lease_timeout = Duration::from_millis(reply.lease_timeout_ms.max(1));
         self.wait_for_update = reply.wait_for_update;
+        self.max_staleness = reply.max_staleness;
         tracing::info!(worker = self.id, epoch = reply.epoch, "registered");
         Ok(())
     }
@@ -353,9 +453,35 @@ impl Worker {
         Ok(version)
     }
 
+    /// Runs a leased trajectory truncation by truncation, submitting each; in async runs
+    /// (with [`WorkerOptions::pipeline`]) a submission travels while the next truncation
+    /// computes, and lands before the one after it is sent, so they arrive in order.
     fn trajectory(&mut self, lease: LeaseReply) -> Result<Outcome> {
         let span = tracing::info_span!("lease", id = lease.lease_id);
         let _g = span.enter();
+        let mut in_flight = None;
+        let outcome = self.truncations(lease, &mut in_flight);
+        let Some((task, fingerprint)) = in_flight else {
+            return outcome;
+        };
+        // The loop ended early (stop, lost φ, failed truncation) with a submission on its
+        // way: it lands first, so the work it carries is not lost.
+        let landed = self.join_submit(task).map(drop);
+        match (outcome, self.landed(landed, &fingerprint)) {
+            (Err(e), _) => Err(e),
+            (Ok(_), Err(e)) => Err(e),
+            (Ok(_), Ok(Some(Outcome::Stop))) => Ok(Outcome::Stop),
+            (Ok(o), Ok(_)) => Ok(o),
+        }
+    }
+
+    /// The body of [`Worker::trajectory`]; leaves in `in_flight` a submission still on its
+    /// way when it returns early.
+    fn truncations(
+        &mut self,
+        lease: LeaseReply,
+        in_flight: &mut Option<(Submission, String)>,
+    ) -> Result<Outcome> {
         let (problem, data_fingerprint) = match self.instance_problem(lease.instance.as_ref()) {
             Ok(p) => p,
             Err(why) => {
@@ -379,22 +505,25 @@ impl Worker {
         let t = lease.truncation_steps.max(1) as usize;
         let truncations = (lease.trajectory_steps as usize) / t;
         let mut carry = None;
+        // Whether φ was checked against the coordinator's after the last submission that
+        // landed (pipelining): then this truncation starts without a round trip.
+        let mut phi_checked = false;
         for k in 0..truncations {
             if self.stopping() {
                 return Ok(Outcome::Stop);
             }
             let wait = std::mem::take(&mut self.next_wait);
-            let version = match self.refresh_phi(wait) {
-                Ok(v) => v,
-                Err(s) => {
+            if !std::mem::take(&mut phi_checked) {
+                if let Err(s) = self.refresh_phi(wait) {
                     tracing::warn!(status = %s, "cannot fetch φ");
                     self.client = None;
                     return Ok(Outcome::Reregister);
                 }
-            };
-            let Some((_, phi)) = self.phi.as_ref() else {
+            }
+            let Some((version, phi)) = self.phi.as_ref() else {
                 return Ok(Outcome::Reregister);
             };
+            let version = *version;
             let c = match carry.take() {
                 Some(c) => c,
                 None => match Trajectory::start(estimator, &self.engine, phi, &problem, seed) {
@@ -442,50 +571,25 @@ impl Worker {
                 data_fingerprint: data_fingerprint.clone(),
             };
             carry = Some(out.carry);
-            let submitted = self.submit(req);
-            if let Some(m) = &self.opts.metrics {
-                m.submission(submitted.err().map_or("accepted", NotLanded::label));
-            }
-            match submitted {
-                Ok(()) => {
-                    self.summary.accepted += 1;
-                    self.backoff.reset();
-                    // In sync mode the next truncation waits for the round to close, so
-                    // it is not computed on a φ that is about to be replaced.
-                    self.next_wait = if self.wait_for_update {
-                        self.lease_timeout / 3
-                    } else {
-                        Duration::ZERO
-                    };
+            // The previous truncation's submission lands before this one is sent.
+            if let Some((task, fingerprint)) = in_flight.take() {
+                let landed = self.join_submit(task);
+                phi_checked = matches!(landed, Ok(true));
+                if let Some(o) = self.landed(landed.map(drop), &fingerprint)? {
+                    return Ok(o);
                 }
-                Err(r) => {
-                    self.summary.refused += 1;
-                    self.next_wait = Duration::ZERO;
-                    match r {
-                        // Outdated φ: the trajectory goes on with the new one.
-                        NotLanded::Refused(
-                            Reason::Stale | Reason::PreRestart | Reason::FutureVersion,
-                        ) => {}
-                        NotLanded::Refused(Reason::Finished) => return Ok(Outcome::Stop),
-                        // Another data set than the run's: nothing this worker computes
-                        // can count, so it stops and says why.
-                        NotLanded::Refused(Reason::WrongData) => bail!(
-                            "the coordinator refused this worker's training data ({}, SHA-256 {}): \
-                             the run was trained on another data set; give every worker of the \
-                             run the same --data files",
-                            self.opts.data.display(),
-                            if data_fingerprint.is_empty() {
-                                "none"
-                            } else {
-                                data_fingerprint.as_str()
-                            }
-                        ),
-                        NotLanded::Refused(Reason::UnknownWorker | Reason::BadSession)
-                        | NotLanded::Transport => {
-                            return Ok(Outcome::Reregister);
-                        }
-                        _ => return Ok(Outcome::Release),
-                    }
+            }
+            let overlap = self.opts.pipeline && !self.wait_for_update && self.max_staleness >= 1;
+            if overlap && k + 1 < truncations {
+                // This submission travels while the next truncation computes (on the φ
+                // checked after the previous one), and brings back φ when it moved.
+                self.summary.overlapped += 1;
+                *in_flight = Some((self.spawn_submit(req, true), data_fingerprint.clone()));
+            } else {
+                let task = self.spawn_submit(req, false);
+                let landed = self.join_submit(task);
+                if let Some(o) = self.landed(landed.map(drop), &data_fingerprint)? {
+                    return Ok(o);
                 }
             }
         }
@@ -496,20 +600,108 @@ impl Worker {
         Ok(Outcome::Done)
     }
 
-    /// Submits, retrying transport failures a few times (duplicates are acknowledged).
-    /// Returns the refusal reason on failure (`transport` when the coordinator is gone).
-    fn submit(&mut self, req: SubmitRequest) -> Result<(), NotLanded> {
-        match self.retrying("submit", |mut c| {
-            let req = req.clone();
-            async move { c.submit(req).await }
-        }) {
-            Ok(_) => Ok(()),
+    /// Counts a submission's result and says whether the trajectory ends with it (`None`:
+    /// go on); fails when nothing this worker computes can count.
+    fn landed(
+        &mut self,
+        submitted: Result<(), NotLanded>,
+        data_fingerprint: &str,
+    ) -> Result<Option<Outcome>> {
+        if let Some(m) = &self.opts.metrics {
+            m.submission(submitted.err().map_or("accepted", NotLanded::label));
+        }
+        match submitted {
+            Ok(()) => {
+                self.summary.accepted += 1;
+                self.backoff.reset();
+                // In sync mode the next truncation waits for the round to close, so
+                // it is not computed on a φ that is about to be replaced.
+                self.next_wait = if self.wait_for_update {
+                    self.lease_timeout / 3
+                } else {
+                    Duration::ZERO
+                };
+                Ok(None)
+            }
+            Err(r) => {
+                self.summary.refused += 1;
+                self.next_wait = Duration::ZERO;
+                match r {
+                    // Outdated φ: the trajectory goes on with the new one.
+                    NotLanded::Refused(
+                        Reason::Stale | Reason::PreRestart | Reason::FutureVersion,
+                    ) => Ok(None),
+                    NotLanded::Refused(Reason::Finished) => Ok(Some(Outcome::Stop)),
+                    // Another data set than the run's: nothing this worker computes
+                    // can count, so it stops and says why.
+                    NotLanded::Refused(Reason::WrongData) => bail!(
+                        "the coordinator refused this worker's training data ({}, SHA-256 {}): \
+                         the run was trained on another data set; give every worker of the \
+                         run the same --data files",
+                        self.opts.data.display(),
+                        if data_fingerprint.is_empty() {
+                            "none"
+                        } else {
+                            data_fingerprint
+                        }
+                    ),
+                    NotLanded::Refused(Reason::UnknownWorker | Reason::BadSession)
+                    | NotLanded::Transport => Ok(Some(Outcome::Reregister)),
+                    _ => Ok(Some(Outcome::Release)),
+                }
+            }
+        }
+    }
+
+    /// Sends a submission on the worker's runtime, retrying transport failures a few
+    /// times (a retried one is acknowledged as a duplicate); with `prefetch`, then fetches
+    /// φ when the reply names a newer version than the one held.
+    fn spawn_submit(&mut self, req: SubmitRequest, prefetch: bool) -> Submission {
+        let delays = self.retry_delays();
+        let (client, stop) = (self.client.clone(), self.stop.clone());
+        let have = self.phi.as_ref().map(|(v, _)| *v);
+        self.rt.spawn(async move {
+            let reply = with_retries(client.clone(), "submit", delays, stop, move |mut c| {
+                let req = req.clone();
+                async move { c.submit(req).await }
+            })
+            .await?;
+            Ok(if prefetch {
+                fetch_newer(client, have, reply.current).await
+            } else {
+                Landed {
+                    checked: false,
+                    newer: None,
+                }
+            })
+        })
+    }
+
+    /// Waits for a submission and takes the φ it brought; says whether φ is known to be
+    /// current, or returns the refusal reason (`transport` when the coordinator is gone,
+    /// and then the client is dropped).
+    fn join_submit(&mut self, task: Submission) -> Result<bool, NotLanded> {
+        let result = self.rt.block_on(task).unwrap_or_else(|e| {
+            Err(Some(tonic::Status::internal(format!(
+                "submission task: {e}"
+            ))))
+        });
+        match result {
+            Ok(landed) => {
+                if let Some(newer) = landed.newer {
+                    self.phi = Some(newer);
+                }
+                Ok(landed.checked)
+            }
             Err(Some(s)) => {
                 let r = Reason::of(&s).map_or(NotLanded::Unrecognised, NotLanded::Refused);
                 tracing::info!(reason = r.label(), "submission refused: {}", s.message());
                 Err(r)
             }
-            Err(None) => Err(NotLanded::Transport),
+            Err(None) => {
+                self.client = None;
+                Err(NotLanded::Transport)
+            }
         }
     }
 
@@ -518,28 +710,29 @@ impl Worker {
     /// and `None` means the coordinator could not be reached (the client is dropped).
     fn retrying<R, Fut>(
         &mut self,
-        what: &str,
-        mut call: impl FnMut(Client) -> Fut,
+        what: &'static str,
+        call: impl FnMut(Client) -> Fut,
     ) -> Result<R, Option<tonic::Status>>
     where
         Fut: std::future::Future<Output = Result<tonic::Response<R>, tonic::Status>>,
     {
-        for attempt in 0..4 {
-            let Some(c) = self.client.clone() else {
-                break;
-            };
-            match self.rt.block_on(call(c)) {
-                Ok(r) => return Ok(r.into_inner()),
-                Err(s) if is_transport(&s) => {
-                    tracing::warn!(status = %s, attempt, "{what} failed; retrying");
-                    let delay = self.backoff.delay(attempt);
-                    self.sleep(delay);
-                }
-                Err(s) => return Err(Some(s)),
-            }
+        let delays = self.retry_delays();
+        let r = self.rt.block_on(with_retries(
+            self.client.clone(),
+            what,
+            delays,
+            self.stop.clone(),
+            call,
+        ));
+        if matches!(r, Err(None)) {
+            self.client = None;
         }
-        self.client = None;
-        Err(None)
+        r
+    }
+
+    /// The pauses after each of a call's transport failures.
+    fn retry_delays(&mut self) -> [Duration; RETRIES] {
+        std::array::from_fn(|attempt| self.backoff.delay(attempt as u32))
     }
 
     /// Heartbeats the lease every third of its timeout while the unroll runs.

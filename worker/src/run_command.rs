@@ -50,6 +50,11 @@ pub struct RunArgs {
     /// share a machine.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=4096))]
     threads: Option<u32>,
+    /// In async runs, wait for each submission before computing the next truncation
+    /// (by default a submission travels while the next truncation computes, so the
+    /// submit's latency is hidden and φ is at most one submission older).
+    #[arg(long)]
+    no_pipeline: bool,
 }
 
 /// Runs the worker until done or signalled.
@@ -114,6 +119,7 @@ pub fn run(a: RunArgs) -> Result<()> {
     opts.data = a.data;
     opts.backend = a.backend;
     opts.role = a.role;
+    opts.pipeline = !a.no_pipeline;
     opts.metrics = Some(metrics);
     opts.max_backoff = Duration::from_millis(a.max_backoff_ms.max(100));
     let summary = run_worker(opts, stop)?;
@@ -123,6 +129,7 @@ pub fn run(a: RunArgs) -> Result<()> {
         refused = summary.refused,
         trajectories = summary.trajectories,
         validations = summary.validations,
+        overlapped = summary.overlapped,
         "worker stopped"
     );
     if a.role == l2l_worker::Role::Evaluator {
@@ -132,8 +139,9 @@ pub fn run(a: RunArgs) -> Result<()> {
         );
     } else {
         println!(
-            "worker stopped: {} gradients accepted, {} refused, {} trajectories",
-            summary.accepted, summary.refused, summary.trajectories
+            "worker stopped: {} gradients accepted, {} refused, {} trajectories, \
+             {} submissions sent while the next truncation computed",
+            summary.accepted, summary.refused, summary.trajectories, summary.overlapped
         );
     }
     Ok(())
