@@ -393,10 +393,11 @@ async fn simulate(
                     let (took, r) = submit.await;
                     let newer = r.as_ref().ok().and_then(|reply| reply.current);
                     let mut fetched = None;
-                    if newer.is_some() && newer != have {
-                        if let Ok(phi) = to.fetch_phi(FetchPhiRequest { have, wait_ms: 0 }).await {
-                            fetched = Some(phi.version);
-                        }
+                    if newer.is_some()
+                        && newer != have
+                        && let Ok(phi) = to.fetch_phi(FetchPhiRequest { have, wait_ms: 0 }).await
+                    {
+                        fetched = Some(phi.version);
                     }
                     (took, r, fetched)
                 };

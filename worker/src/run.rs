@@ -513,12 +513,12 @@ impl Worker {
                 return Ok(Outcome::Stop);
             }
             let wait = std::mem::take(&mut self.next_wait);
-            if !std::mem::take(&mut phi_checked) {
-                if let Err(s) = self.refresh_phi(wait) {
-                    tracing::warn!(status = %s, "cannot fetch φ");
-                    self.client = None;
-                    return Ok(Outcome::Reregister);
-                }
+            if !std::mem::take(&mut phi_checked)
+                && let Err(s) = self.refresh_phi(wait)
+            {
+                tracing::warn!(status = %s, "cannot fetch φ");
+                self.client = None;
+                return Ok(Outcome::Reregister);
             }
             let Some((version, phi)) = self.phi.as_ref() else {
                 return Ok(Outcome::Reregister);
