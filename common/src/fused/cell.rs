@@ -8,7 +8,9 @@
 use std::ops::Range;
 
 use super::kernels::Kernels;
-use super::math::{sigmoid, tanh};
+#[cfg(target_arch = "x86_64")]
+use super::math::Fused;
+use super::math::{Madd, Plain, sigmoid, tanh};
 use crate::{OptimizerConfig, Phi, Preprocess};
 
 /// Coordinates per SIMD block (16 f32: one AVX-512 register, two AVX ones).
@@ -157,34 +159,6 @@ fn as_v_mut(s: &mut [f32]) -> &mut [V] {
     body
 }
 
-/// How `a · b + c` is computed: fused (one rounding, where the CPU has FMA) or plain.
-trait Madd {
-    fn madd(a: f32, b: f32, c: f32) -> f32;
-}
-
-/// `a · b + c` with two roundings: any CPU.
-struct Plain;
-
-impl Madd for Plain {
-    #[inline(always)]
-    fn madd(a: f32, b: f32, c: f32) -> f32 {
-        a * b + c
-    }
-}
-
-/// `a · b + c` with one rounding: only inside functions compiled with the `fma` feature
-/// (elsewhere `mul_add` would be a slow library call).
-#[cfg(target_arch = "x86_64")]
-struct Fused;
-
-#[cfg(target_arch = "x86_64")]
-impl Madd for Fused {
-    #[inline(always)]
-    fn madd(a: f32, b: f32, c: f32) -> f32 {
-        a.mul_add(b, c)
-    }
-}
-
 /// `y + a · x`, lane by lane (on values, so the sum stays in a register).
 #[inline(always)]
 fn fma<M: Madd>(y: V, a: &V, x: f32) -> V {
@@ -201,13 +175,19 @@ fn fma<M: Madd>(y: V, a: &V, x: f32) -> V {
 #[inline(always)]
 fn dots<M: Madd, const R: usize>(d: &[V], w: &[f32], out: &mut [V]) {
     let h4 = d.len();
+    // d and each row in pairs, every slice exactly `n` pairs long, so that the loop below
+    // carries no bounds checks.
+    let (d2, _) = d.as_chunks::<2>();
+    let n = d2.len();
+    let rows: [&[[f32; 2]]; R] =
+        std::array::from_fn(|r| &w[r * h4..][..h4].as_chunks::<2>().0[..n]);
     let mut even = [[0f32; LANES]; R];
     let mut odd = [[0f32; LANES]; R];
-    for (j, dj) in d.chunks_exact(2).enumerate() {
-        let j = 2 * j;
+    for jj in 0..n {
+        let dj = &d2[jj];
         for r in 0..R {
-            even[r] = fma::<M>(even[r], &dj[0], w[r * h4 + j]);
-            odd[r] = fma::<M>(odd[r], &dj[1], w[r * h4 + j + 1]);
+            even[r] = fma::<M>(even[r], &dj[0], rows[r][jj][0]);
+            odd[r] = fma::<M>(odd[r], &dj[1], rows[r][jj][1]);
         }
     }
     for r in 0..R {
@@ -401,13 +381,13 @@ fn forward_any<M: Madd, const C: usize>(
             let (sig_if, rest) = gates.split_at_mut(2 * h);
             let (g_gate, o_gate) = rest.split_at_mut(h);
             for (a, zj) in sig_if.iter_mut().zip(&z[..2 * h]) {
-                *a = map(zj, sigmoid);
+                *a = map(zj, sigmoid::<M>);
             }
             for (a, zj) in g_gate.iter_mut().zip(&z[2 * h..3 * h]) {
-                *a = map(zj, tanh);
+                *a = map(zj, tanh::<M>);
             }
             for (a, zj) in o_gate.iter_mut().zip(&z[3 * h..]) {
-                *a = map(zj, sigmoid);
+                *a = map(zj, sigmoid::<M>);
             }
             let (i_gate, f_gate) = sig_if.split_at(h);
             for j in 0..h {
@@ -416,7 +396,7 @@ fn forward_any<M: Madd, const C: usize>(
                 for lane in 0..LANES {
                     c[lane] = f[lane] * c_prev[j][lane] + i[lane] * gg[lane];
                 }
-                let t = map(&c, tanh);
+                let t = map(&c, tanh::<M>);
                 let mut hn = [0f32; LANES];
                 for lane in 0..LANES {
                     hn[lane] = o[lane] * t[lane];
@@ -530,8 +510,9 @@ unsafe fn backward_avx512(
     blocks: Range<usize>,
     acc: &mut Accumulator,
 ) {
-    // Tiles of 4 rows (dh) and 2 rows (weight gradients): 8 chains in 32 registers.
-    backward_any::<Fused, 4, 8>(w, lay, records, du, blocks, acc)
+    // Tiles of 4 rows (dh: 8 chains) and of 4 rows × 4 columns (weight gradients: 16
+    // accumulators and their 8 operands), in 32 registers.
+    backward_any::<Fused, 4, 16>(w, lay, records, du, blocks, acc)
 }
 
 /// The backward pass with dh tiles of `R` rows and weight-gradient tiles of `NW / 4` rows
@@ -636,18 +617,20 @@ fn backward_any<M: Madd, const R: usize, const NW: usize>(
                 }
             }
             // Weight gradients: each accumulator row once for all blocks of the task, with
-            // dz transposed to [4H][blocks] so that four columns run as independent chains.
-            for (j, col) in dzt.chunks_exact_mut(nb).enumerate() {
-                for (b, v) in col.iter_mut().enumerate() {
-                    *v = dz[b * h4 + j];
+            // dz regrouped as [4H/4][blocks][4], so that a tile's four columns of one block
+            // are adjacent and every operand of the tile's loop is one pointer away.
+            for (q, quad) in dzt.chunks_exact_mut(4 * nb).enumerate() {
+                for (b, v) in quad.chunks_exact_mut(4).enumerate() {
+                    v.copy_from_slice(&dz[b * h4 + 4 * q..b * h4 + 4 * q + 4]);
                 }
             }
             let (wx_at, wh_at) = (layer.at, layer.at + layer.inputs * h4);
             let b_at = wh_at + h * h4;
             let src = if l == 0 { 0 } else { lay.h_at(l - 1) };
-            for (j, col) in dzt.chunks_exact(nb).enumerate() {
+            for j in 0..h4 {
                 let mut v = a[b_at + j];
-                for d in col {
+                for b in 0..nb {
+                    let d = &dz[b * h4 + j];
                     for lane in 0..LANES {
                         v[lane] += d[lane];
                     }
@@ -666,8 +649,9 @@ fn backward_any<M: Madd, const R: usize, const NW: usize>(
             };
             let mut kk = 0;
             while kk + rw <= rows {
-                for (r, xr) in xs.chunks_exact_mut(nb).take(rw).enumerate() {
-                    for (b, x) in xr.iter_mut().enumerate() {
+                // xs is [blocks][rw]: the tile's rows of one block side by side.
+                for (b, xb) in xs.chunks_exact_mut(rw).enumerate() {
+                    for (r, x) in xb.iter_mut().enumerate() {
                         *x = x_of(b, kk + r);
                     }
                 }
@@ -705,22 +689,22 @@ fn fma_v<M: Madd>(y: V, a: &V, x: &V) -> V {
     o
 }
 
-/// Adds `Σ_b x[r][b] · dz[b][j]` into `rows[r·4H + j]` for the `RW` rows and every gate
-/// column j, four columns at a time: `4·RW` accumulators (`N` of them) stay in registers
-/// across the blocks. `xs` is `[RW][nb]`, `dzt` is dz transposed (`[4H][nb]`).
+/// Adds `Σ_b x[b][r] · dz[b][j]` into `rows[r·4H + j]` for the `RW = N/4` rows and every
+/// gate column j, four columns at a time: `N` accumulators stay in registers across the
+/// blocks, and each block's `RW` + 4 operands are loaded once for the tile's `N`
+/// multiply-adds. `xs` is `[nb][RW]`, `dzt` is `[4H/4][nb][4]`.
 #[inline(always)]
 fn grad_tile<M: Madd, const N: usize>(xs: &[V], dzt: &[V], nb: usize, rows: &mut [V]) {
     let rw = N / 4;
     let h4 = rows.len() / rw;
+    let xs = &xs[..nb * rw];
     for (q, d4) in dzt.chunks_exact(4 * nb).enumerate() {
         let mut s: [V; N] = std::array::from_fn(|i| rows[(i / 4) * h4 + 4 * q + i % 4]);
-        // Each accumulator's two operand rows as slices exactly `nb` long, so that the
-        // loop below carries no bounds checks.
-        let x: [&[V]; N] = std::array::from_fn(|i| &xs[(i / 4) * nb..][..nb]);
-        let d: [&[V]; N] = std::array::from_fn(|i| &d4[(i % 4) * nb..][..nb]);
-        for b in 0..nb {
+        for (xb, db) in xs.chunks_exact(rw).zip(d4.chunks_exact(4)) {
+            let x: [V; N] = std::array::from_fn(|i| xb[i / 4]);
+            let d: [V; 4] = [db[0], db[1], db[2], db[3]];
             for (i, si) in s.iter_mut().enumerate() {
-                *si = fma_v::<M>(*si, &x[i][b], &d[i][b]);
+                *si = fma_v::<M>(*si, &x[i], &d[i % 4]);
             }
         }
         for (i, si) in s.iter().enumerate() {
