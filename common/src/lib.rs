@@ -33,6 +33,8 @@ pub mod eval;
 pub mod files;
 pub mod fused;
 pub mod groups;
+#[cfg(feature = "wgpu")]
+pub mod launches;
 pub mod lstm;
 #[cfg(feature = "optim")]
 pub mod optimizer;

@@ -162,7 +162,8 @@ fn no_adapter_is_a_clear_error() {
     assert!(!p("grad").exists());
 }
 
-/// `bench --backend wgpu` prints the same rows as on the CPU, naming the adapter.
+/// `bench --backend wgpu` prints the same rows as on the CPU, naming the adapter, with the
+/// GPU kernels each truncation issued.
 #[test]
 fn bench_runs_on_wgpu() {
     let _one = serial();
@@ -213,7 +214,23 @@ fn bench_runs_on_wgpu() {
     for r in &rows {
         assert!(r["median_ms"].as_f64().is_some_and(|m| m > 0.0), "{r}");
         assert!(r["adapter"].as_str().is_some_and(|a| !a.is_empty()), "{r}");
+        // Kernel launches are counted on the GPU backend only: at least one per step.
+        if r["backend"] == "wgpu" {
+            assert!(r["launches"].as_u64().is_some_and(|n| n >= 4), "{r}");
+        } else {
+            assert!(r["launches"].is_null(), "{r}");
+        }
     }
+    let launches = |what: &str| {
+        rows.iter()
+            .find(|r| r["backend"] == "wgpu" && r["what"] == what)
+            .and_then(|r| r["launches"].as_u64())
+            .unwrap_or_else(|| panic!("no wgpu {what} row: {stdout}"))
+    };
+    assert!(
+        launches("meta_grad") > launches("forward"),
+        "the backward pass issues kernels of its own: {stdout}"
+    );
 }
 
 /// A GPU worker and a CPU worker train one φ together; the coordinator's status names

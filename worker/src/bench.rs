@@ -116,7 +116,7 @@ pub fn run(a: Bench) -> Result<()> {
             println!("  {}: {}", e.backend(), e.adapter());
         }
         println!(
-            "{:<9} {:>8} {:<7} {:<10} {:>10} {:>10} {:>10} {:>8} {:>12}",
+            "{:<9} {:>8} {:<7} {:<10} {:>10} {:>10} {:>10} {:>8} {:>12} {:>9}",
             "preproc",
             "N",
             "backend",
@@ -125,7 +125,8 @@ pub fn run(a: Bench) -> Result<()> {
             "min_ms",
             "max_ms",
             "GFLOP/s",
-            "peak_rss_mb"
+            "peak_rss_mb",
+            "launches"
         );
     }
     for &preprocess in &modes {
@@ -140,8 +141,11 @@ pub fn run(a: Bench) -> Result<()> {
                 whats.extend(a.pes_pairs.map(|p| What::Pes(p as usize)));
                 let loaded = engine.load(Optimizee::Quadratic(quad.clone()));
                 for &what in &whats {
-                    let (times, peak) =
-                        measure(engine, &phi, &loaded, steps, what, a.warmup, a.runs)?;
+                    let Measured {
+                        times,
+                        peak_rss_mb: peak,
+                        launches,
+                    } = measure(engine, &phi, &loaded, steps, what, a.warmup, a.runs)?;
                     let median = times[times.len() / 2];
                     let gflops = matches!(what, What::MetaGrad | What::Recompute)
                         .then(|| FLOP_PER_COORD_STEP * (n * steps) as f64 / (median * 1e-3) / 1e9);
@@ -152,12 +156,12 @@ pub fn run(a: Bench) -> Result<()> {
                             "backend": engine.backend().name(), "adapter": engine.adapter(),
                             "median_ms": median, "min_ms": times[0],
                             "max_ms": times[times.len() - 1], "runs": times.len(),
-                            "gflops": gflops, "peak_rss_mb": peak,
+                            "gflops": gflops, "peak_rss_mb": peak, "launches": launches,
                         });
                         println!("{row}");
                     } else {
                         println!(
-                            "{:<9} {:>8} {:<7} {:<10} {:>10.2} {:>10.2} {:>10.2} {:>8} {:>12.1}",
+                            "{:<9} {:>8} {:<7} {:<10} {:>10.2} {:>10.2} {:>10.2} {:>8} {:>12.1} {:>9}",
                             preprocess.name(),
                             n,
                             engine.backend().name(),
@@ -166,7 +170,8 @@ pub fn run(a: Bench) -> Result<()> {
                             times[0],
                             times[times.len() - 1],
                             gflops.map_or("-".to_string(), |g| format!("{g:.1}")),
-                            peak
+                            peak,
+                            launches.map_or("-".to_string(), |n| n.to_string())
                         );
                     }
                 }
@@ -244,7 +249,7 @@ fn run_problem(a: Bench, spec: ProblemSpec) -> Result<()> {
     for b in backends {
         let engine = Engine::open(b).map_err(|e| anyhow::anyhow!("--backend {b}: {e}"))?;
         let loaded = engine.load(optimizee.clone());
-        let (times, _) = measure(
+        let Measured { times, .. } = measure(
             &engine,
             &phi,
             &loaded,
@@ -287,8 +292,8 @@ fn measure(
     what: What,
     warmup: u32,
     runs: u32,
-) -> Result<(Vec<f64>, f64)> {
-    let once = || -> Result<f64> {
+) -> Result<Measured> {
+    let once = || -> Result<(f64, Option<u64>)> {
         let state = engine.start(phi, problem);
         let pes = match what {
             What::Pes(pairs) => Some(Trajectory::start(
@@ -301,24 +306,28 @@ fn measure(
             _ => None,
         };
         let start = Instant::now();
-        match (what, pes) {
-            (What::MetaGrad, _) => {
-                engine.truncation(phi, problem, state, 0, steps, None)?;
+        let run = || -> Result<()> {
+            match (what, pes) {
+                (What::MetaGrad, _) => {
+                    engine.truncation(phi, problem, state, 0, steps, None)?;
+                }
+                (What::Forward, _) => {
+                    engine.forward(phi, problem, state, 0, steps, None)?;
+                }
+                (What::Recompute, _) => {
+                    let o = problem.optimizee();
+                    let carry = fused::HostCarry::start(&phi.config(), o.theta0().to_vec());
+                    fused::meta_grad_recomputed(phi, o.host(), carry, 0, steps, None)?;
+                }
+                (What::Pes(_), Some(pes)) => {
+                    pes.truncation(engine, phi, problem, 0, steps, None)?;
+                }
+                (What::Pes(_), None) => bail!("no PES trajectory to time"),
             }
-            (What::Forward, _) => {
-                engine.forward(phi, problem, state, 0, steps, None)?;
-            }
-            (What::Recompute, _) => {
-                let o = problem.optimizee();
-                let carry = fused::HostCarry::start(&phi.config(), o.theta0().to_vec());
-                fused::meta_grad_recomputed(phi, o.host(), carry, 0, steps, None)?;
-            }
-            (What::Pes(_), Some(pes)) => {
-                pes.truncation(engine, phi, problem, 0, steps, None)?;
-            }
-            (What::Pes(_), None) => bail!("no PES trajectory to time"),
-        }
-        Ok(start.elapsed().as_secs_f64() * 1e3)
+            Ok(())
+        };
+        let launches = launches_of(engine, run)?;
+        Ok((start.elapsed().as_secs_f64() * 1e3, launches))
     };
     // Buffers kept from an earlier, larger measurement would count in this one's peak.
     fused::release_buffers();
@@ -326,9 +335,38 @@ fn measure(
     for _ in 0..warmup {
         once()?;
     }
-    let mut times = (0..runs).map(|_| once()).collect::<Result<Vec<_>>>()?;
+    let timed = (0..runs).map(|_| once()).collect::<Result<Vec<_>>>()?;
+    let mut times: Vec<f64> = timed.iter().map(|t| t.0).collect();
     times.sort_by(f64::total_cmp);
-    Ok((times, peak_rss_mb()))
+    let mut launches: Vec<u64> = timed.iter().filter_map(|t| t.1).collect();
+    launches.sort_unstable();
+    let launches = launches.get(launches.len() / 2).copied();
+    Ok(Measured {
+        times,
+        peak_rss_mb: peak_rss_mb(),
+        launches,
+    })
+}
+
+/// What [`measure`] found.
+struct Measured {
+    /// Each run's milliseconds, sorted.
+    times: Vec<f64>,
+    /// The process's peak RSS over the runs.
+    peak_rss_mb: f64,
+    /// GPU kernels issued per run (the median), on the wgpu backend.
+    launches: Option<u64>,
+}
+
+/// Runs `run`, counting the GPU kernels it issues when `engine` is the wgpu backend.
+fn launches_of(engine: &Engine, run: impl FnOnce() -> Result<()>) -> Result<Option<u64>> {
+    #[cfg(feature = "wgpu")]
+    if engine.backend() == Backend::Wgpu {
+        let (r, n) = l2l_common::launches::counted(run);
+        return r.map(|()| Some(n));
+    }
+    let _ = engine;
+    run().map(|()| None)
 }
 
 /// Resets the kernel's high-water mark of this process's RSS (Linux; a no-op elsewhere).
