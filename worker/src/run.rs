@@ -88,7 +88,9 @@ pub struct WorkerSummary {
     pub overlapped: u64,
 }
 
-/// How a trajectory ended.
+/// How a trajectory ended, from the weakest consequence to the strongest (so that of
+/// two outcomes the worker acts on the greater).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Outcome {
     /// Every truncation was submitted: lease the next instance.
     Done,
@@ -106,6 +108,8 @@ const RETRIES: usize = 4;
 /// What a landed submission brings back besides its acceptance: whether φ was checked
 /// right after it, and the newer φ when the coordinator's had moved past the one held.
 struct Landed {
+    /// The version of φ the worker held when the submission was sent.
+    have: Option<Version>,
     /// The version check after the submission worked (the φ held, or `newer`, is current).
     checked: bool,
     /// φ fetched because the reply named a newer version than the one held.
@@ -124,12 +128,14 @@ async fn fetch_newer(
 ) -> Landed {
     if current.is_none() || current == have {
         return Landed {
+            have,
             checked: current.is_some(),
             newer: None,
         };
     }
     let Some(mut c) = client else {
         return Landed {
+            have,
             checked: false,
             newer: None,
         };
@@ -147,12 +153,14 @@ async fn fetch_newer(
         });
     match fetched {
         Ok(newer) => Landed {
+            have,
             checked: true,
             newer,
         },
         Err(e) => {
             tracing::debug!(error = %e, "prefetching φ failed; the next truncation fetches it");
             Landed {
+                have,
                 checked: false,
                 newer: None,
             }
@@ -373,10 +381,11 @@ impl Worker {
                 let outcome = if self.opts.role == Role::Evaluator {
                     self.validation()?
                 } else {
-                    let mut c = self
-                        .client
-                        .clone()
-                        .ok_or_else(|| anyhow!("not connected"))?;
+                    let Some(mut c) = self.client.clone() else {
+                        // The coordinator became unreachable (the client was dropped).
+                        self.pause();
+                        continue 'join;
+                    };
                     let lease = self.rt.block_on(c.lease(LeaseRequest {
                         worker_id: self.id,
                         session: self.session.clone(),
@@ -470,8 +479,10 @@ impl Worker {
         match (outcome, self.landed(landed, &fingerprint)) {
             (Err(e), _) => Err(e),
             (Ok(_), Err(e)) => Err(e),
-            (Ok(_), Ok(Some(Outcome::Stop))) => Ok(Outcome::Stop),
-            (Ok(o), Ok(_)) => Ok(o),
+            // The stronger of the two: the submission may have found the coordinator gone
+            // (Reregister, the client dropped) while the loop only lost its lease.
+            (Ok(o), Ok(Some(l))) => Ok(o.max(l)),
+            (Ok(o), Ok(None)) => Ok(o),
         }
     }
 
@@ -670,6 +681,7 @@ impl Worker {
                 fetch_newer(client, have, reply.current).await
             } else {
                 Landed {
+                    have,
                     checked: false,
                     newer: None,
                 }
@@ -688,6 +700,11 @@ impl Worker {
         });
         match result {
             Ok(landed) => {
+                // A refresh while the submission travelled may have installed another φ:
+                // then that one stays (φ never goes back) and the next truncation checks.
+                if self.phi.as_ref().map(|(v, _)| *v) != landed.have {
+                    return Ok(false);
+                }
                 if let Some(newer) = landed.newer {
                     self.phi = Some(newer);
                 }
@@ -761,10 +778,10 @@ impl Worker {
 impl Worker {
     /// One validation job of an evaluator: asks for one, runs it, returns its curves.
     fn validation(&mut self) -> Result<Outcome> {
-        let mut c = self
-            .client
-            .clone()
-            .ok_or_else(|| anyhow!("not connected"))?;
+        let Some(mut c) = self.client.clone() else {
+            // The coordinator became unreachable (the client was dropped): join again.
+            return Ok(Outcome::Reregister);
+        };
         let job = self.rt.block_on(c.validate(ValidateRequest {
             worker_id: self.id,
             session: self.session.clone(),
@@ -916,5 +933,23 @@ impl Worker {
             }
         }
         Ok(slot.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Outcome;
+
+    /// When a trajectory ends early with a submission in flight, the worker acts on the
+    /// stronger of the two outcomes: a lost coordinator (Reregister) found by the
+    /// submission outweighs the loop's lost lease (Release), and a stop outweighs both.
+    #[test]
+    fn the_stronger_outcome_wins() {
+        use Outcome::*;
+        assert_eq!(Release.max(Reregister), Reregister);
+        assert_eq!(Reregister.max(Release), Reregister);
+        assert_eq!(Done.max(Release), Release);
+        assert_eq!(Reregister.max(Stop), Stop);
+        assert_eq!(Stop.max(Done), Stop);
     }
 }
