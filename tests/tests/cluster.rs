@@ -175,7 +175,11 @@ fn async_workers_pipeline_submissions_when_staleness_allows() {
                 .unwrap_or_else(|| panic!("no '{what}' in the summary: {stdout}"));
             words[i - 1].parse().expect("a count")
         };
-        let (accepted, overlapped) = (count("gradients"), count("submissions"));
+        let (accepted, overlapped, checks) = (
+            count("gradients"),
+            count("submissions"),
+            count("truncations"),
+        );
         let mut c = c;
         assert!(c.proc.wait_exit(MINUTE).success());
         let (_, snap) = checkpoint::load_newest(&d).unwrap().expect("a checkpoint");
@@ -190,20 +194,30 @@ fn async_workers_pipeline_submissions_when_staleness_allows() {
             refusals.is_empty(),
             "one pipelining worker's gradients are at most 1 version stale: {refusals:?}"
         );
-        (accepted, overlapped)
+        (accepted, overlapped, checks)
     };
-    let (accepted, overlapped) = run("pipelined", "1", &[]);
-    // 5 truncations per trajectory: all but the last travel while the next computes.
+    let (accepted, overlapped, checks) = run("pipelined", "1", &[]);
+    // 5 truncations per trajectory: all but the last travel while the next computes, and
+    // only the first two ask for φ first (the second's because the first's submission is
+    // still on its way); the others run on the φ a submission brought back.
+    let trajectories = accepted / 5;
     assert!(
-        overlapped >= 4 * (accepted / 5) && overlapped < accepted,
+        overlapped >= 4 * trajectories && overlapped < accepted,
         "{overlapped} of {accepted} submissions overlapped"
     );
-    assert_eq!(
-        run("no-staleness", "0", &[]).1,
-        0,
-        "staleness 0: no overlap"
+    assert!(
+        checks <= 2 * (trajectories + 1),
+        "{checks} of {accepted} truncations waited for a φ check"
     );
-    assert_eq!(run("off", "1", &["--no-pipeline"]).1, 0, "--no-pipeline");
+    let (accepted, overlapped, checks) = run("no-staleness", "0", &[]);
+    assert_eq!(overlapped, 0, "staleness 0: no overlap");
+    assert!(checks >= accepted, "staleness 0: every truncation checks φ");
+    let (accepted, overlapped, checks) = run("off", "1", &["--no-pipeline"]);
+    assert_eq!(overlapped, 0, "--no-pipeline");
+    assert!(
+        checks >= accepted,
+        "--no-pipeline: every truncation checks φ"
+    );
 }
 
 #[test]

@@ -86,6 +86,9 @@ pub struct WorkerSummary {
     pub validations: u64,
     /// Submissions that travelled while the next truncation computed (pipelining).
     pub overlapped: u64,
+    /// Truncations that first asked the coordinator for its φ version (with pipelining,
+    /// the others ran on the φ a submission brought back, already known to be current).
+    pub phi_checks: u64,
 }
 
 /// How a trajectory ended, from the weakest consequence to the strongest (so that of
@@ -108,9 +111,9 @@ const RETRIES: usize = 4;
 /// What a landed submission brings back besides its acceptance: whether φ was checked
 /// right after it, and the newer φ when the coordinator's had moved past the one held.
 struct Landed {
-    /// The version of φ the worker held when the submission was sent.
-    have: Option<Version>,
-    /// The version check after the submission worked (the φ held, or `newer`, is current).
+    /// The coordinator's φ version after the submission, as its reply named it.
+    current: Option<Version>,
+    /// The check after the submission worked: `newer` is that version, or none was needed.
     checked: bool,
     /// φ fetched because the reply named a newer version than the one held.
     newer: Option<(Version, AnyPhi)>,
@@ -128,14 +131,14 @@ async fn fetch_newer(
 ) -> Landed {
     if current.is_none() || current == have {
         return Landed {
-            have,
+            current,
             checked: current.is_some(),
             newer: None,
         };
     }
     let Some(mut c) = client else {
         return Landed {
-            have,
+            current,
             checked: false,
             newer: None,
         };
@@ -153,19 +156,24 @@ async fn fetch_newer(
         });
     match fetched {
         Ok(newer) => Landed {
-            have,
+            current,
             checked: true,
             newer,
         },
         Err(e) => {
             tracing::debug!(error = %e, "prefetching φ failed; the next truncation fetches it");
             Landed {
-                have,
+                current,
                 checked: false,
                 newer: None,
             }
         }
     }
+}
+
+/// φ versions in the order the coordinator makes them: by restart epoch, then by step.
+fn order(v: Version) -> (u64, u64) {
+    (v.epoch, v.step)
 }
 
 /// Calls the coordinator up to [`RETRIES`] times, pausing `delays[i]` after the i-th
@@ -524,12 +532,13 @@ impl Worker {
                 return Ok(Outcome::Stop);
             }
             let wait = std::mem::take(&mut self.next_wait);
-            if !std::mem::take(&mut phi_checked)
-                && let Err(s) = self.refresh_phi(wait)
-            {
-                tracing::warn!(status = %s, "cannot fetch φ");
-                self.client = None;
-                return Ok(Outcome::Reregister);
+            if !std::mem::take(&mut phi_checked) {
+                self.summary.phi_checks += 1;
+                if let Err(s) = self.refresh_phi(wait) {
+                    tracing::warn!(status = %s, "cannot fetch φ");
+                    self.client = None;
+                    return Ok(Outcome::Reregister);
+                }
             }
             let Some((version, phi)) = self.phi.as_ref() else {
                 return Ok(Outcome::Reregister);
@@ -681,7 +690,7 @@ impl Worker {
                 fetch_newer(client, have, reply.current).await
             } else {
                 Landed {
-                    have,
+                    current: reply.current,
                     checked: false,
                     newer: None,
                 }
@@ -700,15 +709,18 @@ impl Worker {
         });
         match result {
             Ok(landed) => {
-                // A refresh while the submission travelled may have installed another φ:
-                // then that one stays (φ never goes back) and the next truncation checks.
-                if self.phi.as_ref().map(|(v, _)| *v) != landed.have {
-                    return Ok(false);
+                // A refresh while the submission travelled may have installed a newer φ
+                // than the one fetched: φ never goes back.
+                if let Some((v, phi)) = landed.newer
+                    && self.held_version() < Some(order(v))
+                {
+                    self.phi = Some((v, phi));
                 }
-                if let Some(newer) = landed.newer {
-                    self.phi = Some(newer);
-                }
-                Ok(landed.checked)
+                // φ is current if what is held now is at least the version the reply named.
+                Ok(landed.checked
+                    && landed
+                        .current
+                        .is_some_and(|c| self.held_version() >= Some(order(c))))
             }
             Err(Some(s)) => {
                 let r = Reason::of(&s).map_or(NotLanded::Unrecognised, NotLanded::Refused);
@@ -745,6 +757,11 @@ impl Worker {
             self.client = None;
         }
         r
+    }
+
+    /// The order of the φ held, if any (see [`order`]).
+    fn held_version(&self) -> Option<(u64, u64)> {
+        self.phi.as_ref().map(|(v, _)| order(*v))
     }
 
     /// The pauses after each of a call's transport failures.

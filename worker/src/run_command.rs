@@ -130,6 +130,7 @@ pub fn run(a: RunArgs) -> Result<()> {
         trajectories = summary.trajectories,
         validations = summary.validations,
         overlapped = summary.overlapped,
+        phi_checks = summary.phi_checks,
         "worker stopped"
     );
     if a.role == l2l_worker::Role::Evaluator {
@@ -140,8 +141,13 @@ pub fn run(a: RunArgs) -> Result<()> {
     } else {
         println!(
             "worker stopped: {} gradients accepted, {} refused, {} trajectories, \
-             {} submissions sent while the next truncation computed",
-            summary.accepted, summary.refused, summary.trajectories, summary.overlapped
+             {} submissions sent while the next truncation computed, {} truncations \
+             waited for a φ check",
+            summary.accepted,
+            summary.refused,
+            summary.trajectories,
+            summary.overlapped,
+            summary.phi_checks
         );
     }
     Ok(())
