@@ -28,8 +28,12 @@ pub enum Backend {
     /// burn's flex CPU backend with autodiff: the reference composition.
     #[value(alias = "burn")]
     Flex,
-    /// burn wgpu on a GPU (Vulkan, Metal or DX12); needs a build with `--features wgpu`.
+    /// burn wgpu on a GPU (Vulkan, Metal or DX12) with the fused LSTM step kernels
+    /// ([`crate::gpu`]); needs a build with `--features wgpu`.
     Wgpu,
+    /// burn wgpu running the burn composition (many small kernels per step): the
+    /// reference the fused GPU kernels are tested against.
+    WgpuBurn,
 }
 
 impl Backend {
@@ -39,6 +43,7 @@ impl Backend {
             Backend::Fused => "fused",
             Backend::Flex => "flex",
             Backend::Wgpu => "wgpu",
+            Backend::WgpuBurn => "wgpu-burn",
         }
     }
 }
@@ -129,7 +134,7 @@ impl Engine {
                 )
             }
             Backend::Flex => (Some(Device::flex().autodiff()), "burn flex".to_string()),
-            Backend::Wgpu => {
+            Backend::Wgpu | Backend::WgpuBurn => {
                 let (device, adapter) = open_wgpu()?;
                 (Some(device.autodiff()), adapter)
             }
@@ -202,6 +207,22 @@ impl Engine {
                 };
                 Ok(out.map_carry(Carry::Host))
             }
+            #[cfg(feature = "wgpu")]
+            (Carry::Device(carry), Some(dev), Some(problem)) if self.backend == Backend::Wgpu => {
+                let out = self.on_gpu(phi, p, carry, dev, |parts, carry| {
+                    let steps = weights.map_or(steps, <[f32]>::len);
+                    crate::gpu::meta_grad(
+                        phi,
+                        parts,
+                        problem.as_ref(),
+                        carry,
+                        start,
+                        steps,
+                        weights,
+                    )
+                })?;
+                Ok(out.map_carry(Carry::Device))
+            }
             (Carry::Device(carry), Some(dev), Some(problem)) => {
                 let run = |lstm: &Lstms, carry| match weights {
                     None => unroll::meta_grad(lstm, problem.as_ref(), carry, start, steps),
@@ -231,6 +252,13 @@ impl Engine {
             (Carry::Host(carry), None, _) => {
                 let out = fused::forward(phi, p.optimizee.host(), carry, start, steps, weights)?;
                 Ok(out.map_carry(Carry::Host))
+            }
+            #[cfg(feature = "wgpu")]
+            (Carry::Device(carry), Some(dev), Some(problem)) if self.backend == Backend::Wgpu => {
+                let out = self.on_gpu(phi, p, carry, dev, |parts, carry| {
+                    crate::gpu::forward(parts, problem.as_ref(), carry, start, steps, weights)
+                })?;
+                Ok(out.map_carry(Carry::Device))
             }
             (Carry::Device(carry), Some(dev), Some(problem)) => {
                 let out = self.on_device(phi, p, carry, dev, problem.as_ref(), |lstm, carry| {
@@ -271,12 +299,50 @@ impl Engine {
         )?
     }
 
+    /// Runs `run` with φ bound to the problem's groups, for the fused GPU kernels, with
+    /// the checks and the panic guard of [`Engine::on_device`].
+    #[cfg(feature = "wgpu")]
+    fn on_gpu<T>(
+        &self,
+        phi: &AnyPhi,
+        p: &Loaded,
+        carry: DeviceCarry,
+        dev: &Device,
+        run: impl FnOnce(&[(&crate::Phi, std::ops::Range<usize>)], DeviceCarry) -> Result<T, Error>,
+    ) -> Result<T, Error> {
+        let n = p.optimizee.host().num_coords();
+        check_carry(&carry, &phi.config(), n, dev)?;
+        let groups = p.optimizee.host().groups();
+        let parts = phi.bind(groups.as_ref(), n)?;
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&parts, carry))).map_err(
+            |p| {
+                Error::Backend(format!(
+                    "the {} device failed: {}",
+                    self.backend,
+                    panic_text(&*p)
+                ))
+            },
+        )?
+    }
+
     /// f(θ_t) for t = 0 ..= steps under the learned optimizer from θ₀, state carried
     /// throughout; once a loss is not finite the rest of the curve is +∞.
     pub fn curve(&self, phi: &AnyPhi, p: &Loaded, steps: usize) -> Result<Vec<f64>, Error> {
         let (Some(dev), Some(problem)) = (&self.device, &p.device) else {
             return eval::host_learned_curve(phi, p.optimizee.host(), p.optimizee.theta0(), steps);
         };
+        #[cfg(feature = "wgpu")]
+        if self.backend == Backend::Wgpu {
+            let carry = match self.start(phi, p) {
+                Carry::Device(c) => c,
+                Carry::Host(_) => unreachable!("a device engine starts trajectories on it"),
+            };
+            let mut curve = self.on_gpu(phi, p, carry, dev, |parts, carry| {
+                crate::gpu::curve(parts, problem.as_ref(), carry, steps)
+            })?;
+            eval::end_at_divergence(&mut curve, steps);
+            return Ok(curve);
+        }
         // Forward only: nothing requires a gradient, so no graph is kept.
         let theta0 = p.optimizee.theta0();
         let groups = p.optimizee.host().groups();
@@ -612,6 +678,37 @@ mod tests {
             return;
         };
         eprintln!("wgpu adapter: {}", engine.adapter());
+        agrees_with_cpu(&engine, 1e-3);
+    }
+
+    /// Evaluation curves of the fused GPU kernels agree with the CPU's, on every family.
+    #[cfg(feature = "wgpu")]
+    #[test]
+    fn wgpu_curves_match_the_cpu() {
+        let Some(gpu) = wgpu_for_test() else {
+            return;
+        };
+        let cpu = Engine::open(Backend::Fused).unwrap();
+        for (o, _) in cases() {
+            let phi = phi_for(&o, OptimizerConfig::new(Preprocess::LogSign));
+            let a = cpu.curve(&phi, &cpu.load(o.clone()), 12).unwrap();
+            let b = gpu.curve(&phi, &gpu.load(o), 12).unwrap();
+            assert_eq!((a.len(), b.len()), (13, 13));
+            for (x, y) in a.iter().zip(&b) {
+                assert!((x - y).abs() <= 1e-3 * x.abs(), "{x} vs {y}");
+            }
+        }
+    }
+
+    /// The burn composition on wgpu, the reference of the fused GPU kernels, agrees with
+    /// the CPU too (and so with them).
+    #[cfg(feature = "wgpu")]
+    #[test]
+    fn wgpu_burn_composition_matches_the_cpu_backend() {
+        if wgpu_for_test().is_none() {
+            return;
+        }
+        let engine = Engine::open(Backend::WgpuBurn).unwrap();
         agrees_with_cpu(&engine, 1e-3);
     }
 }

@@ -32,6 +32,8 @@ pub mod estimator;
 pub mod eval;
 pub mod files;
 pub mod fused;
+#[cfg(feature = "wgpu")]
+pub mod gpu;
 pub mod groups;
 #[cfg(feature = "wgpu")]
 pub mod launches;

@@ -163,7 +163,8 @@ fn no_adapter_is_a_clear_error() {
 }
 
 /// `bench --backend wgpu` prints the same rows as on the CPU, naming the adapter, with the
-/// GPU kernels each truncation issued.
+/// GPU kernels each truncation issued: the fused step kernels issue a few per step, the
+/// burn composition (`wgpu-burn`) about a hundred.
 #[test]
 fn bench_runs_on_wgpu() {
     let _one = serial();
@@ -173,7 +174,7 @@ fn bench_runs_on_wgpu() {
     let out = worker(&[
         "bench",
         "--backend",
-        "cpu,wgpu",
+        "cpu,wgpu,wgpu-burn",
         "--n",
         "100",
         "--steps",
@@ -198,7 +199,11 @@ fn bench_runs_on_wgpu() {
     // `cpu` is still accepted on the command line; rows name the backend `fused`. Each
     // backend times the meta-gradient, the forward-only truncation and a PES truncation;
     // fused also the meta-gradient with its step records recomputed.
-    assert_eq!((of("fused"), of("wgpu")), (4, 3), "{stdout}");
+    assert_eq!(
+        (of("fused"), of("wgpu"), of("wgpu-burn")),
+        (4, 3, 3),
+        "{stdout}"
+    );
     assert!(
         rows.iter()
             .any(|r| r["backend"] == "fused" && r["what"] == "recompute"),
@@ -215,22 +220,33 @@ fn bench_runs_on_wgpu() {
         assert!(r["median_ms"].as_f64().is_some_and(|m| m > 0.0), "{r}");
         assert!(r["adapter"].as_str().is_some_and(|a| !a.is_empty()), "{r}");
         // Kernel launches are counted on the GPU backend only: at least one per step.
-        if r["backend"] == "wgpu" {
+        if r["backend"] == "wgpu" || r["backend"] == "wgpu-burn" {
             assert!(r["launches"].as_u64().is_some_and(|n| n >= 4), "{r}");
         } else {
             assert!(r["launches"].is_null(), "{r}");
         }
     }
-    let launches = |what: &str| {
+    let launches = |backend: &str, what: &str| {
         rows.iter()
-            .find(|r| r["backend"] == "wgpu" && r["what"] == what)
+            .find(|r| r["backend"] == backend && r["what"] == what)
             .and_then(|r| r["launches"].as_u64())
-            .unwrap_or_else(|| panic!("no wgpu {what} row: {stdout}"))
+            .unwrap_or_else(|| panic!("no {backend} {what} row: {stdout}"))
     };
-    assert!(
-        launches("meta_grad") > launches("forward"),
-        "the backward pass issues kernels of its own: {stdout}"
-    );
+    for b in ["wgpu", "wgpu-burn"] {
+        assert!(
+            launches(b, "meta_grad") > launches(b, "forward"),
+            "{b}: the backward pass issues kernels of its own: {stdout}"
+        );
+    }
+    // T = 4 steps: the fused kernels' truncation is O(T) launches, a small fraction of
+    // the composition's.
+    for what in ["meta_grad", "forward"] {
+        let (fused, burn) = (launches("wgpu", what), launches("wgpu-burn", what));
+        assert!(
+            fused * 3 < burn,
+            "{what}: {fused} launches fused against {burn} composed: {stdout}"
+        );
+    }
 }
 
 /// A GPU worker and a CPU worker train one φ together; the coordinator's status names

@@ -37,8 +37,9 @@ pub struct Bench {
     #[arg(long)]
     json: bool,
     /// Backends to time [default: fused,flex]: `fused` (the CPU kernels workers use on a
-    /// CPU; `cpu` is accepted too), `flex` (the burn composition on the CPU, the reference) and `wgpu` (the same
-    /// composition on the GPU; needs a build with `--features wgpu`).
+    /// CPU; `cpu` is accepted too), `flex` (the burn composition on the CPU, the
+    /// reference), `wgpu` (the fused LSTM step kernels on the GPU) and `wgpu-burn` (the
+    /// burn composition on the GPU); the last two need a build with `--features wgpu`.
     #[arg(long, alias = "impl", value_enum, value_delimiter = ',')]
     backend: Vec<Backend>,
     /// Instead of quadratics of --n coordinates: an instance of this family (e.g. `conv`,
@@ -361,7 +362,7 @@ struct Measured {
 /// Runs `run`, counting the GPU kernels it issues when `engine` is the wgpu backend.
 fn launches_of(engine: &Engine, run: impl FnOnce() -> Result<()>) -> Result<Option<u64>> {
     #[cfg(feature = "wgpu")]
-    if engine.backend() == Backend::Wgpu {
+    if matches!(engine.backend(), Backend::Wgpu | Backend::WgpuBurn) {
         let (r, n) = l2l_common::launches::counted(run);
         return r.map(|()| Some(n));
     }

@@ -1,0 +1,254 @@
+//! The CubeCL kernels of one optimizer step: the whole LSTM of one coordinate, every
+//! layer and the output, in one thread (forward), and its hand-written backward.
+//!
+//! Layouts, all flat f32 buffers: θ, g and ∂L/∂u are `[N]`; the state of every layer is
+//! `[L·H, N]` (row `l·H + j` holds unit j of layer l for every coordinate, so the threads
+//! of a warp read consecutive addresses); gate gradients are `[L·4H, N]` in spec gate
+//! order i, f, g, o; φ is one group's tensors flattened in spec §4.1 order (`w_x [I, 4H]`,
+//! `w_h [H, 4H]`, `b [4H]` per layer, then `out_w [H]`, `out_b`). A launch covers the
+//! coordinates `start .. start + count` of one parameter group, whose φ begins at `w_base`.
+//!
+//! σ and tanh are written with exp (`tanh z = 1 − 2 / (e^{2z} + 1)`), so they saturate to
+//! ±1 and 0 without an overflow on any driver.
+
+use cubecl::prelude::*;
+
+/// σ(z), saturating cleanly at both ends.
+#[cube]
+fn sigmoid(z: f32) -> f32 {
+    1.0f32 / (1.0f32 + (-z).exp())
+}
+
+/// tanh(z), saturating cleanly at both ends.
+#[cube]
+fn tanh_(z: f32) -> f32 {
+    1.0f32 - 2.0f32 / ((2.0f32 * z).exp() + 1.0f32)
+}
+
+/// Where layer `l`'s tensors start inside one group's φ.
+#[cube]
+fn layer_base(l: usize, #[comptime] inputs: usize, #[comptime] hidden: usize) -> usize {
+    let h4 = hidden * 4;
+    let first = (inputs + hidden + 1) * h4;
+    let later = (hidden + hidden + 1) * h4;
+    if l == 0 {
+        0usize
+    } else {
+        first + (l - 1) * later
+    }
+}
+
+/// log_sign's two features of g (spec §1.2), or g itself.
+#[cube]
+fn features(g: f32, threshold: f32, k: f32, ek: f32, #[comptime] log_sign: bool) -> (f32, f32) {
+    if comptime![log_sign] {
+        let a = g.abs();
+        if a >= threshold {
+            let sign = select(g > 0.0f32, 1.0f32, -1.0f32);
+            (a.max(1.0e-37f32).ln() / k, sign)
+        } else {
+            (-1.0f32, ek * g)
+        }
+    } else {
+        (g, 0.0f32)
+    }
+}
+
+/// The four gate pre-activations of unit `j` of layer `l` for coordinate `n`.
+///
+/// `below` holds the layer's input for l > 0 (the new h of the layer below, `[L·H, N]`);
+/// layer 0 reads the features `x0`, `x1`.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn gates(
+    w: &[f32],
+    wl: usize,
+    below: &mut [f32],
+    h_prev: &[f32],
+    x0: f32,
+    x1: f32,
+    l: usize,
+    j: usize,
+    n: usize,
+    nt: usize,
+    #[comptime] inputs: usize,
+    #[comptime] hidden: usize,
+) -> (f32, f32, f32, f32) {
+    let h4 = hidden * 4;
+    let in_size = if l == 0 { inputs } else { hidden };
+    let wh = wl + in_size * h4;
+    let b = wh + hidden * h4;
+    let mut zi = w[b + j];
+    let mut zf = w[b + hidden + j];
+    let mut zg = w[b + 2 * hidden + j];
+    let mut zo = w[b + 3 * hidden + j];
+    if l == 0 {
+        zi += x0 * w[wl + j];
+        zf += x0 * w[wl + hidden + j];
+        zg += x0 * w[wl + 2 * hidden + j];
+        zo += x0 * w[wl + 3 * hidden + j];
+        if comptime![inputs == 2] {
+            let r = wl + h4;
+            zi += x1 * w[r + j];
+            zf += x1 * w[r + hidden + j];
+            zg += x1 * w[r + 2 * hidden + j];
+            zo += x1 * w[r + 3 * hidden + j];
+        }
+    } else {
+        for k in 0..hidden {
+            let x = below[((l - 1) * hidden + k) * nt + n];
+            let r = wl + k * h4;
+            zi += x * w[r + j];
+            zf += x * w[r + hidden + j];
+            zg += x * w[r + 2 * hidden + j];
+            zo += x * w[r + 3 * hidden + j];
+        }
+    }
+    for k in 0..hidden {
+        let x = h_prev[(l * hidden + k) * nt + n];
+        let r = wh + k * h4;
+        zi += x * w[r + j];
+        zf += x * w[r + hidden + j];
+        zg += x * w[r + 2 * hidden + j];
+        zo += x * w[r + 3 * hidden + j];
+    }
+    (zi, zf, zg, zo)
+}
+
+/// One optimizer step for every coordinate of a group: g → features → LSTM layers → u,
+/// θ' = θ + u (spec §1.2–1.4).
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+pub fn step_forward(
+    theta: &[f32],
+    grad: &[f32],
+    h: &[f32],
+    c: &[f32],
+    w: &[f32],
+    theta_out: &mut [f32],
+    h_out: &mut [f32],
+    c_out: &mut [f32],
+    start: u32,
+    count: u32,
+    w_base: u32,
+    threshold: f32,
+    k: f32,
+    ek: f32,
+    out_scale: f32,
+    #[comptime] inputs: usize,
+    #[comptime] hidden: usize,
+    #[comptime] layers: usize,
+) {
+    if ABSOLUTE_POS >= count as usize {
+        terminate!();
+    }
+    let n = start as usize + ABSOLUTE_POS;
+    let nt = theta.len();
+    let base = w_base as usize;
+    let (x0, x1) = features(grad[n], threshold, k, ek, inputs == 2);
+    #[unroll]
+    for l in 0..layers {
+        let wl = base + layer_base(l, inputs, hidden);
+        for j in 0..hidden {
+            let (zi, zf, zg, zo) = gates(w, wl, h_out, h, x0, x1, l, j, n, nt, inputs, hidden);
+            let at = (l * hidden + j) * nt + n;
+            let cn = sigmoid(zf) * c[at] + sigmoid(zi) * tanh_(zg);
+            c_out[at] = cn;
+            h_out[at] = sigmoid(zo) * tanh_(cn);
+        }
+    }
+    let ow = base + layer_base(layers, inputs, hidden);
+    let mut u = w[ow + hidden];
+    for j in 0..hidden {
+        u += h_out[((layers - 1) * hidden + j) * nt + n] * w[ow + j];
+    }
+    theta_out[n] = theta[n] + u * out_scale;
+}
+
+/// The backward of [`step_forward`] for every coordinate of a group: from ∂L/∂u and the
+/// gradients reaching the new state, the gradients of the old state and of every gate
+/// pre-activation (whose products with the layer inputs, summed over coordinates, are
+/// ∂L/∂φ), and the layer-0 features those products need.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+pub fn step_backward(
+    du: &[f32],
+    grad: &[f32],
+    h_prev: &[f32],
+    c_prev: &[f32],
+    // Only read; declared writable because the forward pass reads its layer inputs from
+    // the buffer it writes, and [`gates`] serves both.
+    h_new: &mut [f32],
+    c_new: &[f32],
+    dh: &[f32],
+    dc: &[f32],
+    w: &[f32],
+    dh_out: &mut [f32],
+    dc_out: &mut [f32],
+    dz: &mut [f32],
+    x_out: &mut [f32],
+    start: u32,
+    count: u32,
+    w_base: u32,
+    threshold: f32,
+    k: f32,
+    ek: f32,
+    out_scale: f32,
+    #[comptime] inputs: usize,
+    #[comptime] hidden: usize,
+    #[comptime] layers: usize,
+) {
+    if ABSOLUTE_POS >= count as usize {
+        terminate!();
+    }
+    let n = start as usize + ABSOLUTE_POS;
+    let nt = du.len();
+    let base = w_base as usize;
+    let h4 = hidden * 4;
+    let (x0, x1) = features(grad[n], threshold, k, ek, inputs == 2);
+    x_out[n] = x0;
+    if comptime![inputs == 2] {
+        x_out[nt + n] = x1;
+    }
+    let ow = base + layer_base(layers, inputs, hidden);
+    let gu = du[n] * out_scale;
+    #[unroll]
+    for step in 0..layers {
+        let l = layers - 1 - step;
+        let wl = base + layer_base(l, inputs, hidden);
+        for j in 0..hidden {
+            let (zi, zf, zg, zo) = gates(w, wl, h_new, h_prev, x0, x1, l, j, n, nt, inputs, hidden);
+            let (i, f, g, o) = (sigmoid(zi), sigmoid(zf), tanh_(zg), sigmoid(zo));
+            let at = (l * hidden + j) * nt + n;
+            let tc = tanh_(c_new[at]);
+            // ∂L/∂h' of this unit: carried from the next step, plus what the output
+            // (top layer) or the layer above (through its w_x) sends down.
+            let mut gh = dh[at];
+            if l == layers - 1 {
+                gh += gu * w[ow + j];
+            } else {
+                let above = base + layer_base(l + 1, inputs, hidden) + j * h4;
+                for q in 0..h4 {
+                    gh += w[above + q] * dz[((l + 1) * h4 + q) * nt + n];
+                }
+            }
+            let gc = dc[at] + gh * o * (1.0f32 - tc * tc);
+            let zrow = l * h4;
+            dz[(zrow + j) * nt + n] = gc * g * i * (1.0f32 - i);
+            dz[(zrow + hidden + j) * nt + n] = gc * c_prev[at] * f * (1.0f32 - f);
+            dz[(zrow + 2 * hidden + j) * nt + n] = gc * i * (1.0f32 - g * g);
+            dz[(zrow + 3 * hidden + j) * nt + n] = gh * tc * o * (1.0f32 - o);
+            dc_out[at] = gc * f;
+        }
+        let in_size = if l == 0 { inputs } else { hidden };
+        let wh = wl + in_size * h4;
+        for j in 0..hidden {
+            let r = wh + j * h4;
+            let mut s = 0.0f32;
+            for q in 0..h4 {
+                s += w[r + q] * dz[(l * h4 + q) * nt + n];
+            }
+            dh_out[(l * hidden + j) * nt + n] = s;
+        }
+    }
+}
