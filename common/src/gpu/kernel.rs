@@ -38,6 +38,16 @@ fn layer_base(l: usize, #[comptime] inputs: usize, #[comptime] hidden: usize) ->
     }
 }
 
+/// The first row of layer `l`'s `[x; h_prev; 1]` block (l = L: the output's `[h; 1]`).
+#[cube]
+fn input_base(l: usize, #[comptime] inputs: usize, #[comptime] hidden: usize) -> usize {
+    if l == 0 {
+        0usize
+    } else {
+        inputs + hidden + 1 + (l - 1) * (2 * hidden + 1)
+    }
+}
+
 /// log_sign's two features of g (spec §1.2), or g itself.
 #[cube]
 fn features(g: f32, threshold: f32, k: f32, ek: f32, #[comptime] log_sign: bool) -> (f32, f32) {
@@ -167,8 +177,10 @@ pub fn step_forward(
 
 /// The backward of [`step_forward`] for every coordinate of a group: from ∂L/∂u and the
 /// gradients reaching the new state, the gradients of the old state and of every gate
-/// pre-activation (whose products with the layer inputs, summed over coordinates, are
-/// ∂L/∂φ), and the layer-0 features those products need.
+/// pre-activation, and each layer's inputs stacked as `[x; h_prev; 1]` (rows I_l + H + 1,
+/// then `[h_top; 1]` for the output), so that ∂L/∂φ of a layer is one product of that
+/// block with its gate gradients, summed over coordinates, already in spec order
+/// (`w_x`, `w_h`, `b`).
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 pub fn step_backward(
@@ -186,7 +198,7 @@ pub fn step_backward(
     dh_out: &mut [f32],
     dc_out: &mut [f32],
     dz: &mut [f32],
-    x_out: &mut [f32],
+    xin: &mut [f32],
     start: u32,
     count: u32,
     w_base: u32,
@@ -206,10 +218,31 @@ pub fn step_backward(
     let base = w_base as usize;
     let h4 = hidden * 4;
     let (x0, x1) = features(grad[n], threshold, k, ek, inputs == 2);
-    x_out[n] = x0;
-    if comptime![inputs == 2] {
-        x_out[nt + n] = x1;
+    // Each layer's [x; h_prev; 1], then [h_top; 1].
+    #[unroll]
+    for l in 0..layers {
+        let at = input_base(l, inputs, hidden) * nt + n;
+        if l == 0 {
+            xin[at] = x0;
+            if comptime![inputs == 2] {
+                xin[at + nt] = x1;
+            }
+        } else {
+            for k in 0..hidden {
+                xin[at + k * nt] = h_new[((l - 1) * hidden + k) * nt + n];
+            }
+        }
+        let in_size = if l == 0 { inputs } else { hidden };
+        for k in 0..hidden {
+            xin[at + (in_size + k) * nt] = h_prev[(l * hidden + k) * nt + n];
+        }
+        xin[at + (in_size + hidden) * nt] = 1.0f32;
     }
+    let at = input_base(layers, inputs, hidden) * nt + n;
+    for k in 0..hidden {
+        xin[at + k * nt] = h_new[((layers - 1) * hidden + k) * nt + n];
+    }
+    xin[at + hidden * nt] = 1.0f32;
     let ow = base + layer_base(layers, inputs, hidden);
     let gu = du[n] * out_scale;
     #[unroll]

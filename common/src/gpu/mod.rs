@@ -89,6 +89,20 @@ impl StepShape {
     fn gate_rows(&self) -> usize {
         self.layers * 4 * self.hidden
     }
+
+    /// Rows of layer `l`'s `[x; h_prev; 1]` block (l = L: the output's `[h; 1]`).
+    fn block_rows(&self, l: usize) -> usize {
+        match l {
+            0 => self.inputs + self.hidden + 1,
+            l if l < self.layers => 2 * self.hidden + 1,
+            _ => self.hidden + 1,
+        }
+    }
+
+    /// Rows of the blocks before block `l` (all of them for l = L + 1).
+    fn input_rows(&self, l: usize) -> usize {
+        (0..l).map(|m| self.block_rows(m)).sum()
+    }
 }
 
 /// The output specs of [`LstmStep::lstm_step_backward`].
@@ -110,7 +124,10 @@ fn backward_meta(
         h_prev.clone(),
         h_prev.clone(),
         TensorSpec::new(Shape::new([shape.gate_rows() * n]), du.dtype),
-        TensorSpec::new(Shape::new([shape.inputs * n]), du.dtype),
+        TensorSpec::new(
+            Shape::new([shape.input_rows(shape.layers + 1) * n]),
+            du.dtype,
+        ),
     )
 }
 
@@ -129,8 +146,9 @@ pub trait LstmStep: Backend {
         shape: StepShape,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
 
-    /// The step's backward: (∂h, ∂c of the old state, gate gradients, layer-0 features)
-    /// from ∂L/∂u, g, the old and new state, and the gradients reaching the new state.
+    /// The step's backward: (∂h, ∂c of the old state, gate gradients, every layer's
+    /// inputs as `[x; h_prev; 1]` blocks) from ∂L/∂u, g, the old and new state, and the
+    /// gradients reaching the new state.
     #[fusion(meta = backward_meta)]
     #[allow(clippy::too_many_arguments)]
     fn lstm_step_backward(
@@ -245,7 +263,7 @@ impl LstmStep for CubeBackend {
         let dh_out = empty_like(&du, state);
         let dc_out = empty_like(&du, state);
         let dz = empty_like(&du, shape.gate_rows() * n);
-        let x = empty_like(&du, shape.inputs * n);
+        let x = empty_like(&du, shape.input_rows(shape.layers + 1) * n);
         for (g, &(start, count)) in shape.groups.iter().enumerate() {
             if count == 0 {
                 continue;
@@ -479,7 +497,7 @@ pub fn meta_grad(
     let steps = weights.map_or(steps, <[f32]>::len);
     check_steps(steps)?;
     let s = setup(parts, carry)?;
-    let (n, hid, layers, inputs) = (s.n, s.shape.hidden, s.shape.layers, s.shape.inputs);
+    let (n, hid, layers) = (s.n, s.shape.hidden, s.shape.layers);
     let h4 = 4 * hid;
     // Forward, keeping every step's gradient and state.
     let mut theta = s.theta.clone();
@@ -513,8 +531,8 @@ pub fn meta_grad(
     let mut dh = zeros(layers * hid * n);
     let mut dc = zeros(layers * hid * n);
     let ranges: Vec<Range<usize>> = parts.iter().map(|(_, r)| r.clone()).collect();
-    // Per group: per layer (w_x, w_h, b), then (out_w, out_b).
-    let mut sums: Vec<Vec<Option<Tensor<2>>>> = vec![vec![None; 3 * layers + 2]; ranges.len()];
+    // Per group: per layer its (w_x; w_h; b) stacked, then (out_w; out_b).
+    let mut sums: Vec<Vec<Option<Tensor<2>>>> = vec![vec![None; layers + 1]; ranges.len()];
     let add = |slot: &mut Option<Tensor<2>>, t: Tensor<2>| {
         *slot = Some(match slot.take() {
             None => t,
@@ -522,10 +540,11 @@ pub fn meta_grad(
         });
     };
     let inv_t = 1.0 / steps as f64;
+    let out_scale = s.shape.out_scale as f64;
     for k in (0..steps).rev() {
         let w = weights.map_or(1.0, |w| w[k] as f64);
         du = du + gs[k + 1].clone().mul_scalar(w * inv_t);
-        let (gh, gc, dz, x) = <Dispatch as LstmStep>::lstm_step_backward(
+        let (gh, gc, dz, xin) = <Dispatch as LstmStep>::lstm_step_backward(
             du.clone().into_dispatch(),
             gs[k].clone().into_dispatch(),
             hs[k].clone().into_dispatch(),
@@ -540,9 +559,13 @@ pub fn meta_grad(
         dh = Tensor::from_dispatch(gh);
         dc = Tensor::from_dispatch(gc);
         let dz = Tensor::<1>::from_dispatch(dz).reshape([layers * h4, n]);
-        let x = Tensor::<1>::from_dispatch(x).reshape([inputs, n]);
-        let h_new = hs[k + 1].clone().reshape([layers * hid, n]);
-        let h_old = hs[k].clone().reshape([layers * hid, n]);
+        let xin = Tensor::<1>::from_dispatch(xin);
+        let block = |l: usize| {
+            let (at, rows) = (s.shape.input_rows(l), s.shape.block_rows(l));
+            xin.clone()
+                .slice([at * n..(at + rows) * n])
+                .reshape([rows, n])
+        };
         let du2 = du.clone().reshape([n, 1]);
         for (g, r) in ranges.iter().enumerate() {
             if r.is_empty() {
@@ -554,29 +577,12 @@ pub fn meta_grad(
                     .clone()
                     .slice([l * h4..(l + 1) * h4, cols.clone()])
                     .transpose();
-                let input = if l == 0 {
-                    x.clone().slice([0..inputs, cols.clone()])
-                } else {
-                    h_new.clone().slice([(l - 1) * hid..l * hid, cols.clone()])
-                };
-                let prev = h_old.clone().slice([l * hid..(l + 1) * hid, cols.clone()]);
-                add(&mut sums[g][3 * l], input.matmul(dzl.clone()));
-                add(&mut sums[g][3 * l + 1], prev.matmul(dzl.clone()));
-                add(&mut sums[g][3 * l + 2], dzl.sum_dim(0));
+                let x = block(l).slice([0..s.shape.block_rows(l), cols.clone()]);
+                add(&mut sums[g][l], x.matmul(dzl));
             }
-            let top = h_new
-                .clone()
-                .slice([(layers - 1) * hid..layers * hid, cols.clone()]);
+            let top = block(layers).slice([0..hid + 1, cols.clone()]);
             let dug = du2.clone().slice([cols.clone(), 0..1]);
-            let out_scale = s.shape.out_scale as f64;
-            add(
-                &mut sums[g][3 * layers],
-                top.matmul(dug.clone()).mul_scalar(out_scale),
-            );
-            add(
-                &mut sums[g][3 * layers + 1],
-                dug.sum_dim(0).mul_scalar(out_scale),
-            );
+            add(&mut sums[g][layers], top.matmul(dug).mul_scalar(out_scale));
         }
     }
     let losses = losses_of(losses)?;
@@ -584,17 +590,11 @@ pub fn meta_grad(
     let config = parts[0].0.config;
     let flat: Vec<Tensor<1>> = sums
         .into_iter()
-        .zip(&ranges)
-        .flat_map(|(group, _)| {
-            let shapes = config.tensor_layout();
-            group
-                .into_iter()
-                .zip(shapes)
-                .map(|(t, (_, shape))| {
-                    let len: usize = shape.iter().product();
-                    t.map(|t| t.reshape([len])).unwrap_or_else(|| zeros(len))
-                })
-                .collect::<Vec<_>>()
+        .flat_map(|group| {
+            group.into_iter().enumerate().map(|(l, t)| {
+                let len = s.shape.block_rows(l) * if l < layers { h4 } else { 1 };
+                t.map(|t| t.reshape([len])).unwrap_or_else(|| zeros(len))
+            })
         })
         .collect();
     let flat = to_f32(&Tensor::cat(flat, 0))?;
