@@ -3,10 +3,12 @@
 //! a user's own training loop all call.
 //!
 //! `fused` (spelled `cpu` before) is the hand-differentiated path of [`crate::fused`],
-//! the fastest on a CPU. `flex` and `wgpu` run the burn composition of [`crate::unroll`]
-//! with autodiff on their device; the problem (quadratic or MNIST network) runs there too, and θ and the
-//! LSTM state stay there between a trajectory's truncations. All three compute the same
-//! meta-gradient (tested to float32 rounding).
+//! the fastest on a CPU. `wgpu` runs the same hand-differentiated math on a GPU as one
+//! CubeCL kernel per step forward and one backward (`crate::gpu`, feature `wgpu`).
+//! `flex` and `wgpu-burn` run the burn composition of [`crate::unroll`] with autodiff on
+//! their device. On a device the problem runs there too, and θ and the LSTM state stay
+//! there between a trajectory's truncations. All four compute the same meta-gradient
+//! (tested to float32 rounding).
 
 use burn::tensor::{DType, Device};
 

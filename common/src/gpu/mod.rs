@@ -562,27 +562,27 @@ pub fn meta_grad(
         let xin = Tensor::<1>::from_dispatch(xin);
         let block = |l: usize| {
             let (at, rows) = (s.shape.input_rows(l), s.shape.block_rows(l));
-            xin.clone()
-                .slice([at * n..(at + rows) * n])
-                .reshape([rows, n])
+            // One row range of the flat buffer, viewed as [rows, N].
+            let range = at * n..(at + rows) * n;
+            xin.clone().slice(range).reshape([rows, n])
         };
         let du2 = du.clone().reshape([n, 1]);
-        for (g, r) in ranges.iter().enumerate() {
+        for (sum, r) in sums.iter_mut().zip(&ranges) {
             if r.is_empty() {
                 continue;
             }
             let cols = r.clone();
-            for l in 0..layers {
+            for (l, slot) in sum.iter_mut().take(layers).enumerate() {
                 let dzl = dz
                     .clone()
                     .slice([l * h4..(l + 1) * h4, cols.clone()])
                     .transpose();
                 let x = block(l).slice([0..s.shape.block_rows(l), cols.clone()]);
-                add(&mut sums[g][l], x.matmul(dzl));
+                add(slot, x.matmul(dzl));
             }
             let top = block(layers).slice([0..hid + 1, cols.clone()]);
             let dug = du2.clone().slice([cols.clone(), 0..1]);
-            add(&mut sums[g][layers], top.matmul(dug).mul_scalar(out_scale));
+            add(&mut sum[layers], top.matmul(dug).mul_scalar(out_scale));
         }
     }
     let losses = losses_of(losses)?;
