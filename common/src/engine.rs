@@ -702,6 +702,42 @@ mod tests {
         }
     }
 
+    /// The fused GPU kernels for LSTM shapes besides the default (H = 7; one and three
+    /// layers): meta-gradients of two truncations within 1e-3 of the CPU path.
+    #[cfg(feature = "wgpu")]
+    #[test]
+    fn wgpu_kernels_fit_other_lstm_shapes() {
+        let Some(gpu) = wgpu_for_test() else {
+            return;
+        };
+        let cpu = Engine::open(Backend::Fused).unwrap();
+        for preprocess in [Preprocess::LogSign, Preprocess::Identity] {
+            for layers in [1, 3] {
+                let config = OptimizerConfig {
+                    hidden: 7,
+                    layers,
+                    ..OptimizerConfig::new(preprocess)
+                };
+                let o = Optimizee::Quadratic(Quadratic::from_seed(5, 9, 10).unwrap());
+                let phi = phi_for(&o, config);
+                let (a, b) = (gpu.load(o.clone()), cpu.load(o));
+                let (mut sa, mut sb) = (gpu.start(&phi, &a), cpu.start(&phi, &b));
+                for k in 0..2 {
+                    let ta = gpu.truncation(&phi, &a, sa, k * 4, 4, None).unwrap();
+                    let tb = cpu.truncation(&phi, &b, sb, k * 4, 4, None).unwrap();
+                    for (i, (ga, gb)) in ta.grad.tensors().zip(tb.grad.tensors()).enumerate() {
+                        let r = rel(ga, gb);
+                        assert!(
+                            r <= 1e-3,
+                            "{preprocess} L = {layers} truncation {k}: tensor {i} off by {r:.2e}"
+                        );
+                    }
+                    (sa, sb) = (ta.carry, tb.carry);
+                }
+            }
+        }
+    }
+
     /// The burn composition on wgpu, the reference of the fused GPU kernels, agrees with
     /// the CPU too (and so with them).
     #[cfg(feature = "wgpu")]

@@ -4,24 +4,29 @@
 //! Layouts, all flat f32 buffers: θ, g and ∂L/∂u are `[N]`; the state of every layer is
 //! `[L·H, N]` (row `l·H + j` holds unit j of layer l for every coordinate, so the threads
 //! of a warp read consecutive addresses); gate gradients are `[L·4H, N]` in spec gate
-//! order i, f, g, o; φ is one group's tensors flattened in spec §4.1 order (`w_x [I, 4H]`,
-//! `w_h [H, 4H]`, `b [4H]` per layer, then `out_w [H]`, `out_b`). A launch covers the
-//! coordinates `start .. start + count` of one parameter group, whose φ begins at `w_base`.
+//! order i, f, g, o; φ is every group's tensors, each group flattened in spec §4.1 order
+//! (`w_x [I, 4H]`, `w_h [H, 4H]`, `b [4H]` per layer, then `out_w [H]`, `out_b`), one
+//! after the other. A launch covers the coordinates `start .. start + count` of one
+//! parameter group, whose φ begins at `w_base`.
 //!
-//! σ and tanh are written with exp (`tanh z = 1 − 2 / (e^{2z} + 1)`), so they saturate to
-//! ±1 and 0 without an overflow on any driver.
+//! σ and tanh are written with exp (`tanh z = 1 − 2 / (e^{2z} + 1)`) on a clamped
+//! argument, so they saturate to ±1 and 0 without an infinity on any driver.
 
 use cubecl::prelude::*;
 
 /// σ(z), saturating cleanly at both ends.
 #[cube]
 fn sigmoid(z: f32) -> f32 {
+    // |z| ≤ 80: e^{80} is finite in f32, and σ(±80) is 0 or 1 to f32 precision.
+    let z = z.clamp(-80.0f32, 80.0f32);
     1.0f32 / (1.0f32 + (-z).exp())
 }
 
 /// tanh(z), saturating cleanly at both ends.
 #[cube]
 fn tanh_(z: f32) -> f32 {
+    // |z| ≤ 15: e^{30} is finite, and tanh(±15) is ±1 to f32 precision.
+    let z = z.clamp(-15.0f32, 15.0f32);
     1.0f32 - 2.0f32 / ((2.0f32 * z).exp() + 1.0f32)
 }
 

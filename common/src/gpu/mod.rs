@@ -1,6 +1,8 @@
 //! The fused LSTM step on the GPU: one CubeCL kernel per optimizer step forward and one
-//! backward ([`kernel`]), so a truncation launches O(T) kernels where the burn
-//! composition of [`crate::unroll`] launches about a hundred per step.
+//! backward ([`kernel`]), so the LSTM costs a truncation O(T) launches (besides those of
+//! the problem's loss and gradient, and a few matrix products per step and group for
+//! ∂L/∂φ), where the burn composition of [`crate::unroll`] launches about a hundred per
+//! step.
 //!
 //! The math is the fused CPU path's ([`crate::fused`]): every g_t is a constant (spec §2),
 //! so the problem enters the backward pass only through the gradients the forward pass
@@ -58,23 +60,23 @@ pub struct StepShape {
 }
 
 impl StepShape {
-    /// The shape of `config`'s step over the coordinate ranges `groups`.
-    fn new(config: &OptimizerConfig, groups: &[Range<usize>]) -> Result<Self, Error> {
-        let k = config.k as f32;
-        let as_u32 = |v: usize| {
-            u32::try_from(v).map_err(|_| {
-                Error::Config(format!(
-                    "the GPU kernels address at most {} coordinates, this problem has {v}",
-                    u32::MAX
-                ))
-            })
+    /// The shape of `config`'s step over the coordinate ranges `groups` of `n`
+    /// coordinates; refuses sizes whose buffers the kernels' 32-bit indices cannot address.
+    fn new(config: &OptimizerConfig, groups: &[Range<usize>], n: usize) -> Result<Self, Error> {
+        let too_big = || {
+            Error::Config(format!(
+                "the GPU kernels index their buffers with 32 bits, and {n} coordinates with \
+                 {} layers of H = {} need more; run this problem with --backend fused",
+                config.layers, config.hidden
+            ))
         };
-        Ok(Self {
+        let as_u32 = |v: usize| u32::try_from(v).map_err(|_| too_big());
+        let shape = Self {
             inputs: config.input_size(0),
             hidden: config.hidden,
             layers: config.layers,
             threshold: (-config.k).exp() as f32,
-            k,
+            k: config.k as f32,
             ek: config.k.exp() as f32,
             out_scale: config.out_scale as f32,
             group_len: config.num_params(),
@@ -82,7 +84,17 @@ impl StepShape {
                 .iter()
                 .map(|r| Ok((as_u32(r.start)?, as_u32(r.len())?)))
                 .collect::<Result<_, Error>>()?,
-        })
+        };
+        // The largest buffers (gate gradients, the stacked layer inputs) and φ of every
+        // group: each index into them must fit in a u32.
+        let rows = shape.gate_rows().max(shape.input_rows(shape.layers + 1));
+        rows.checked_mul(n).map(as_u32).ok_or_else(too_big)??;
+        shape
+            .group_len
+            .checked_mul(groups.len())
+            .map(as_u32)
+            .ok_or_else(too_big)??;
+        Ok(shape)
     }
 
     /// Rows of the gate-gradient buffer: L·4H.
@@ -231,7 +243,7 @@ impl LstmStep for CubeBackend {
                 arg(&c_out),
                 start,
                 count,
-                (g * shape.group_len) as u32,
+                (g * shape.group_len) as u32, // < 2³²: checked in StepShape::new
                 shape.threshold,
                 shape.k,
                 shape.ek,
@@ -288,7 +300,7 @@ impl LstmStep for CubeBackend {
                 arg(&x),
                 start,
                 count,
-                (g * shape.group_len) as u32,
+                (g * shape.group_len) as u32, // < 2³²: checked in StepShape::new
                 shape.threshold,
                 shape.k,
                 shape.ek,
@@ -343,10 +355,16 @@ fn setup(parts: &[(&Phi, Range<usize>)], carry: DeviceCarry) -> Result<Setup, Er
         .map(|(p, _)| p.config)
         .ok_or_else(|| Error::Config("φ has no parameter group".into()))?;
     let ranges: Vec<Range<usize>> = parts.iter().map(|(_, r)| r.clone()).collect();
-    let shape = StepShape::new(&config, &ranges)?;
     let theta = carry.theta.inner();
+    if theta.dtype() != DType::F32 {
+        return Err(Error::Config(format!(
+            "the GPU kernels compute in float32, the trajectory's state is {:?}",
+            theta.dtype()
+        )));
+    }
     let dev = theta.device();
     let n = theta.dims()[0];
+    let shape = StepShape::new(&config, &ranges, n)?;
     let flat: Vec<f32> = parts.iter().flat_map(|(p, _)| p.flatten()).collect();
     let w = from_f32(&flat, [flat.len()], &dev, DType::F32);
     // [N, H] per layer → [L·H, N] flat: unit-major, so a warp's reads are contiguous.
@@ -621,4 +639,21 @@ pub fn meta_grad(
             cs.pop().unwrap_or(s.c.clone()),
         ),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Preprocess;
+
+    /// Buffers the kernels' 32-bit indices cannot address are refused before anything
+    /// is allocated (2·4H = 160 gate rows × 30 M coordinates > 2³²); a million is fine.
+    #[test]
+    fn sizes_past_32_bit_indices_are_refused() {
+        let config = OptimizerConfig::new(Preprocess::LogSign);
+        let (big, fine) = (30_000_000, 1_000_000);
+        let e = StepShape::new(&config, std::slice::from_ref(&(0..big)), big).unwrap_err();
+        assert!(e.to_string().contains("--backend fused"), "{e}");
+        assert!(StepShape::new(&config, std::slice::from_ref(&(0..fine)), fine).is_ok());
+    }
 }
