@@ -66,6 +66,9 @@ pub const MAX_HIDDEN: usize = 4096;
 pub const MAX_LAYERS: usize = 64;
 /// Largest φ accepted, in values (256 MiB of float32).
 pub const MAX_PARAMS: usize = 1 << 26;
+/// Largest log_sign constant k accepted: e^k must stay finite in float32 (e^88.7 is not),
+/// or the small branch's e^k·g turns g = 0 into NaN.
+pub const MAX_K: f64 = 80.0;
 
 /// Every field that shapes φ or its arithmetic (spec §1.1).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -129,9 +132,9 @@ impl OptimizerConfig {
                 self.hidden, self.layers
             )));
         }
-        if !(self.k.is_finite() && self.k > 0.0) {
+        if !(self.k.is_finite() && self.k > 0.0 && self.k <= MAX_K) {
             return Err(Error::Config(format!(
-                "k must be a positive finite number, got {}",
+                "k must be a number in (0, {MAX_K}] (e^k must be finite in float32), got {}",
                 self.k
             )));
         }
@@ -228,5 +231,26 @@ mod tests {
             ..OptimizerConfig::default()
         };
         assert!(c.validate().unwrap_err().to_string().contains("at most"));
+    }
+
+    #[test]
+    fn k_outside_its_range_is_refused() {
+        for k in [0.0, -1.0, f64::NAN, f64::INFINITY, 80.5, 100.0] {
+            let c = OptimizerConfig {
+                k,
+                ..OptimizerConfig::default()
+            };
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains("k must be"), "{k}: {e}");
+        }
+        for k in [1e-3, 5.0, 10.0, MAX_K] {
+            let c = OptimizerConfig {
+                k,
+                ..OptimizerConfig::default()
+            };
+            c.validate().unwrap();
+        }
+        // At the limit e^k is finite in float32.
+        assert!((MAX_K.exp() as f32).is_finite());
     }
 }
