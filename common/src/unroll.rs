@@ -111,13 +111,7 @@ pub fn forward(
     }
     let run = unroll(lstm, problem, carry.detach(), start, steps);
     let losses = to_f64(&run.losses)?;
-    if let Some(t) = losses.iter().position(|l| !l.is_finite()) {
-        return Err(Error::NonFinite(format!(
-            "the optimizee's loss is {} after {} steps of the truncation; the optimizee blew up under this φ",
-            losses[t],
-            t + 1
-        )));
-    }
+    finite_losses(&losses)?;
     Ok(Forward {
         meta_loss: weighted_mean(&losses, weights),
         losses,
@@ -125,8 +119,20 @@ pub fn forward(
     })
 }
 
+/// Refuses a truncation whose losses are not all finite: the optimizee blew up.
+pub(crate) fn finite_losses(losses: &[f64]) -> Result<(), Error> {
+    if let Some(t) = losses.iter().position(|l| !l.is_finite()) {
+        return Err(Error::NonFinite(format!(
+            "the optimizee's loss is {} after {} steps of the truncation; the optimizee blew up under this φ",
+            losses[t],
+            t + 1
+        )));
+    }
+    Ok(())
+}
+
 /// (1/T) Σ w_t f_t over a truncation's losses (w_t = 1 without weights).
-fn weighted_mean(losses: &[f64], weights: Option<&[f32]>) -> f64 {
+pub(crate) fn weighted_mean(losses: &[f64], weights: Option<&[f32]>) -> f64 {
     let weight = |t: usize| weights.map_or(1.0, |w| w[t] as f64);
     losses
         .iter()
@@ -148,13 +154,7 @@ fn download(
         .map(crate::tensor::to_f32)
         .collect::<Result<Vec<_>, _>>()?;
     let losses = to_f64(&raw.losses)?;
-    if let Some(t) = losses.iter().position(|l| !l.is_finite()) {
-        return Err(Error::NonFinite(format!(
-            "the optimizee's loss is {} after {} steps of the truncation; the optimizee blew up under this φ",
-            losses[t],
-            t + 1
-        )));
-    }
+    finite_losses(&losses)?;
     let grad = lstm.phi_from(grad).map_err(|e| match e {
         Error::NonFinite(what) => Error::NonFinite(format!(
             "the meta-gradient diverged ({what}); the optimizee blew up under this φ"

@@ -32,7 +32,7 @@ use crate::groups::AnyPhi;
 use crate::problems::Problem;
 use crate::tensor::{from_f32, to_f32, to_f64};
 use crate::truncation::{Forward, Truncation};
-use crate::unroll::DeviceCarry;
+use crate::unroll::{DeviceCarry, finite_losses, weighted_mean};
 use crate::{Error, LstmState, OptimizerConfig, Phi};
 
 /// What the step kernels need besides tensors: the LSTM's sizes, its constants, and the
@@ -425,25 +425,8 @@ fn check_steps(steps: usize) -> Result<(), Error> {
 /// Brings the losses to the host, refusing non-finite ones as the other paths do.
 fn losses_of(losses: Vec<Tensor<1>>) -> Result<Vec<f64>, Error> {
     let losses = to_f64(&Tensor::cat(losses, 0))?;
-    if let Some(t) = losses.iter().position(|l| !l.is_finite()) {
-        return Err(Error::NonFinite(format!(
-            "the optimizee's loss is {} after {} steps of the truncation; the optimizee blew up under this φ",
-            losses[t],
-            t + 1
-        )));
-    }
+    finite_losses(&losses)?;
     Ok(losses)
-}
-
-/// (1/T) Σ w_t f_t over a truncation's losses (w_t = 1 without weights).
-fn weighted_mean(losses: &[f64], weights: Option<&[f32]>) -> f64 {
-    let weight = |t: usize| weights.map_or(1.0, |w| w[t] as f64);
-    losses
-        .iter()
-        .enumerate()
-        .map(|(t, l)| weight(t) * l)
-        .sum::<f64>()
-        / losses.len() as f64
 }
 
 /// Runs `steps` fused steps from `s`'s state at step `start`: each step's loss tensor
