@@ -335,9 +335,10 @@ impl Engine {
         };
         #[cfg(feature = "wgpu")]
         if self.backend == Backend::Wgpu {
-            let carry = match self.start(phi, p) {
-                Carry::Device(c) => c,
-                Carry::Host(_) => unreachable!("a device engine starts trajectories on it"),
+            let Carry::Device(carry) = self.start(phi, p) else {
+                return Err(Error::Config(
+                    "the wgpu engine started a trajectory on the host".into(),
+                ));
             };
             let mut curve = self.on_gpu(phi, p, carry, dev, |parts, carry| {
                 crate::gpu::curve(parts, problem.as_ref(), carry, steps)

@@ -1,6 +1,7 @@
 //! One truncation's result, whichever path computed it (the fused kernels, the burn
 //! composition on any device, or the [`crate::engine::Engine`] in front of both).
 
+use crate::Error;
 use crate::groups::AnyPhi;
 
 /// A truncation's meta-gradient ∂L/∂φ, its meta-loss L, each step's loss, and where the
@@ -50,4 +51,12 @@ impl<C> Forward<C> {
             carry: f(self.carry),
         }
     }
+}
+
+/// Refuses a truncation of no steps (every path checks the same way).
+pub(crate) fn check_steps(steps: usize) -> Result<(), Error> {
+    if steps == 0 {
+        return Err(Error::Config("a truncation needs at least one step".into()));
+    }
+    Ok(())
 }

@@ -106,9 +106,7 @@ pub fn forward(
     weights: Option<&[f32]>,
 ) -> Result<Forward<DeviceCarry>, Error> {
     let steps = weights.map_or(steps, <[f32]>::len);
-    if steps == 0 {
-        return Err(Error::Config("a truncation needs at least one step".into()));
-    }
+    crate::truncation::check_steps(steps)?;
     let run = unroll(lstm, problem, carry.detach(), start, steps);
     let losses = to_f64(&run.losses)?;
     finite_losses(&losses)?;
@@ -200,9 +198,7 @@ fn raw_meta_grad(
     steps: usize,
     weights: Option<&[f32]>,
 ) -> Result<RawMetaGrad, Error> {
-    if steps == 0 {
-        return Err(Error::Config("a truncation needs at least one step".into()));
-    }
+    crate::truncation::check_steps(steps)?;
     if !lstm.is_autodiff() {
         return Err(Error::Config(
             "meta_grad needs φ on an autodiff device (e.g. Device::flex().autodiff())".into(),

@@ -339,9 +339,7 @@ fn run(
     let weight = |t: usize| weights.map_or(1.0, |w| w[t]);
     let cfg = phi.config();
     let n = problem.num_coords();
-    if steps == 0 {
-        return Err(Error::Config("a truncation needs at least one step".into()));
-    }
+    crate::truncation::check_steps(steps)?;
     if carry.theta.len() != n
         || carry.h.len() != cfg.layers
         || carry

@@ -31,7 +31,7 @@ use cubecl::prelude::*;
 use crate::groups::AnyPhi;
 use crate::problems::Problem;
 use crate::tensor::{from_f32, to_f32, to_f64};
-use crate::truncation::{Forward, Truncation};
+use crate::truncation::{Forward, Truncation, check_steps};
 use crate::unroll::{DeviceCarry, finite_losses, weighted_mean};
 use crate::{Error, LstmState, OptimizerConfig, Phi};
 
@@ -412,14 +412,6 @@ fn problem_grad(problem: &dyn Problem, theta: &Tensor<1>, n: usize, t: usize) ->
 fn problem_loss(problem: &dyn Problem, theta: &Tensor<1>, n: usize, t: usize) -> Tensor<1> {
     let theta = Tensor::from_inner(theta.clone().reshape([n, 1]));
     problem.loss(theta, t).inner()
-}
-
-/// Refuses a truncation of no steps.
-fn check_steps(steps: usize) -> Result<(), Error> {
-    if steps == 0 {
-        return Err(Error::Config("a truncation needs at least one step".into()));
-    }
-    Ok(())
 }
 
 /// Brings the losses to the host, refusing non-finite ones as the other paths do.
