@@ -59,8 +59,8 @@ class Config:
 
     @property
     def inputs(self) -> int:
-        """Input features of the first LSTM layer: 2 for log_sign, 1 for identity."""
-        return 2 if self.preprocess == "log_sign" else 1
+        """Input features of the first LSTM layer: 1 for identity, 2 for the others."""
+        return 1 if self.preprocess == "identity" else 2
 
     def layout(self) -> list[tuple[str, tuple[int, ...]]]:
         """Tensor names and shapes of spec §4.1, in order."""
@@ -74,12 +74,22 @@ class Config:
         return out
 
 
+# rnnprop's constants (common/src/preprocess.rs): decays of the running mean and second
+# moment, and what is added to the second moment's root.
+RNNPROP_BETA1 = _F32(0.95)
+RNNPROP_BETA2 = _F32(0.95)
+RNNPROP_EPS = _F32(1e-8)
+
+
 class State:
-    """One parameter tensor's LSTM state: h and c of every layer, each [n, hidden]."""
+    """One parameter tensor's LSTM state: h and c of every layer, each [n, hidden], and
+    with rnnprop the running moments m and v, each [n, 1]."""
 
     def __init__(self, config: Config, n: int):
         self.h = [np.zeros((n, config.hidden), _F32) for _ in range(config.layers)]
         self.c = [np.zeros((n, config.hidden), _F32) for _ in range(config.layers)]
+        self.m = np.zeros((n, 1), _F32)
+        self.v = np.zeros((n, 1), _F32)
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
@@ -97,12 +107,18 @@ class LearnedOptimizer:
         """The zero state of a tensor of ``n`` values, as at the start of training."""
         return State(self.config, n)
 
-    def features(self, g: np.ndarray) -> np.ndarray:
-        """The LSTM's input [n, 1 or 2] for gradients ``g`` [n] (spec §1.2)."""
+    def features(self, g: np.ndarray, state: State) -> np.ndarray:
+        """The LSTM's input [n, 1 or 2] for gradients ``g`` [n] (spec §1.2; rnnprop as
+        l2l defines it, advancing ``state``'s moments)."""
         cfg = self.config
         g = g.astype(_F32, copy=False).reshape(-1, 1)
         if cfg.preprocess == "identity":
             return g
+        if cfg.preprocess == "rnnprop":
+            state.m = RNNPROP_BETA1 * state.m + (_F32(1) - RNNPROP_BETA1) * g
+            state.v = RNNPROP_BETA2 * state.v + (_F32(1) - RNNPROP_BETA2) * (g * g)
+            d = np.sqrt(state.v) + RNNPROP_EPS
+            return np.concatenate([g / d, state.m / d], axis=1).astype(_F32)
         a = np.abs(g)
         large = a >= _F32(math.exp(-cfg.k))
         log = np.log(np.maximum(a, np.finfo(_F32).tiny)) / _F32(cfg.k)
@@ -116,7 +132,7 @@ class LearnedOptimizer:
         n, hid = grad.size, cfg.hidden
         if state.h[0].shape != (n, hid):
             raise ValueError(f"state is for {state.h[0].shape[0]} values, gradient has {n}")
-        x = self.features(grad)
+        x = self.features(grad, state)
         for l in range(cfg.layers):
             z = x @ t[f"lstm.{l}.w_x"] + state.h[l] @ t[f"lstm.{l}.w_h"] + t[f"lstm.{l}.b"]
             i = _sigmoid(z[:, :hid])
@@ -156,7 +172,7 @@ def _read(path: str):
         )
     except (KeyError, ValueError) as e:
         raise FormatError(f"{path}: metadata field {e} is missing or not a number") from e
-    if config.preprocess not in ("log_sign", "identity"):
+    if config.preprocess not in ("log_sign", "identity", "rnnprop"):
         raise FormatError(f"{path}: unknown preprocess {config.preprocess!r}")
     return f, meta, config
 

@@ -12,6 +12,10 @@ pub enum Preprocess {
     Identity,
     /// Two input features: scaled log-magnitude and sign, or -1 and a scaled gradient.
     LogSign,
+    /// Two input features, RNNprop's (Lv et al. 2017): the gradient and its running mean,
+    /// each divided by the root of a running second moment ([`crate::preprocess`]); the
+    /// two moments are state carried per coordinate like the LSTM's h and c.
+    Rnnprop,
 }
 
 impl Preprocess {
@@ -19,7 +23,15 @@ impl Preprocess {
     pub fn features(self) -> usize {
         match self {
             Preprocess::Identity => 1,
-            Preprocess::LogSign => 2,
+            Preprocess::LogSign | Preprocess::Rnnprop => 2,
+        }
+    }
+
+    /// Number of per-coordinate state vectors the preprocessing carries (RNNprop's m, v).
+    pub fn moments(self) -> usize {
+        match self {
+            Preprocess::Identity | Preprocess::LogSign => 0,
+            Preprocess::Rnnprop => 2,
         }
     }
 
@@ -27,7 +39,7 @@ impl Preprocess {
     pub fn default_out_scale(self) -> f64 {
         match self {
             Preprocess::Identity => 1.0,
-            Preprocess::LogSign => 0.1,
+            Preprocess::LogSign | Preprocess::Rnnprop => 0.1,
         }
     }
 
@@ -36,6 +48,7 @@ impl Preprocess {
         match self {
             Preprocess::Identity => "identity",
             Preprocess::LogSign => "log_sign",
+            Preprocess::Rnnprop => "rnnprop",
         }
     }
 }
@@ -53,8 +66,9 @@ impl FromStr for Preprocess {
         match s {
             "identity" => Ok(Preprocess::Identity),
             "log_sign" => Ok(Preprocess::LogSign),
+            "rnnprop" => Ok(Preprocess::Rnnprop),
             other => Err(Error::Config(format!(
-                "unknown preprocess {other:?}: expected \"identity\" or \"log_sign\""
+                "unknown preprocess {other:?}: expected \"identity\", \"log_sign\" or \"rnnprop\""
             ))),
         }
     }

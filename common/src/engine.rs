@@ -374,11 +374,14 @@ fn check_carry(
             .h
             .iter()
             .chain(&carry.state.c)
-            .all(|t| t.dims() == [n, cfg.hidden]);
+            .all(|t| t.dims() == [n, cfg.hidden])
+        && carry.state.moments.len() == cfg.preprocess.moments()
+        && carry.state.moments.iter().all(|t| t.dims() == [n, 1]);
     if !fits {
         return Err(Error::Shape(format!(
-            "the trajectory's state does not fit {n} coordinates × {} layers × H = {}",
-            cfg.layers, cfg.hidden
+            "the trajectory's state does not fit {n} coordinates × {} layers × H = {} with {} \
+             preprocessing",
+            cfg.layers, cfg.hidden, cfg.preprocess
         )));
     }
     if carry.theta.device().inner() != dev.clone().inner() {
@@ -546,8 +549,17 @@ mod tests {
     pub(crate) fn agrees_with_cpu(engine: &Engine, tol: f64) {
         let cpu = Engine::open(Backend::Fused).unwrap();
         let mut worst = 0f64;
-        for preprocess in [Preprocess::LogSign, Preprocess::Identity] {
+        for preprocess in [
+            Preprocess::LogSign,
+            Preprocess::Identity,
+            Preprocess::Rnnprop,
+        ] {
             for (optimizee, weights) in cases() {
+                // rnnprop on the families whose features differ in kind (a quadratic, an
+                // MLP, conv's two groups); art adds only time.
+                if preprocess == Preprocess::Rnnprop && matches!(optimizee, Optimizee::Art(_)) {
+                    continue;
+                }
                 let phi = phi_for(&optimizee, OptimizerConfig::new(preprocess));
                 let steps = weights.as_ref().map_or(5, Vec::len);
                 let name = match &optimizee {
@@ -632,8 +644,12 @@ mod tests {
             Engine::open(Backend::Fused).unwrap(),
             Engine::open(Backend::Flex).unwrap(),
         );
-        for (o, weights) in cases() {
-            let phi = phi_for(&o, OptimizerConfig::new(Preprocess::LogSign));
+        for ((o, weights), preprocess) in cases().into_iter().zip(
+            [Preprocess::LogSign, Preprocess::Rnnprop]
+                .into_iter()
+                .cycle(),
+        ) {
+            let phi = phi_for(&o, OptimizerConfig::new(preprocess));
             let steps = weights.as_ref().map_or(5, Vec::len);
             let w = weights.as_deref();
             let (a, b) = (cpu.load(o.clone()), flex.load(o));
@@ -712,7 +728,11 @@ mod tests {
             return;
         };
         let cpu = Engine::open(Backend::Fused).unwrap();
-        for preprocess in [Preprocess::LogSign, Preprocess::Identity] {
+        for preprocess in [
+            Preprocess::LogSign,
+            Preprocess::Identity,
+            Preprocess::Rnnprop,
+        ] {
             for layers in [1, 3] {
                 let config = OptimizerConfig {
                     hidden: 7,

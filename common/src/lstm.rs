@@ -34,13 +34,16 @@ pub struct Lstm {
     pub out_b: Tensor<2>,
 }
 
-/// The LSTM's h and c for every layer, each `[N, H]`.
+/// The LSTM's h and c for every layer, each `[N, H]`, and the preprocessing's moments.
 #[derive(Debug, Clone)]
 pub struct LstmState {
     /// Hidden outputs, bottom layer first.
     pub h: Vec<Tensor<2>>,
     /// Cell states, bottom layer first.
     pub c: Vec<Tensor<2>>,
+    /// rnnprop's running moments m and v, each `[N, 1]`; empty for the other
+    /// preprocessings ([`crate::Preprocess::moments`]).
+    pub moments: Vec<Tensor<2>>,
 }
 
 impl LstmState {
@@ -50,6 +53,9 @@ impl LstmState {
         Self {
             h: (0..config.layers).map(|_| z()).collect(),
             c: (0..config.layers).map(|_| z()).collect(),
+            moments: (0..config.preprocess.moments())
+                .map(|_| Tensor::zeros([n, 1], (device, dtype)))
+                .collect(),
         }
     }
 
@@ -58,6 +64,7 @@ impl LstmState {
         Self {
             h: self.h.into_iter().map(Tensor::detach).collect(),
             c: self.c.into_iter().map(Tensor::detach).collect(),
+            moments: self.moments.into_iter().map(Tensor::detach).collect(),
         }
     }
 }
@@ -132,10 +139,11 @@ impl Lstm {
     pub fn step(&self, g: Tensor<2>, state: LstmState) -> (Tensor<2>, LstmState) {
         let cfg = &self.config;
         let hidden = cfg.hidden;
-        let mut x = preprocess(g, cfg.preprocess, cfg.k);
+        let (mut x, moments) = preprocess(g, cfg.preprocess, cfg.k, state.moments);
         let mut next = LstmState {
             h: Vec::with_capacity(cfg.layers),
             c: Vec::with_capacity(cfg.layers),
+            moments,
         };
         for ((layer, h), c) in self.layers.iter().zip(state.h).zip(state.c) {
             let (h, c) = cell(layer, x, h, c, hidden);
@@ -268,6 +276,7 @@ impl Lstms {
         let mut us = Vec::with_capacity(self.parts.len());
         let mut h: Vec<Vec<Tensor<2>>> = vec![Vec::with_capacity(self.parts.len()); layers];
         let mut c = h.clone();
+        let mut moments: Vec<Vec<Tensor<2>>> = vec![Vec::new(); state.moments.len()];
         for (lstm, r) in &self.parts {
             if r.is_empty() {
                 continue;
@@ -276,6 +285,7 @@ impl Lstms {
             let part = LstmState {
                 h: state.h.iter().map(cut).collect(),
                 c: state.c.iter().map(cut).collect(),
+                moments: state.moments.iter().map(cut).collect(),
             };
             let (u, next) = lstm.step(cut(&g), part);
             us.push(u);
@@ -283,10 +293,14 @@ impl Lstms {
                 h[l].push(hl);
                 c[l].push(cl);
             }
+            for (all, m) in moments.iter_mut().zip(next.moments) {
+                all.push(m);
+            }
         }
         let next = LstmState {
             h: h.into_iter().map(|v| Tensor::cat(v, 0)).collect(),
             c: c.into_iter().map(|v| Tensor::cat(v, 0)).collect(),
+            moments: moments.into_iter().map(|v| Tensor::cat(v, 0)).collect(),
         };
         (Tensor::cat(us, 0), next)
     }

@@ -15,7 +15,8 @@
 //! θ ← θ + lr · u. **`lr` is a multiplier on the learned step**: 1.0 applies φ as it was
 //! meta-trained, 0.5 takes half its step, and so on (the learned step already has its
 //! scale, so there is nothing to tune to use it as trained). The LSTM state (h and c of
-//! every layer, `[N, H]` per tensor of N values) is the optimizer's per-parameter burn
+//! every layer, `[N, H]` per tensor of N values, and with `rnnprop` its moments m and v,
+//! `[N, 1]` each) is the optimizer's per-parameter burn
 //! state: saved and restored with [`ModuleOptimizer::to_record`], `save`/`load` and
 //! `into_bytes`/`from_bytes`, moved with the parameter between devices, and computed on
 //! whatever device and float type the parameter lives on (flex, wgpu, …).
@@ -130,7 +131,8 @@ impl LearnedOptimizer {
     }
 }
 
-/// One parameter tensor's LSTM state: h and c of every layer, `[N, H]` each.
+/// One parameter tensor's LSTM state: h and c of every layer, `[N, H]` each, and
+/// rnnprop's moments m and v, `[N, 1]` each (none for the other preprocessings).
 #[derive(Clone, Debug)]
 pub struct LearnedState<const D: usize> {
     /// The state m_φ carries for this tensor's coordinates.
@@ -143,9 +145,12 @@ impl<const D: usize> LearnedState<D> {
     fn fits(&self, phi: &Phi, n: usize, dtype: DType) -> bool {
         let cfg = &phi.config;
         let ok = |t: &Tensor<2>| t.dims() == [n, cfg.hidden] && t.dtype() == dtype;
+        let moment = |t: &Tensor<2>| t.dims() == [n, 1] && t.dtype() == dtype;
         self.lstm.h.len() == cfg.layers
             && self.lstm.c.len() == cfg.layers
             && self.lstm.h.iter().chain(&self.lstm.c).all(ok)
+            && self.lstm.moments.len() == cfg.preprocess.moments()
+            && self.lstm.moments.iter().all(moment)
     }
 }
 
@@ -181,21 +186,39 @@ impl Optimizer for LearnedOptimizer {
             lstm: LstmState {
                 h: move_all(state.lstm.h),
                 c: move_all(state.lstm.c),
+                moments: move_all(state.lstm.moments),
             },
         }
     }
 }
 
-/// Saved as tensors `{param}.h.{l}` and `{param}.c.{l}` for every layer l.
+/// Saved as tensors `{param}.h.{l}` and `{param}.c.{l}` for every layer l, and with
+/// rnnprop `{param}.m` and `{param}.v`.
+/// The record names of rnnprop's moments, in [`LstmState::moments`] order.
+const MOMENTS: [&str; 2] = ["m", "v"];
+
 impl<const D: usize> RecordState for LearnedState<D> {
     fn state_flatten(&self, prefix: &str, out: &mut StateSink) {
         for (l, (h, c)) in self.lstm.h.iter().zip(&self.lstm.c).enumerate() {
             out.push_tensor(prefix, &format!("h.{l}"), h.to_data());
             out.push_tensor(prefix, &format!("c.{l}"), c.to_data());
         }
+        for (name, t) in MOMENTS.iter().zip(&self.lstm.moments) {
+            out.push_tensor(prefix, name, t.to_data());
+        }
     }
 
     fn state_unflatten(prefix: &str, src: &mut StateSource, device: &Device) -> Option<Self> {
+        let put = |d: burn::tensor::TensorData| {
+            let dtype = d.dtype();
+            Tensor::from_data(d, (device, dtype))
+        };
+        // Both moments or neither; a lone one is not a state of ours.
+        let moments = match (src.take_tensor(prefix, "m"), src.take_tensor(prefix, "v")) {
+            (Some(m), Some(v)) if m.rank() == 2 && v.rank() == 2 => vec![put(m), put(v)],
+            (None, None) => Vec::new(),
+            _ => return None,
+        };
         let (mut h, mut c) = (Vec::new(), Vec::new());
         for l in 0..=crate::config::MAX_LAYERS {
             let pair = (
@@ -204,16 +227,12 @@ impl<const D: usize> RecordState for LearnedState<D> {
             );
             match pair {
                 (Some(hl), Some(cl)) if hl.rank() == 2 && cl.rank() == 2 => {
-                    let put = |d: burn::tensor::TensorData| {
-                        let dtype = d.dtype();
-                        Tensor::from_data(d, (device, dtype))
-                    };
                     h.push(put(hl));
                     c.push(put(cl));
                 }
                 (None, None) if l > 0 => {
                     return Some(Self {
-                        lstm: LstmState { h, c },
+                        lstm: LstmState { h, c, moments },
                     });
                 }
                 // Half a layer, a wrong rank or no layer at all: not a state of ours.

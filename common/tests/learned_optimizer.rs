@@ -202,7 +202,20 @@ fn a_burn_module_trained_with_the_shipped_phi_follows_evals_learned_curve() {
 
 #[test]
 fn a_saved_then_restored_optimizer_continues_exactly() {
-    let phi = shipped();
+    restored_continues(shipped());
+}
+
+/// rnnprop's moments are part of the saved state (`{param}.m`, `{param}.v`): without
+/// them the restored optimizer would restart its features from zero moments.
+#[test]
+fn a_restored_rnnprop_optimizer_continues_exactly() {
+    let cfg = l2l_common::OptimizerConfig::new(l2l_common::Preprocess::Rnnprop);
+    restored_continues(Phi::init(cfg, 3).unwrap());
+}
+
+/// Ten steps, a save to a file, a restore, ten more: the same as going on without the
+/// save, bit for bit, and unlike a fresh optimizer's ten.
+fn restored_continues(phi: Phi) {
     let mlp = Mlp::new(MlpSpec::default(), images(300, 2), 8).unwrap();
     let dev = Device::flex().autodiff();
     let mut optim = LearnedOptimizer::new(phi.clone()).init();

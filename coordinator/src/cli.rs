@@ -50,7 +50,7 @@ pub struct Overrides {
     /// Clip averaged gradients to this global norm (0 = off).
     #[arg(long)]
     pub clip_norm: Option<f64>,
-    /// Preprocessing of a fresh φ: identity or log_sign.
+    /// Preprocessing of a fresh φ: identity, log_sign or rnnprop.
     #[arg(long)]
     pub preprocess: Option<String>,
     /// Start a fresh run from this φ (optimizer file or checkpoint) instead of new weights.

@@ -136,7 +136,7 @@ fn check_shape(what: &str, s: u32, t: u32) -> Result<()> {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct InitConfig {
-    /// `log_sign` (the paper's) or `identity`.
+    /// `log_sign` (the paper's), `identity` or `rnnprop` (l2l's third, README).
     pub preprocess: String,
     /// LSTM hidden size.
     pub hidden: usize,
@@ -145,7 +145,8 @@ pub struct InitConfig {
     /// log_sign's k.
     pub k: f64,
     /// Output scale; unset: the spec's default for the preprocessing (0.1 with
-    /// `log_sign`, 1.0 with `identity`; 0, as older files wrote it, means the same).
+    /// `log_sign` and `rnnprop`, 1.0 with `identity`; 0, as older files wrote it, means
+    /// the same).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub out_scale: Option<f64>,
     /// Seed of φ's initial weights.
@@ -463,6 +464,27 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every shipped recipe (`pretrained/*.toml`) parses and passes validation, with the
+    /// φ configuration it asks for (a recipe that could not start would ship broken).
+    #[test]
+    fn every_shipped_recipe_is_a_valid_configuration() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../pretrained");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                let c = Config::from_toml_file(&path)
+                    .unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+                c.validate()
+                    .unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+                c.optimizer()
+                    .unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+                seen += 1;
+            }
+        }
+        assert!(seen >= 10, "only {seen} recipes in {}", dir.display());
+    }
 
     #[test]
     fn the_printout_shows_no_sentinels_and_each_family_in_full() {

@@ -156,6 +156,11 @@ fn python_reproduces_the_rust_updates() {
         ("mlp", Kind::One(shipped("mlp.safetensors"))),
         ("quadratic", Kind::One(shipped("quadratic.safetensors"))),
         ("identity", Kind::One(Phi::init(identity, 3).unwrap())),
+        // rnnprop's moments carried across the steps, on both sides.
+        (
+            "rnnprop",
+            Kind::One(Phi::init(OptimizerConfig::new(Preprocess::Rnnprop), 6).unwrap()),
+        ),
         (
             "groups",
             Kind::Groups(

@@ -32,6 +32,9 @@ enum PreprocessArg {
     #[value(name = "log_sign")]
     /// Two features: ln|g|/k and sign(g), or -1 and e^k·g for tiny gradients.
     LogSign,
+    /// Two features (RNNprop's): g and its running mean, each over the root of a running
+    /// second moment, with the two moments carried per coordinate.
+    Rnnprop,
 }
 
 impl From<PreprocessArg> for Preprocess {
@@ -39,6 +42,7 @@ impl From<PreprocessArg> for Preprocess {
         match p {
             PreprocessArg::Identity => Preprocess::Identity,
             PreprocessArg::LogSign => Preprocess::LogSign,
+            PreprocessArg::Rnnprop => Preprocess::Rnnprop,
         }
     }
 }

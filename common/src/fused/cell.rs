@@ -11,6 +11,7 @@ use super::kernels::Kernels;
 #[cfg(target_arch = "x86_64")]
 use super::math::Fused;
 use super::math::{Madd, Plain, sigmoid, tanh};
+use crate::preprocess::rnnprop_scalar;
 use crate::{OptimizerConfig, Phi, Preprocess};
 
 /// Coordinates per SIMD block (16 f32: one AVX-512 register, two AVX ones).
@@ -223,14 +224,20 @@ fn map(x: &V, f: impl Fn(f32) -> f32) -> V {
     o
 }
 
+/// Values per block of the preprocessing's moments (rnnprop's m, then v, lane by lane).
+pub const MOMENTS: usize = 2 * LANES;
+
 /// One optimizer step for consecutive blocks: reads g and the previous records, writes the
-/// new records and adds u to θ. Slices hold whole blocks (multiples of `LANES` coordinates).
-/// A variant this CPU cannot run falls back to the portable one.
+/// new records and adds u to θ; with rnnprop it also steps each block's moments
+/// ([`MOMENTS`] values per block, ignored otherwise). Slices hold whole blocks (multiples
+/// of `LANES` coordinates). A variant this CPU cannot run falls back to the portable one.
+#[allow(clippy::too_many_arguments)]
 pub fn forward_blocks(
     kernels: Kernels,
     w: &Weights,
     lay: &Layout,
     g: &[f32],
+    moments: &mut [f32],
     prev: &[f32],
     cur: &mut [f32],
     theta: &mut [f32],
@@ -239,19 +246,19 @@ pub fn forward_blocks(
     match kernels {
         Kernels::Avx512 if kernels.supported() => {
             // SAFETY: the CPU has AVX-512 F/VL, AVX2 and FMA, checked just above.
-            unsafe { forward_avx512(w, lay, g, prev, cur, theta) };
+            unsafe { forward_avx512(w, lay, g, moments, prev, cur, theta) };
             return;
         }
         Kernels::Avx2 if kernels.supported() => {
             // SAFETY: the CPU has AVX2 and FMA, checked just above.
-            unsafe { forward_avx2(w, lay, g, prev, cur, theta) };
+            unsafe { forward_avx2(w, lay, g, moments, prev, cur, theta) };
             return;
         }
         _ => {}
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = kernels;
-    forward_any::<Plain, 4>(w, lay, g, prev, cur, theta)
+    forward_any::<Plain, 4>(w, lay, g, moments, prev, cur, theta)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -260,12 +267,13 @@ unsafe fn forward_avx2(
     w: &Weights,
     lay: &Layout,
     g: &[f32],
+    moments: &mut [f32],
     prev: &[f32],
     cur: &mut [f32],
     theta: &mut [f32],
 ) {
     // Four gate columns of two 256-bit halves: 8 of the 16 registers accumulate.
-    forward_any::<Fused, 4>(w, lay, g, prev, cur, theta)
+    forward_any::<Fused, 4>(w, lay, g, moments, prev, cur, theta)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -274,12 +282,13 @@ unsafe fn forward_avx512(
     w: &Weights,
     lay: &Layout,
     g: &[f32],
+    moments: &mut [f32],
     prev: &[f32],
     cur: &mut [f32],
     theta: &mut [f32],
 ) {
     // Eight gate columns: eight independent chains hide the FMA latency of 32 registers.
-    forward_any::<Fused, 8>(w, lay, g, prev, cur, theta)
+    forward_any::<Fused, 8>(w, lay, g, moments, prev, cur, theta)
 }
 
 /// Defines a gate tile: the pre-activations `b + W_x x + W_h h` of consecutive gate
@@ -338,6 +347,7 @@ fn forward_any<M: Madd, const C: usize>(
     w: &Weights,
     lay: &Layout,
     g: &[f32],
+    moments: &mut [f32],
     prev: &[f32],
     cur: &mut [f32],
     theta: &mut [f32],
@@ -350,14 +360,23 @@ fn forward_any<M: Madd, const C: usize>(
         .chunks_mut(rl)
         .zip(prev.chunks(rl))
         .zip(g.chunks(LANES))
-        .zip(theta.chunks_mut(LANES));
-    for (((rec, prv), gb), th) in blocks {
+        .zip(theta.chunks_mut(LANES))
+        .zip(moments.chunks_mut(MOMENTS));
+    for ((((rec, prv), gb), th), mom) in blocks {
         let rec = as_v_mut(rec);
         let prv = as_v(prv);
-        for lane in 0..LANES {
-            let x = preprocess(w, gb[lane]);
-            for (kk, xv) in x.iter().take(lay.inputs).enumerate() {
-                rec[kk][lane] = *xv;
+        if w.preprocess == Preprocess::Rnnprop {
+            let (m, v) = mom.split_at_mut(LANES);
+            for lane in 0..LANES {
+                let (x0, x1, mn, vn) = rnnprop_scalar(gb[lane], m[lane], v[lane]);
+                (rec[0][lane], rec[1][lane], m[lane], v[lane]) = (x0, x1, mn, vn);
+            }
+        } else {
+            for lane in 0..LANES {
+                let x = preprocess(w, gb[lane]);
+                for (kk, xv) in x.iter().take(lay.inputs).enumerate() {
+                    rec[kk][lane] = *xv;
+                }
             }
         }
         for (l, layer) in w.layers.iter().enumerate() {
@@ -425,6 +444,8 @@ fn forward_any<M: Madd, const C: usize>(
 fn preprocess(w: &Weights, g: f32) -> [f32; 2] {
     match w.preprocess {
         Preprocess::Identity => [g, 0.0],
+        // Stateful: computed by the caller with its moments.
+        Preprocess::Rnnprop => [0.0, 0.0],
         Preprocess::LogSign => {
             let a = g.abs();
             if a >= (-w.k).exp() {

@@ -25,7 +25,7 @@ use std::ops::Range;
 use crate::groups::AnyPhi;
 use crate::{Error, OptimizerConfig, Phi};
 
-use cell::{Accumulator, LANES, Layout, Weights};
+use cell::{Accumulator, LANES, Layout, MOMENTS, Weights};
 pub use kernels::Kernels;
 
 /// Where a trajectory stands between truncations, on the host.
@@ -37,16 +37,21 @@ pub struct HostCarry {
     pub h: Vec<Vec<f32>>,
     /// c of every layer, each N·H values.
     pub c: Vec<Vec<f32>>,
+    /// rnnprop's moments m and v, each N values; empty for the other preprocessings
+    /// ([`crate::Preprocess::moments`]).
+    pub moments: Vec<Vec<f32>>,
 }
 
 impl HostCarry {
     /// θ_0 and zero LSTM state (the start of a trajectory).
     pub fn start(config: &OptimizerConfig, theta0: Vec<f32>) -> Self {
         let n = theta0.len() * config.hidden;
+        let moments = vec![vec![0.0; theta0.len()]; config.preprocess.moments()];
         Self {
             theta: theta0,
             h: vec![vec![0.0; n]; config.layers],
             c: vec![vec![0.0; n]; config.layers],
+            moments,
         }
     }
 }
@@ -347,10 +352,12 @@ fn run(
             .iter()
             .chain(&carry.c)
             .any(|v| v.len() != n * cfg.hidden)
+        || carry.moments.len() != cfg.preprocess.moments()
+        || carry.moments.iter().any(|v| v.len() != n)
     {
         return Err(Error::Shape(format!(
-            "carry does not fit {n} coordinates × {} layers × H = {}",
-            cfg.layers, cfg.hidden
+            "carry does not fit {n} coordinates × {} layers × H = {} with {} preprocessing",
+            cfg.layers, cfg.hidden, cfg.preprocess
         )));
     }
     let mut block = 0;
@@ -386,7 +393,26 @@ fn run(
         s.pad() + k - s.natural.start
     };
     let at = |p: usize, offset: usize| (p / LANES) * rl + offset * LANES + p % LANES;
-    let HostCarry { theta, h, c } = carry;
+    let HostCarry {
+        theta,
+        h,
+        c,
+        moments: carried,
+    } = carry;
+    // The preprocessing's moments, [`MOMENTS`] values per block (zeros, unused, unless
+    // rnnprop carries them).
+    let mut moments = vec![0f32; blocks * MOMENTS];
+    let mo = |p: usize, i: usize| (p / LANES) * MOMENTS + i * LANES + p % LANES;
+    for (i, v) in carried.iter().enumerate() {
+        for (k, x) in v.iter().enumerate() {
+            moments[mo(pad_of(k), i)] = *x;
+        }
+    }
+    let moments0 = if pass == Pass::Recompute {
+        moments.clone()
+    } else {
+        Vec::new()
+    };
     let mut theta_pad = vec![0f32; n_pad];
     for s in &segments {
         theta_pad[s.pad()..s.pad() + s.natural.len()].copy_from_slice(&theta[s.natural.clone()]);
@@ -484,15 +510,17 @@ fn run(
                     .par_chunks_mut(TASK_BLOCKS * sl)
                     .zip(theta_pad[b * LANES..e * LANES].par_chunks_mut(chunk))
                     .zip(g[b * LANES..e * LANES].par_chunks(chunk))
+                    .zip(moments[b * MOMENTS..e * MOMENTS].par_chunks_mut(TASK_BLOCKS * MOMENTS))
                     .for_each_init(
                         || (vec![0f32; TASK_BLOCKS * rl], vec![0f32; TASK_BLOCKS * rl]),
-                        |(prev, cur), ((state, theta), g)| {
+                        |(prev, cur), (((state, theta), g), mom)| {
                             let nb = g.len() / LANES;
                             let (prev, cur) = (&mut prev[..nb * rl], &mut cur[..nb * rl]);
                             for k in 0..nb {
                                 unpack(&lay, &state[k * sl..(k + 1) * sl], &mut prev[k * rl..]);
                             }
-                            cell::forward_blocks(kernels, &s.weights, &lay, g, prev, cur, theta);
+                            let w = &s.weights;
+                            cell::forward_blocks(kernels, w, &lay, g, mom, prev, cur, theta);
                             for k in 0..nb {
                                 pack(&lay, &cur[k * rl..], &mut state[k * sl..(k + 1) * sl]);
                             }
@@ -530,8 +558,9 @@ fn run(
                 .zip(prev[b * rl..e * rl].par_chunks(TASK_BLOCKS * rl))
                 .zip(theta_pad[b * LANES..e * LANES].par_chunks_mut(chunk))
                 .zip(g[b * LANES..e * LANES].par_chunks(chunk))
-                .for_each(|(((cur, prev), theta), g)| {
-                    cell::forward_blocks(kernels, &s.weights, &lay, g, prev, cur, theta)
+                .zip(moments[b * MOMENTS..e * MOMENTS].par_chunks_mut(TASK_BLOCKS * MOMENTS))
+                .for_each(|((((cur, prev), theta), g), mom)| {
+                    cell::forward_blocks(kernels, &s.weights, &lay, g, mom, prev, cur, theta)
                 });
         }
         match pass {
@@ -577,11 +606,19 @@ fn run(
         }
     }
     drop(state);
+    let moments: Vec<Vec<f32>> = (0..cfg.preprocess.moments())
+        .map(|i| (0..n).map(|k| moments[mo(pad_of(k), i)]).collect())
+        .collect();
     let mut theta = vec![0f32; n];
     for s in &segments {
         theta[s.natural.clone()].copy_from_slice(&theta_pad[s.pad()..s.pad() + s.natural.len()]);
     }
-    let carry = HostCarry { theta, h, c };
+    let carry = HostCarry {
+        theta,
+        h,
+        c,
+        moments,
+    };
     if matches!(pass, Pass::Forward | Pass::ForwardCompact) {
         return Ok(Ran {
             grad: None,
@@ -640,10 +677,12 @@ fn run(
             }
             let lanes = range.start * LANES..range.end * LANES;
             let mut theta = vec![0f32; nb * LANES];
+            let mut mom = moments0[range.start * MOMENTS..range.end * MOMENTS].to_vec();
             for t in 0..steps {
                 let (done, rest) = local.split_at_mut(t + 1);
                 let g = &grads[t][lanes.clone()];
-                cell::forward_blocks(kernels, w, &lay, g, &done[t], &mut rest[0], &mut theta);
+                let (prev, cur) = (&done[t], &mut rest[0]);
+                cell::forward_blocks(kernels, w, &lay, g, &mut mom, prev, cur, &mut theta);
             }
             let du: Vec<Vec<f32>> = du.iter().map(|d| d[lanes.clone()].to_vec()).collect();
             cell::backward_blocks(kernels, w, &lay, &local[..], &du, 0..nb, &mut acc);

@@ -32,6 +32,11 @@ fn reference(
             .iter()
             .map(|v| from_f32(v, [n, h], &dev, DType::F64))
             .collect(),
+        moments: carry
+            .moments
+            .iter()
+            .map(|v| from_f32(v, [n, 1], &dev, DType::F64))
+            .collect(),
     };
     let c = DeviceCarry {
         theta: from_f32(&carry.theta, [n, 1], &dev, DType::F64),
@@ -53,6 +58,7 @@ fn reference(
         .h
         .iter()
         .chain(&raw.carry.state.c)
+        .chain(&raw.carry.state.moments)
         .map(|t| to_f64(t).unwrap())
         .collect();
     (
@@ -157,6 +163,7 @@ fn compare_with(
             .h
             .iter()
             .chain(&got.carry.c)
+            .chain(&got.carry.moments)
             .zip(&want_state)
             .enumerate()
         {
@@ -167,14 +174,18 @@ fn compare_with(
                 .fold(0f64, |m, (a, b)| m.max((*a as f64 - b).abs()));
             assert!(
                 abs < 5e-4 * scale,
-                "truncation {trunc}, state {i} (h, then c): {abs:e}"
+                "truncation {trunc}, state {i} (h, then c, then moments): {abs:e}"
             );
             let e = max_rel(g, w);
             assert!(
                 e < 2e-2,
-                "truncation {trunc}, state {i} (h, then c): rel {e:e}"
+                "truncation {trunc}, state {i} (h, then c, then moments): rel {e:e}"
             );
         }
+        assert_eq!(
+            want_state.len(),
+            2 * config.layers + config.preprocess.moments()
+        );
         carry = got.carry;
     }
 }
@@ -190,18 +201,27 @@ fn matches_the_burn_path_identity() {
 }
 
 #[test]
+fn matches_the_burn_path_rnnprop() {
+    // Two truncations: the second starts from nonzero moments, carried out of the first.
+    compare(OptimizerConfig::new(Preprocess::Rnnprop), 13, 20);
+}
+
+#[test]
 fn two_groups_match_the_burn_path() {
     // 130 coordinates in groups of 37 and 93: neither starts or ends on a SIMD block, so
-    // the per-group padding is exercised; each group has its own φ.
-    let config = OptimizerConfig {
-        hidden: 6,
-        ..OptimizerConfig::default()
-    };
-    let phi = AnyPhi::init(config, &["conv", "fc"], 21).unwrap();
-    let map = GroupMap {
-        groups: vec![("conv", 0..37), ("fc", 37..130)],
-    };
-    compare_with(&phi, Some(&map), config, 13, 9);
+    // the per-group padding is exercised (rnnprop's moments included); each group has its
+    // own φ.
+    for preprocess in [Preprocess::LogSign, Preprocess::Rnnprop] {
+        let config = OptimizerConfig {
+            hidden: 6,
+            ..OptimizerConfig::new(preprocess)
+        };
+        let phi = AnyPhi::init(config, &["conv", "fc"], 21).unwrap();
+        let map = GroupMap {
+            groups: vec![("conv", 0..37), ("fc", 37..130)],
+        };
+        compare_with(&phi, Some(&map), config, 13, 9);
+    }
 }
 
 #[test]
@@ -444,8 +464,18 @@ fn bitwise_reproducible_for_any_thread_count() {
 fn recomputed_records_give_the_kept_records_gradient_bit_for_bit() {
     // 1,300 coordinates in two groups (11 tasks, neither group on a block boundary), a
     // truncation that starts mid-trajectory from a nonzero LSTM state, weighted steps:
-    // recomputing the step records in the backward pass changes no bit.
+    // recomputing the step records in the backward pass changes no bit (rnnprop's moments
+    // replayed from the truncation's start too).
+    for preprocess in [Preprocess::LogSign, Preprocess::Rnnprop] {
+        recompute_case(OptimizerConfig::new(preprocess));
+    }
+    // The size rule: small truncations keep their records, a million coordinates do not.
     let config = OptimizerConfig::default();
+    assert!(!recomputes(&config, 16_000, 20));
+    assert!(recomputes(&config, 1_000_000, 20));
+}
+
+fn recompute_case(config: OptimizerConfig) {
     let q = Quadratic::from_seed(8, 130, 10).unwrap();
     let g = Grouped {
         q: &q,
@@ -494,7 +524,4 @@ fn recomputed_records_give_the_kept_records_gradient_bit_for_bit() {
         assert_eq!(a.losses, b.losses);
         assert_eq!(a.carry, b.carry);
     }
-    // The size rule: small truncations keep their records, a million coordinates do not.
-    assert!(!recomputes(&config, 16_000, 20));
-    assert!(recomputes(&config, 1_000_000, 20));
 }

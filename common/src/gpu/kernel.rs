@@ -69,6 +69,28 @@ fn features(g: f32, threshold: f32, k: f32, ek: f32, #[comptime] log_sign: bool)
     }
 }
 
+/// Layer 0's input of coordinate `n`: log_sign's or identity's features of `grad[n]`, or
+/// with `given` the two features themselves, `grad` then being `[2, N]` (rnnprop's, which
+/// carry state and are computed before the step).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn layer_input(
+    grad: &[f32],
+    n: usize,
+    nt: usize,
+    threshold: f32,
+    k: f32,
+    ek: f32,
+    #[comptime] inputs: usize,
+    #[comptime] given: bool,
+) -> (f32, f32) {
+    if comptime![given] {
+        (grad[n], grad[nt + n])
+    } else {
+        features(grad[n], threshold, k, ek, inputs == 2)
+    }
+}
+
 /// The four gate pre-activations of unit `j` of layer `l` for coordinate `n`.
 ///
 /// `below` holds the layer's input for l > 0 (the new h of the layer below, `[L·H, N]`);
@@ -131,7 +153,7 @@ fn gates(
 }
 
 /// One optimizer step for every coordinate of a group: g → features → LSTM layers → u,
-/// θ' = θ + u (spec §1.2–1.4).
+/// θ' = θ + u (spec §1.2–1.4); with `given`, `grad` holds the features (`[2, N]`).
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 pub fn step_forward(
@@ -151,6 +173,7 @@ pub fn step_forward(
     ek: f32,
     out_scale: f32,
     #[comptime] inputs: usize,
+    #[comptime] given: bool,
     #[comptime] hidden: usize,
     #[comptime] layers: usize,
 ) {
@@ -160,7 +183,7 @@ pub fn step_forward(
     let n = start as usize + ABSOLUTE_POS;
     let nt = theta.len();
     let base = w_base as usize;
-    let (x0, x1) = features(grad[n], threshold, k, ek, inputs == 2);
+    let (x0, x1) = layer_input(grad, n, nt, threshold, k, ek, inputs, given);
     #[unroll]
     for l in 0..layers {
         let wl = base + layer_base(l, inputs, hidden);
@@ -212,6 +235,7 @@ pub fn step_backward(
     ek: f32,
     out_scale: f32,
     #[comptime] inputs: usize,
+    #[comptime] given: bool,
     #[comptime] hidden: usize,
     #[comptime] layers: usize,
 ) {
@@ -222,7 +246,7 @@ pub fn step_backward(
     let nt = du.len();
     let base = w_base as usize;
     let h4 = hidden * 4;
-    let (x0, x1) = features(grad[n], threshold, k, ek, inputs == 2);
+    let (x0, x1) = layer_input(grad, n, nt, threshold, k, ek, inputs, given);
     // Each layer's [x; h_prev; 1], then [h_top; 1].
     #[unroll]
     for l in 0..layers {

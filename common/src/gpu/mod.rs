@@ -33,14 +33,16 @@ use crate::problems::Problem;
 use crate::tensor::{from_f32, to_f32, to_f64};
 use crate::truncation::{Forward, Truncation, check_steps};
 use crate::unroll::{DeviceCarry, finite_losses, weighted_mean};
-use crate::{Error, LstmState, OptimizerConfig, Phi};
+use crate::{Error, LstmState, OptimizerConfig, Phi, Preprocess};
 
 /// What the step kernels need besides tensors: the LSTM's sizes, its constants, and the
 /// coordinates of each parameter group.
 #[derive(Debug, Clone)]
 pub struct StepShape {
-    /// Features per coordinate (1 for identity, 2 for log_sign).
+    /// Features per coordinate (1 for identity, 2 for log_sign and rnnprop).
     inputs: usize,
+    /// Whether the kernels are given the features (rnnprop's, `[2, N]`) instead of g.
+    given: bool,
     /// H.
     hidden: usize,
     /// L.
@@ -73,6 +75,7 @@ impl StepShape {
         let as_u32 = |v: usize| u32::try_from(v).map_err(|_| too_big());
         let shape = Self {
             inputs: config.input_size(0),
+            given: config.preprocess == Preprocess::Rnnprop,
             hidden: config.hidden,
             layers: config.layers,
             threshold: (-config.k).exp() as f32,
@@ -147,7 +150,8 @@ fn backward_meta(
 /// layouts of [`kernel`].
 #[backend_extension(Cube, Fusion)]
 pub trait LstmStep: Backend {
-    /// One step: (θ', h', c') from θ, g, h, c and φ (every group's, concatenated).
+    /// One step: (θ', h', c') from θ, g (or rnnprop's features), h, c and φ (every
+    /// group's, concatenated).
     #[fusion(meta = |theta, _grad, h, c, _w, _shape| (theta.clone(), h.clone(), c.clone()))]
     fn lstm_step(
         theta: FloatTensor<Self>,
@@ -249,6 +253,7 @@ impl LstmStep for CubeBackend {
                 shape.ek,
                 shape.out_scale,
                 shape.inputs,
+                shape.given,
                 shape.hidden,
                 shape.layers,
             );
@@ -306,6 +311,7 @@ impl LstmStep for CubeBackend {
                 shape.ek,
                 shape.out_scale,
                 shape.inputs,
+                shape.given,
                 shape.hidden,
                 shape.layers,
             );
@@ -346,6 +352,25 @@ struct Setup {
     theta: Tensor<1>,
     h: Tensor<1>,
     c: Tensor<1>,
+    /// rnnprop's m and v (`[N]` each), or none.
+    moments: Option<(Tensor<1>, Tensor<1>)>,
+}
+
+/// What the step kernels read besides θ and the state: g itself, or with rnnprop its
+/// features `[2, N]` from the moments, which step too.
+fn kernel_input(
+    g: Tensor<1>,
+    moments: Option<(Tensor<1>, Tensor<1>)>,
+) -> (Tensor<1>, Option<(Tensor<1>, Tensor<1>)>) {
+    let Some((m, v)) = moments else {
+        return (g, None);
+    };
+    let n = g.dims()[0];
+    let (x, m, v) =
+        crate::preprocess::rnnprop(g.reshape([n, 1]), m.reshape([n, 1]), v.reshape([n, 1]));
+    // [N, 2] → [2, N]: feature-major, as the kernels read it.
+    let x = x.transpose().reshape([2 * n]);
+    (x, Some((m.reshape([n]), v.reshape([n]))))
 }
 
 /// φ bound to the problem's groups, and the carry in the kernels' layouts.
@@ -367,6 +392,21 @@ fn setup(parts: &[(&Phi, Range<usize>)], carry: DeviceCarry) -> Result<Setup, Er
     let shape = StepShape::new(&config, &ranges, n)?;
     let flat: Vec<f32> = parts.iter().flat_map(|(p, _)| p.flatten()).collect();
     let w = from_f32(&flat, [flat.len()], &dev, DType::F32);
+    let moments = match carry.state.moments.as_slice() {
+        [] if !shape.given => None,
+        [m, v] if shape.given => Some((
+            m.clone().inner().reshape([n]),
+            v.clone().inner().reshape([n]),
+        )),
+        _ => {
+            return Err(Error::Shape(format!(
+                "the trajectory's state has {} moment vectors; {} preprocessing carries {}",
+                carry.state.moments.len(),
+                config.preprocess,
+                config.preprocess.moments()
+            )));
+        }
+    };
     // [N, H] per layer → [L·H, N] flat: unit-major, so a warp's reads are contiguous.
     let stack = |layers: Vec<Tensor<2>>| {
         let rows: Vec<Tensor<2>> = layers.into_iter().map(|t| t.inner().transpose()).collect();
@@ -379,11 +419,18 @@ fn setup(parts: &[(&Phi, Range<usize>)], carry: DeviceCarry) -> Result<Setup, Er
         theta: theta.reshape([n]),
         h: stack(carry.state.h),
         c: stack(carry.state.c),
+        moments,
     })
 }
 
 /// The kernels' state back as a [`DeviceCarry`] (`[N, 1]` and `[N, H]` per layer).
-fn carry_from(setup: &Setup, theta: Tensor<1>, h: Tensor<1>, c: Tensor<1>) -> DeviceCarry {
+fn carry_from(
+    setup: &Setup,
+    theta: Tensor<1>,
+    h: Tensor<1>,
+    c: Tensor<1>,
+    moments: Option<(Tensor<1>, Tensor<1>)>,
+) -> DeviceCarry {
     let (n, hid, layers) = (setup.n, setup.shape.hidden, setup.shape.layers);
     let unstack = |s: Tensor<1>| -> Vec<Tensor<2>> {
         let s = s.reshape([layers * hid, n]);
@@ -398,6 +445,14 @@ fn carry_from(setup: &Setup, theta: Tensor<1>, h: Tensor<1>, c: Tensor<1>) -> De
         state: LstmState {
             h: unstack(h),
             c: unstack(c),
+            moments: moments
+                .map(|(m, v)| {
+                    vec![
+                        Tensor::from_inner(m.reshape([n, 1])),
+                        Tensor::from_inner(v.reshape([n, 1])),
+                    ]
+                })
+                .unwrap_or_default(),
         },
     }
 }
@@ -421,22 +476,28 @@ fn losses_of(losses: Vec<Tensor<1>>) -> Result<Vec<f64>, Error> {
     Ok(losses)
 }
 
+/// θ, h, c and the moments after some steps.
+type Ended = (
+    Tensor<1>,
+    Tensor<1>,
+    Tensor<1>,
+    Option<(Tensor<1>, Tensor<1>)>,
+);
+
 /// Runs `steps` fused steps from `s`'s state at step `start`: each step's loss tensor
 /// (f_t(θ_t), t = start+1 ..= start+steps) and the state after them.
-fn unroll(
-    s: &Setup,
-    problem: &dyn Problem,
-    start: usize,
-    steps: usize,
-) -> (Vec<Tensor<1>>, (Tensor<1>, Tensor<1>, Tensor<1>)) {
+fn unroll(s: &Setup, problem: &dyn Problem, start: usize, steps: usize) -> (Vec<Tensor<1>>, Ended) {
     let (mut theta, mut h, mut c) = (s.theta.clone(), s.h.clone(), s.c.clone());
+    let mut moments = s.moments.clone();
     let mut losses = Vec::with_capacity(steps);
     for t in start..start + steps {
         let g = problem_grad(problem, &theta, s.n, t);
-        (theta, h, c) = step(theta, g, h, c, &s.w, &s.shape);
+        let x;
+        (x, moments) = kernel_input(g, moments);
+        (theta, h, c) = step(theta, x, h, c, &s.w, &s.shape);
         losses.push(problem_loss(problem, &theta, s.n, t + 1));
     }
-    (losses, (theta, h, c))
+    (losses, (theta, h, c, moments))
 }
 
 /// The truncation run forward only with the fused kernels: the losses, the meta-loss
@@ -452,12 +513,12 @@ pub fn forward(
     let steps = weights.map_or(steps, <[f32]>::len);
     check_steps(steps)?;
     let s = setup(parts, carry)?;
-    let (losses, (theta, h, c)) = unroll(&s, problem, start, steps);
+    let (losses, (theta, h, c, moments)) = unroll(&s, problem, start, steps);
     let losses = losses_of(losses)?;
     Ok(Forward {
         meta_loss: weighted_mean(&losses, weights),
         losses,
-        carry: carry_from(&s, theta, h, c),
+        carry: carry_from(&s, theta, h, c, moments),
     })
 }
 
@@ -497,12 +558,17 @@ pub fn meta_grad(
     let mut hs = vec![s.h.clone()];
     let mut cs = vec![s.c.clone()];
     let mut gs = Vec::with_capacity(steps + 1);
+    // What each step's kernel read: g, or rnnprop's features.
+    let mut xs = Vec::with_capacity(steps);
+    let mut moments = s.moments.clone();
     let mut losses = Vec::with_capacity(steps);
     for t in start..start + steps {
         let g = problem_grad(problem, &theta, n, t);
+        let x;
+        (x, moments) = kernel_input(g.clone(), moments);
         let (th, h, c) = step(
             theta,
-            g.clone(),
+            x.clone(),
             hs[hs.len() - 1].clone(),
             cs[cs.len() - 1].clone(),
             &s.w,
@@ -511,6 +577,7 @@ pub fn meta_grad(
         theta = th;
         losses.push(problem_loss(problem, &theta, n, t + 1));
         gs.push(g);
+        xs.push(x);
         hs.push(h);
         cs.push(c);
     }
@@ -539,7 +606,7 @@ pub fn meta_grad(
         du = du + gs[k + 1].clone().mul_scalar(w * inv_t);
         let (gh, gc, dz, xin) = <Dispatch as LstmStep>::lstm_step_backward(
             du.clone().into_dispatch(),
-            gs[k].clone().into_dispatch(),
+            xs[k].clone().into_dispatch(),
             hs[k].clone().into_dispatch(),
             cs[k].clone().into_dispatch(),
             hs[k + 1].clone().into_dispatch(),
@@ -612,6 +679,7 @@ pub fn meta_grad(
             theta,
             hs.pop().unwrap_or(s.h.clone()),
             cs.pop().unwrap_or(s.c.clone()),
+            moments,
         ),
     })
 }
@@ -619,7 +687,6 @@ pub fn meta_grad(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::Preprocess;
 
     /// Buffers the kernels' 32-bit indices cannot address are refused before anything
     /// is allocated (2·4H = 160 gate rows × 30 M coordinates > 2³²); a million is fine.

@@ -236,6 +236,17 @@ fn finite_differences_identity() {
 }
 
 #[test]
+fn finite_differences_rnnprop() {
+    // The moments are functions of the fixed g_t alone, so the fixed-g_t differences see
+    // them as constants too.
+    let config = OptimizerConfig {
+        hidden: 4,
+        ..OptimizerConfig::new(Preprocess::Rnnprop)
+    };
+    check_against_finite_differences(config);
+}
+
+#[test]
 fn finite_differences_three_layers_small_k() {
     let config = OptimizerConfig {
         hidden: 3,
