@@ -444,7 +444,17 @@ fn open_wgpu() -> Result<(Device, String), BackendError> {
         .get_or_init(|| {
             // A driver that misbehaves may panic inside wgpu rather than return an error.
             let opened = std::panic::catch_unwind(|| {
-                let device = Device::wgpu_options().init().map_err(|e| e.to_string())?;
+                use burn::tensor::wgpu::WgpuInitError;
+                let device = match Device::wgpu_options().init() {
+                    Ok(device) => device,
+                    // The runtime is up already: something in this process made a tensor on
+                    // burn's default device, which is wgpu in a build with it (burn's
+                    // optimizer records load there). Its device is the one to use.
+                    Err(WgpuInitError::Registration { .. }) => {
+                        Device::wgpu(burn::tensor::DeviceKind::DefaultDevice)
+                    }
+                    Err(e) => return Err(e.to_string()),
+                };
                 let name = device
                     .identity()
                     .map_or_else(|| "unnamed adapter".to_string(), |i| i.name);
