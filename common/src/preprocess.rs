@@ -14,7 +14,7 @@
 //! ```
 //!
 //! There is no bias correction: the features stay bounded without it (|g/d| ≤ 1/√(1 − β2)
-//! ≈ 4.47, and |m'/d| too), and a rescaled problem (g → a·g) gives the same features
+//! ≈ 4.47, and |m'/d| ≤ 1 by Cauchy–Schwarz since β1 = β2), and a rescaled problem (g → a·g) gives the same features
 //! wherever √v' ≫ ε, which is the point of normalising. Like g itself the moments are
 //! constants of the unroll (second derivatives are dropped, spec §2): no gradient flows
 //! through them.
