@@ -3,7 +3,8 @@
 One file, two dependencies (``pip install numpy safetensors``). It reads the optimizer
 files that l2l writes (``pretrained/*.safetensors``, a run's ``phi.safetensors`` or a
 coordinator checkpoint) and computes the learned update exactly as the spec
-(``learned-optimizer.md`` §1) and the Rust side do, in float32::
+(``learned-optimizer.md`` §1; ``rnnprop``, l2l's own third preprocessing, as the README
+defines it) and the Rust side do, in float32::
 
     import numpy as np
     from l2l_optimizer import load
@@ -107,10 +108,12 @@ class LearnedOptimizer:
         """The zero state of a tensor of ``n`` values, as at the start of training."""
         return State(self.config, n)
 
-    def features(self, g: np.ndarray, state: State) -> np.ndarray:
+    def features(self, g: np.ndarray, state: State | None = None) -> np.ndarray:
         """The LSTM's input [n, 1 or 2] for gradients ``g`` [n] (spec §1.2; rnnprop as
-        l2l defines it, advancing ``state``'s moments)."""
+        l2l defines it, advancing ``state``'s moments, which it needs)."""
         cfg = self.config
+        if cfg.preprocess == "rnnprop" and state is None:
+            raise ValueError("rnnprop carries moments: pass the tensor's State (init_state(n))")
         g = g.astype(_F32, copy=False).reshape(-1, 1)
         if cfg.preprocess == "identity":
             return g

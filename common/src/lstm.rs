@@ -276,7 +276,9 @@ impl Lstms {
         let mut us = Vec::with_capacity(self.parts.len());
         let mut h: Vec<Vec<Tensor<2>>> = vec![Vec::with_capacity(self.parts.len()); layers];
         let mut c = h.clone();
-        let mut moments: Vec<Vec<Tensor<2>>> = vec![Vec::new(); state.moments.len()];
+        // As many as the preprocessing makes (a state without them starts them at zero in
+        // every group, as one group does).
+        let mut moments: Vec<Vec<Tensor<2>>> = vec![Vec::new(); self.config().preprocess.moments()];
         for (lstm, r) in &self.parts {
             if r.is_empty() {
                 continue;

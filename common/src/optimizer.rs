@@ -192,11 +192,11 @@ impl Optimizer for LearnedOptimizer {
     }
 }
 
-/// Saved as tensors `{param}.h.{l}` and `{param}.c.{l}` for every layer l, and with
-/// rnnprop `{param}.m` and `{param}.v`.
 /// The record names of rnnprop's moments, in [`LstmState::moments`] order.
 const MOMENTS: [&str; 2] = ["m", "v"];
 
+/// Saved as tensors `{param}.h.{l}` and `{param}.c.{l}` for every layer l, and with
+/// rnnprop `{param}.m` and `{param}.v`.
 impl<const D: usize> RecordState for LearnedState<D> {
     fn state_flatten(&self, prefix: &str, out: &mut StateSink) {
         for (l, (h, c)) in self.lstm.h.iter().zip(&self.lstm.c).enumerate() {

@@ -207,10 +207,20 @@ mod tests {
             );
             a = vec![x0, x1];
         }
+        assert!(a[0].abs() <= 1.0 / (1.0 - RNNPROP_BETA2).sqrt() && a[1].abs() <= 1.0 + 1e-6);
+        // The bounds are reached: a first gradient gives |g/d| = 1/√(1 − β2); a steady
+        // one drives m'/d towards 1.
+        let (x0, _, _, _) = rnnprop_scalar(0.5, 0.0, 0.0);
         assert!(
-            a.iter()
-                .all(|x| x.abs() <= 1.0 / (1.0 - RNNPROP_BETA2).sqrt())
+            (x0 - 1.0 / (1.0 - RNNPROP_BETA2).sqrt()).abs() < 1e-3,
+            "{x0}"
         );
+        let (mut m, mut v, mut x1) = (0f32, 0f32, 0f32);
+        for _ in 0..400 {
+            let (_, y, m2, v2) = rnnprop_scalar(0.5, m, v);
+            (m, v, x1) = (m2, v2, y);
+        }
+        assert!(x1 <= 1.0 + 1e-6 && x1 > 0.999, "{x1}");
         assert_eq!(rnnprop_scalar(0.0, 0.0, 0.0), (0.0, 0.0, 0.0, 0.0));
     }
 }

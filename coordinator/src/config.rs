@@ -465,8 +465,9 @@ impl Config {
 mod tests {
     use super::*;
 
-    /// Every shipped recipe (`pretrained/*.toml`) parses and passes validation, with the
-    /// φ configuration it asks for (a recipe that could not start would ship broken).
+    /// Every shipped recipe (`pretrained/*.toml`) parses and passes validation, and its
+    /// `[init]` makes a φ configuration (a recipe that could not start would ship broken;
+    /// a recipe that starts from a φ file takes that file's configuration at run time).
     #[test]
     fn every_shipped_recipe_is_a_valid_configuration() {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../pretrained");

@@ -29,7 +29,8 @@ pub struct InitPhi {
     /// log_sign's constant k (the paper's p).
     #[arg(long, default_value_t = 10.0)]
     k: f64,
-    /// Factor on the network's output [default: 0.1 for log_sign, 1.0 for identity].
+    /// Factor on the network's output [default: 0.1 for log_sign and rnnprop, 1.0 for
+    /// identity].
     #[arg(long)]
     out_scale: Option<f64>,
     /// Seed of the portable RNG that draws the weights.

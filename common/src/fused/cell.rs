@@ -354,6 +354,8 @@ fn forward_any<M: Madd, const C: usize>(
 ) {
     let h = w.hidden;
     let rl = lay.record * LANES;
+    // Every block has its moments (zipped below: a short slice would skip blocks).
+    debug_assert_eq!(moments.len(), g.len() / LANES * MOMENTS);
     let mut z = vec![[0f32; LANES]; 4 * h];
     let mut input = vec![[0f32; LANES]; h.max(2)];
     let blocks = cur
