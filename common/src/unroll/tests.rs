@@ -218,32 +218,20 @@ fn check_case(case: Case, config: OptimizerConfig) {
 }
 
 #[test]
-fn finite_differences_log_sign() {
-    let config = OptimizerConfig {
-        hidden: 4,
-        ..OptimizerConfig::new(Preprocess::LogSign)
-    };
-    check_against_finite_differences(config);
-}
-
-#[test]
-fn finite_differences_identity() {
-    let config = OptimizerConfig {
-        hidden: 4,
-        ..OptimizerConfig::new(Preprocess::Identity)
-    };
-    check_against_finite_differences(config);
-}
-
-#[test]
-fn finite_differences_rnnprop() {
-    // The moments are functions of the fixed g_t alone, so the fixed-g_t differences see
-    // them as constants too.
-    let config = OptimizerConfig {
-        hidden: 4,
-        ..OptimizerConfig::new(Preprocess::Rnnprop)
-    };
-    check_against_finite_differences(config);
+fn finite_differences_every_preprocessing() {
+    // rnnprop's moments are functions of the fixed g_t alone, so the fixed-g_t
+    // differences see them as constants too.
+    for preprocess in [
+        Preprocess::LogSign,
+        Preprocess::Identity,
+        Preprocess::Rnnprop,
+    ] {
+        let config = OptimizerConfig {
+            hidden: 4,
+            ..OptimizerConfig::new(preprocess)
+        };
+        check_against_finite_differences(config);
+    }
 }
 
 #[test]
